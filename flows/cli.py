@@ -1,0 +1,164 @@
+"""``anonymousnet``: the command line.
+
+    anonymousnet demo                      release sample photos into releases/demo
+    anonymousnet release -i PHOTOS -o OUT  release a folder (or manifest) under a policy
+    anonymousnet lineage show OUT          summarise a release's lineage
+    anonymousnet policy check FILE         validate a policy (file:line errors)
+    anonymousnet evaluate ...              privacy and quality protocol (EVALUATION.md)
+    anonymousnet benchmark ...             faces per second per stage
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+import flows  # noqa: F401  (sets Prefect's telemetry environment before Prefect loads)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """AnonymousNet: policy-driven face de-identification releases."""
+
+
+def _run_release(input_location: str, output: str, policy: str | None, batch_size: int,
+                 manifest_root: str | None) -> dict:
+    from policy.loader import PolicyError, load_policy
+    from stages.ingest import InputError
+
+    try:
+        load_policy(policy)  # fail fast, before Prefect starts, with file:line errors
+    except PolicyError as exc:
+        raise click.ClickException(str(exc)) from None
+    from flows.release import release
+
+    try:
+        return release(input=input_location, output=output, policy=policy, batch_size=batch_size,
+                       manifest_root=manifest_root, show_progress=True)
+    except InputError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _print_summary(summary: dict) -> None:
+    click.echo(f"\nreleased {summary['n_released']}, quarantined {summary['n_quarantined']}, "
+               f"rejected {summary['n_rejected']} of {summary['n_inputs']} input(s); "
+               f"{summary['n_faces']} face(s), identity leaks published: {summary['n_leaks_published']}")
+    click.echo(f"release folder: {summary['release_dir']}  (report: {Path(summary['release_dir']) / 'report.md'})")
+
+
+@main.command("release")
+@click.option("-i", "--input", "input_location", required=True,
+              help="Folder of photos (searched recursively) or a .csv/.parquet manifest with a 'path' column.")
+@click.option("-o", "--output", required=True, help="Release folder to write (created if missing).")
+@click.option("-p", "--policy", default=None, help="Policy YAML (default: policy/default.yaml).")
+@click.option("--batch-size", default=16, show_default=True, help="Photos per task.")
+@click.option("--manifest-root", default=None, help="Root for relative manifest paths (default: the manifest's folder).")
+def release_command(input_location, output, policy, batch_size, manifest_root):
+    """De-identify every face in INPUT and write a release with lineage and a report."""
+    _print_summary(_run_release(input_location, output, policy, batch_size, manifest_root))
+
+
+@main.command("demo")
+@click.option("-o", "--output", default="releases/demo", show_default=True, help="Release folder.")
+@click.option("--samples", default="samples/demo", show_default=True, help="Where the sample photos are written.")
+def demo_command(output, samples):
+    """Write public-domain sample photos and release them under the default policy."""
+    from stages.samples import write_samples
+
+    written = write_samples(samples)
+    click.echo(f"wrote {len(written)} sample photos to {samples}")
+    _print_summary(_run_release(samples, output, None, 16, None))
+
+
+@main.group("lineage")
+def lineage_group():
+    """Read a release's lineage records."""
+
+
+@lineage_group.command("show")
+@click.argument("release_dir", type=click.Path(exists=True, file_okay=False))
+def lineage_show(release_dir):
+    """Summarise the runs, outcomes and faces recorded in RELEASE_DIR."""
+    from flows.lineage import summarize
+
+    try:
+        click.echo(summarize(release_dir))
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group("policy")
+def policy_group():
+    """Check and inspect policy files."""
+
+
+@policy_group.command("check")
+@click.argument("file", type=click.Path())
+def policy_check(file):
+    """Validate FILE; errors are printed as file:line:column and the exit code is 1."""
+    from policy.loader import PolicyError, load_policy
+
+    try:
+        loaded = load_policy(file)
+    except PolicyError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    click.echo(f"{file}: ok (policy '{loaded.policy.name}', sha256 {loaded.sha256[:16]})")
+
+
+@policy_group.command("schema")
+def policy_schema():
+    """Print the policy's JSON Schema (every key, its type, default and meaning)."""
+    from policy.schema import Policy
+
+    click.echo(json.dumps(Policy.model_json_schema(), indent=2))
+
+
+@main.command("evaluate")
+@click.option("--pairs", required=True, type=click.Path(exists=True, dir_okay=False), help="CSV with rel_a, rel_b, same.")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder the pair paths are relative to.")
+@click.option("--methods", default="blur,pixelate,mask", show_default=True, help="Comma-separated methods to evaluate.")
+@click.option("-p", "--policy", default=None, help="Policy whose detection and method settings are used.")
+@click.option("--limit", default=None, type=int, help="Evaluate only the first N same-person pairs.")
+@click.option("--workers", default=2, show_default=True, help="Processes (dlib is single-threaded).")
+@click.option("-o", "--output", default=None, help="Write the results JSON here.")
+def evaluate_command(pairs, images, methods, policy, limit, workers, output):
+    """De-identification, self de-identification, detection after, PSNR/SSIM/MS-SSIM and
+    seconds per face for each method on the same-person pairs (EVALUATION.md)."""
+    from flows.evaluate import evaluate, markdown_table
+    from policy.loader import PolicyError, load_policy
+
+    try:
+        loaded = load_policy(policy)
+    except PolicyError as exc:
+        raise click.ClickException(str(exc)) from None
+    results = evaluate(Path(pairs), Path(images), [m.strip() for m in methods.split(",") if m.strip()],
+                       loaded.policy, limit=limit, workers=workers, progress=True)
+    click.echo(markdown_table(results))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(results, indent=2) + "\n")
+        click.echo(f"results written to {output}")
+
+
+@main.command("benchmark")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of photos (recursive).")
+@click.option("--repeats", default=3, show_default=True, help="Timed passes; medians are reported.")
+@click.option("--limit", default=None, type=int, help="Use only the first N photos.")
+@click.option("-o", "--output", default=None, help="Write the results JSON here.")
+def benchmark_command(images, repeats, limit, output):
+    """Faces per second per stage and end to end, blur baseline as the in-run reference."""
+    from flows.benchmark import benchmark, markdown_table
+
+    results = benchmark(Path(images), repeats=repeats, limit=limit)
+    click.echo(markdown_table(results))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(results, indent=2) + "\n")
+        click.echo(f"results written to {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Data-quality gates between stages, as great-expectations 1.x suites.
+
+A gate validates a table and reports, per expectation, the image ids of the rows that
+failed. Row failures quarantine those photos (fail closed: a face that fails a gate is never
+published as-is); a table-level failure (e.g. an input unaccounted for) fails the run.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class GateResult:
+    name: str
+    passed: bool
+    checks: int
+    failures: list[str] = field(default_factory=list)          # human-readable, one per failed expectation
+    failed_image_ids: set[str] = field(default_factory=set)   # rows to quarantine
+    table_failed: bool = False                                 # a failure not tied to rows
+
+    def details(self) -> str:
+        return json.dumps({"checks": self.checks, "failures": self.failures,
+                           "failed_image_ids": sorted(self.failed_image_ids)[:50]})
+
+
+@functools.lru_cache(maxsize=1)
+def _context():
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_definition(asset_name: str):
+    context = _context()
+    source = context.data_sources.add_or_update_pandas(f"anonymousnet_{asset_name}")
+    asset = source.add_dataframe_asset(asset_name)
+    return asset.add_batch_definition_whole_dataframe("whole")
+
+
+def validate(name: str, frame: pd.DataFrame, expectations: list, row_id: str = "image_id") -> GateResult:
+    """Run ``expectations`` (GX expectation objects) on ``frame``."""
+    import great_expectations as gx
+
+    frame = frame.reset_index(drop=True)
+    batch_definition = _batch_definition(name.replace(":", "_"))  # creates the context first
+    suite = gx.ExpectationSuite(name=f"{name}-suite")
+    for expectation in expectations:
+        suite.add_expectation(expectation)
+    batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
+    outcome = batch.validate(suite, result_format={"result_format": "COMPLETE"})
+    result = GateResult(name=name, passed=bool(outcome.success), checks=len(outcome.results))
+    for item in outcome.results:
+        if item.success:
+            continue
+        config = item.expectation_config
+        column = config.kwargs.get("column") or config.kwargs.get("column_list") or ""
+        indices = item.result.get("unexpected_index_list")
+        if indices:
+            ids = {str(frame.loc[i, row_id]) if isinstance(i, (int, np.integer)) else str(i.get(row_id))
+                   for i in indices}
+            result.failed_image_ids |= ids
+            result.failures.append(f"{config.type}({column}): {len(ids)} photo(s) failed, e.g. {sorted(ids)[:3]}")
+        else:
+            result.table_failed = True
+            observed = item.result.get("observed_value")
+            result.failures.append(f"{config.type}({column}): observed {observed}")
+    return result
+
+
+def ingest_gate(photos: pd.DataFrame, faces: pd.DataFrame) -> GateResult:
+    """After ingest: every photo of the batch has an outcome; boxes lie inside their photo;
+    landmarks and alignment matrices are finite."""
+    import great_expectations.expectations as gxe
+
+    photo_frame = photos[["image_id", "status"]].copy()
+    rejected = photos["status"] == "rejected"
+    photo_frame["rejected_has_reason"] = ~rejected | photos["reason"].notna()
+    photo_result = validate("gate:ingest:photos", photo_frame, [
+        gxe.ExpectColumnValuesToBeUnique(column="image_id"),
+        gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["ingested", "rejected"]),
+        gxe.ExpectColumnValuesToBeInSet(column="rejected_has_reason", value_set=[True]),
+    ])
+    if faces.empty:
+        return photo_result
+    sizes = photos.set_index("image_id")[["width", "height"]]
+    face_frame = faces[["image_id", "face_index", "box_left", "box_top", "box_right", "box_bottom"]].join(
+        sizes, on="image_id")
+    face_frame["landmarks_finite"] = [bool(np.all(np.isfinite(v))) for v in faces["landmarks"]]
+    face_frame["alignment_finite"] = [bool(np.all(np.isfinite(v))) and abs(np.linalg.det(
+        np.asarray(v, float).reshape(2, 3)[:, :2])) > 1e-9 for v in faces["align_matrix"]]
+    face_result = validate("gate:ingest:faces", face_frame, [
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["image_id", "face_index"]),
+        gxe.ExpectColumnValuesToBeBetween(column="box_left", min_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="box_top", min_value=0),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="box_right", column_B="box_left"),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="box_bottom", column_B="box_top"),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="width", column_B="box_right", or_equal=True),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="height", column_B="box_bottom", or_equal=True),
+        gxe.ExpectColumnValuesToBeInSet(column="landmarks_finite", value_set=[True]),
+        gxe.ExpectColumnValuesToBeInSet(column="alignment_finite", value_set=[True]),
+    ])
+    return _merge("gate:ingest", photo_result, face_result)
+
+
+def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, threshold: float) -> GateResult:
+    """Before publish: every photo has a final outcome with a reason when not released;
+    a released photo has staged output; no face of a released photo verifies as its original."""
+    import great_expectations.expectations as gxe
+
+    photo_frame = photos[["image_id", "status"]].copy()
+    released = photos["status"] == "released"
+    staged = photos["staged_file"] if "staged_file" in photos else pd.Series(None, index=photos.index)
+    photo_frame["released_has_output"] = ~released | staged.notna()
+    photo_frame["held_has_reason"] = released | photos["reason"].notna()
+    photo_result = validate("gate:publish:photos", photo_frame, [
+        gxe.ExpectColumnValuesToBeUnique(column="image_id"),
+        gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["released", "quarantined", "rejected"]),
+        gxe.ExpectColumnValuesToBeInSet(column="released_has_output", value_set=[True]),
+        gxe.ExpectColumnValuesToBeInSet(column="held_has_reason", value_set=[True]),
+    ])
+    released_ids = set(photos.loc[released, "image_id"])
+    face_frame = faces[faces["image_id"].isin(released_ids)][["image_id", "face_index", "leak_distance", "method"]]
+    if face_frame.empty:
+        return photo_result
+    face_frame = face_frame.assign(leak_distance=face_frame["leak_distance"].astype(float))
+    face_result = validate("gate:publish:faces", face_frame, [
+        gxe.ExpectColumnValuesToNotBeNull(column="leak_distance"),
+        # Zero leaks: a released face must be at least `threshold` from its original.
+        gxe.ExpectColumnValuesToBeBetween(column="leak_distance", min_value=threshold),
+        gxe.ExpectColumnValuesToNotBeNull(column="method"),
+    ])
+    return _merge("gate:publish", photo_result, face_result)
+
+
+def accounting_gate(photos: pd.DataFrame, expected_ids: list[str]) -> GateResult:
+    """End of run: every input photo is accounted for exactly once."""
+    import great_expectations.expectations as gxe
+
+    frame = photos[["image_id", "status"]].copy()
+    return validate("gate:accounting", frame, [
+        gxe.ExpectTableRowCountToEqual(value=len(expected_ids)),
+        gxe.ExpectColumnValuesToBeUnique(column="image_id"),
+        gxe.ExpectColumnValuesToBeInSet(column="image_id", value_set=list(expected_ids)),
+        gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["released", "quarantined", "rejected"]),
+    ])
+
+
+def _merge(name: str, *results: GateResult) -> GateResult:
+    merged = GateResult(name=name, passed=all(r.passed for r in results), checks=sum(r.checks for r in results))
+    for item in results:
+        merged.failures += item.failures
+        merged.failed_image_ids |= item.failed_image_ids
+        merged.table_failed |= item.table_failed
+    return merged

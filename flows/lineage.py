@@ -1,0 +1,175 @@
+"""The one lineage writer: Parquet records of what a release run did, in the release folder.
+
+Layout (append-only: each run adds one file per table, nothing is rewritten)::
+
+    RELEASE/_lineage/runs/<run_id>.parquet     one row: the run
+    RELEASE/_lineage/photos/<run_id>.parquet   one row per input photo
+    RELEASE/_lineage/faces/<run_id>.parquet    one row per detected face
+    RELEASE/_lineage/events/<run_id>.parquet   one row per stage event (task or gate)
+
+Read any table across runs with :func:`read_table` (or ``pyarrow.dataset`` / DuckDB over
+the folder). Column meanings are in the schemas below and in README "Lineage". No
+biometric data (face descriptors) and no pixels are ever written here.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from stages.facetable import FACE_SCHEMA, WORK_ONLY_COLUMNS
+
+LINEAGE_DIR = "_lineage"
+LINEAGE_VERSION = "1"
+
+RUN_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("flow_run_id", pa.string()),            # Prefect flow-run id (UI link)
+    pa.field("status", pa.string()),                 # completed | failed
+    pa.field("error", pa.string()),
+    pa.field("started_at", pa.timestamp("us", tz="UTC")),
+    pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+    pa.field("input_location", pa.string()),
+    pa.field("input_root", pa.string()),
+    pa.field("release_dir", pa.string()),
+    pa.field("policy_path", pa.string()),
+    pa.field("policy_name", pa.string()),
+    pa.field("policy_sha256", pa.string()),
+    pa.field("policy_text", pa.string()),            # the policy file's full content
+    pa.field("models", pa.map_(pa.string(), pa.string())),   # model name -> sha256
+    pa.field("code_version", pa.string()),
+    pa.field("n_inputs", pa.int64()),
+    pa.field("n_released", pa.int64()),
+    pa.field("n_quarantined", pa.int64()),
+    pa.field("n_rejected", pa.int64()),
+    pa.field("n_faces", pa.int64()),
+    pa.field("n_faces_fallback", pa.int64()),        # faces that needed a fallback method
+    pa.field("n_leaks_published", pa.int64()),       # must be 0
+])
+
+PHOTO_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),   # path relative to the input root
+    pa.field("status", pa.string(), nullable=False),     # released | quarantined | rejected
+    pa.field("reason", pa.string()),                     # why not released (or a note)
+    pa.field("input_sha256", pa.string()),
+    pa.field("input_bytes", pa.int64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("source_format", pa.string()),
+    pa.field("source_mode", pa.string()),
+    pa.field("exif_rotated", pa.bool_()),
+    pa.field("n_faces", pa.int32()),
+    pa.field("output_path", pa.string()),                # relative to the release folder
+    pa.field("output_format", pa.string()),
+    pa.field("output_sha256", pa.string()),
+    pa.field("seconds", pa.float64()),
+])
+
+FACE_LINEAGE_SCHEMA = pa.schema(
+    [pa.field("run_id", pa.string(), nullable=False)]
+    + [field for field in FACE_SCHEMA if field.name not in WORK_ONLY_COLUMNS]
+)
+
+EVENT_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("stage", pa.string(), nullable=False),      # discover | ingest | gate:ingest | anonymize | gate:publish | publish | gate:accounting
+    pa.field("batch", pa.int32()),
+    pa.field("started_at", pa.timestamp("us", tz="UTC")),
+    pa.field("seconds", pa.float64()),
+    pa.field("items", pa.int64()),
+    pa.field("gate_passed", pa.bool_()),                 # null for non-gate events
+    pa.field("details", pa.string()),                    # gate failures, parameters (JSON)
+])
+
+SCHEMAS = {"runs": RUN_SCHEMA, "photos": PHOTO_SCHEMA, "faces": FACE_LINEAGE_SCHEMA, "events": EVENT_SCHEMA}
+
+
+def _table(name: str, rows: list[dict] | pd.DataFrame) -> pa.Table:
+    schema = SCHEMAS[name]
+    if isinstance(rows, pd.DataFrame):
+        rows = rows.to_dict("records")
+    clean = []
+    for row in rows:
+        unknown = set(row) - set(schema.names)
+        if unknown:
+            raise KeyError(f"lineage table {name!r} has no columns {sorted(unknown)}")
+        clean.append({key: (None if _is_missing(value) else value) for key, value in row.items()})
+    return pa.Table.from_pylist(clean, schema=schema)
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def write_table(release_dir: str | Path, name: str, run_id: str, rows: list[dict] | pd.DataFrame) -> Path:
+    """Write one run's rows of lineage table ``name``; atomic (temporary file then rename)."""
+    table = _table(name, rows)
+    table = table.replace_schema_metadata({"anonymousnet.lineage_version": LINEAGE_VERSION,
+                                           "anonymousnet.table": name})
+    folder = Path(release_dir) / LINEAGE_DIR / name
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{run_id}.parquet"
+    fd, temporary = tempfile.mkstemp(prefix=".", suffix=".partial", dir=folder)
+    os.close(fd)
+    try:
+        pq.write_table(table, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_table(release_dir: str | Path, name: str) -> pd.DataFrame:
+    """All runs' rows of lineage table ``name`` (empty frame when there are none)."""
+    folder = Path(release_dir) / LINEAGE_DIR / name
+    files = sorted(str(p) for p in folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        return SCHEMAS[name].empty_table().to_pandas()
+    return ds.dataset(files, schema=SCHEMAS[name], format="parquet").to_table().to_pandas()
+
+
+def summarize(release_dir: str | Path) -> str:
+    """Plain-text summary of a release folder's lineage (``anonymousnet lineage show``)."""
+    release_dir = Path(release_dir)
+    runs = read_table(release_dir, "runs")
+    if runs.empty:
+        raise FileNotFoundError(f"no lineage under {release_dir / LINEAGE_DIR}; is {release_dir} a release folder?")
+    photos = read_table(release_dir, "photos")
+    faces = read_table(release_dir, "faces")
+    lines = [f"Release {release_dir}: {len(runs)} run(s)"]
+    for run in runs.sort_values("started_at").itertuples():
+        lines.append(
+            f"- run {run.run_id} [{run.status}] {run.started_at:%Y-%m-%d %H:%M:%S} policy {run.policy_name} "
+            f"(sha256 {str(run.policy_sha256)[:12]}), code {run.code_version}\n"
+            f"  inputs {run.n_inputs}: released {run.n_released}, quarantined {run.n_quarantined}, "
+            f"rejected {run.n_rejected}; faces {run.n_faces} ({run.n_faces_fallback} needed a fallback); "
+            f"leaks published: {run.n_leaks_published}")
+    latest = runs.sort_values("started_at").iloc[-1].run_id
+    latest_photos = photos[photos.run_id == latest]
+    not_released = latest_photos[latest_photos.status != "released"]
+    if len(not_released):
+        lines.append(f"Not released in run {latest}:")
+        for row in not_released.itertuples():
+            lines.append(f"  {row.status:<11} {row.image_id}: {row.reason}")
+    latest_faces = faces[faces.run_id == latest]
+    if len(latest_faces):
+        methods = latest_faces.method.value_counts().to_dict()
+        finite = latest_faces.leak_distance[latest_faces.leak_distance < float("inf")]
+        lines.append(f"Faces in run {latest}: methods {methods}; "
+                     + (f"closest verifier distance {finite.min():.3f}" if len(finite) else
+                        "no face was found again in any output"))
+    return "\n".join(lines)
+
+
+def project(name: str, rows: list[dict], run_id: str) -> list[dict]:
+    """Rows reduced to the columns of lineage table ``name`` (work-folder fields dropped),
+    stamped with ``run_id``."""
+    columns = SCHEMAS[name].names
+    return [{column: (run_id if column == "run_id" else row.get(column)) for column in columns} for row in rows]

@@ -1,0 +1,1 @@
+"""Model definitions and the checkpoint registry (manifest of sha256 sums)."""

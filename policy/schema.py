@@ -1,0 +1,98 @@
+"""Policy schema (v0): what a release does, as a compliance officer writes it in YAML.
+
+The models forbid unknown keys so a typo is an error, not a silently ignored setting.
+Later issues extend this schema (attributes, privacy budget, synthesis, perturbation).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ObfuscationName = Literal["blur", "pixelate", "mask"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputPolicy(_Strict):
+    max_pixels: int = Field(40_000_000, ge=10_000, le=500_000_000,
+                            description="Photos with more pixels are rejected before decoding (decompression-bomb guard).")
+
+
+class DetectionPolicy(_Strict):
+    detector: Literal["hog", "cnn"] = Field("hog", description="dlib HOG (fast, frontal) or MMOD CNN (slow, more poses).")
+    upsample: int = Field(1, ge=0, le=3, description="Times the detector upsamples the photo to find smaller faces.")
+    max_side: int = Field(1600, ge=256, le=10_000,
+                          description="Photos are scaled down to this longest side for detection only.")
+
+
+class BlurParams(_Strict):
+    sigma_fraction: float = Field(0.08, gt=0, le=0.5, description="Gaussian sigma as a fraction of the aligned face width.")
+
+
+class PixelateParams(_Strict):
+    blocks: int = Field(8, ge=2, le=64, description="Cells across the aligned face (fewer is stronger).")
+
+
+class MaskParams(_Strict):
+    color: tuple[int, int, int] = Field((128, 128, 128), description="RGB fill colour.")
+
+    @model_validator(mode="after")
+    def _colour_range(self):
+        if any(not 0 <= c <= 255 for c in self.color):
+            raise ValueError("each colour component must be between 0 and 255")
+        return self
+
+
+class ObfuscationPolicy(_Strict):
+    method: ObfuscationName = Field("blur", description="How every detected face is obfuscated.")
+    feather_fraction: float = Field(0.06, ge=0, le=0.3, description="Width of the mask's soft edge, as a fraction of face width.")
+    blur: BlurParams = BlurParams()
+    pixelate: PixelateParams = PixelateParams()
+    mask: MaskParams = MaskParams()
+
+    def params_for(self, method: str) -> dict:
+        return getattr(self, method).model_dump()
+
+
+class IdentityCheckPolicy(_Strict):
+    threshold: float = Field(0.6, gt=0, le=2,
+                             description="Verifier distance below which an output face counts as its original (dlib: 0.6).")
+    on_leak: Literal["fallback", "quarantine"] = Field(
+        "fallback", description="A leaking face gets the fallback methods in order (re-checked each time), or its photo is quarantined.")
+    fallback: list[ObfuscationName] = Field(["pixelate", "mask"], description="Stronger methods tried in order on a leaking face.")
+    on_no_face: Literal["release", "quarantine"] = Field("release", description="What to do with photos in which no face is found.")
+
+    @model_validator(mode="after")
+    def _fallback_needed(self):
+        if self.on_leak == "fallback" and not self.fallback:
+            raise ValueError("on_leak is 'fallback' but the fallback list is empty: name at least one method "
+                             "(e.g. [mask]) or set on_leak: quarantine")
+        if len(set(self.fallback)) != len(self.fallback):
+            raise ValueError("the fallback list names a method twice")
+        return self
+
+
+class OutputPolicy(_Strict):
+    format: Literal["same", "jpeg", "png"] = Field("same", description="'same' keeps JPEG/PNG/WebP/TIFF/BMP, other formats become PNG.")
+    jpeg_quality: int = Field(95, ge=50, le=100)
+
+
+class Policy(_Strict):
+    version: Literal[0] = Field(0, description="Policy language version.")
+    name: str = Field(..., min_length=1, max_length=100)
+    description: str = ""
+    input: InputPolicy = InputPolicy()
+    detection: DetectionPolicy = DetectionPolicy()
+    obfuscation: ObfuscationPolicy = ObfuscationPolicy()
+    identity_check: IdentityCheckPolicy = IdentityCheckPolicy()
+    output: OutputPolicy = OutputPolicy()
+
+    @model_validator(mode="after")
+    def _fallback_differs(self):
+        if self.identity_check.on_leak == "fallback" and self.identity_check.fallback == [self.obfuscation.method]:
+            raise ValueError(f"the only fallback is the main method '{self.obfuscation.method}' itself: "
+                             "a face that leaks with it would leak again; name a stronger method such as mask")
+        return self

@@ -1,0 +1,202 @@
+"""Face detection, 68 landmarks, alignment to a canonical template, and the face mask.
+
+Detection is dlib's HOG detector by default (the MMOD CNN detector as an option) run on a
+copy of the photo scaled down to ``max_side`` so that 4000-pixel photos cost what 1600-pixel
+ones do; landmarks are then fitted on the full-resolution photo. Alignment is the
+least-squares similarity transform (Umeyama 1991) taking the 68 landmarks onto
+:data:`template`, stored together with its inverse so edited faces can be put back.
+
+The mask follows Li & Lyu ("De-identification without losing faces"): the convex hull of
+the eyebrow and lower-face (jaw) landmarks, with points interpolated on each side between
+the jaw's top and the eyebrow's outer end, feathered outward so the hull itself is fully
+covered.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import cv2
+import dlib
+import numpy as np
+
+from models.registry import verified_path
+
+ALIGNED_SIZE = 128
+JAW = list(range(0, 17))
+EYEBROWS = list(range(17, 27))
+DETECTORS = ("hog", "cnn")
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    box: tuple[float, float, float, float]   # left, top, right, bottom in photo pixels
+    score: float
+    landmarks: np.ndarray                     # 68 x 2 (x, y) in photo pixels
+
+
+@dataclass(frozen=True)
+class AlignedFace:
+    crop: np.ndarray          # size x size x 3 uint8
+    matrix: np.ndarray        # 2 x 3, photo -> aligned crop
+    inverse: np.ndarray       # 2 x 3, aligned crop -> photo
+    landmarks: np.ndarray     # 68 x 2 in crop pixels
+
+
+@functools.lru_cache(maxsize=1)
+def _template_unit() -> np.ndarray:
+    """The 68-point mean shape in unit coordinates of the aligned crop (see
+    ``anonymousnet train template``, which fitted it on CelebA)."""
+    data = json.loads(verified_path("face_template_68").read_text())
+    return np.asarray(data["points"], dtype=np.float64).reshape(68, 2)
+
+
+def template(size: int = ALIGNED_SIZE) -> np.ndarray:
+    return _template_unit() * size
+
+
+@functools.lru_cache(maxsize=None)
+def _dlib_models(detector: str):
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; choose one of {DETECTORS}")
+    if detector == "hog":
+        face_detector = dlib.get_frontal_face_detector()
+    else:
+        face_detector = dlib.cnn_face_detection_model_v1(str(verified_path("dlib_mmod_detector")))
+    predictor = dlib.shape_predictor(str(verified_path("dlib_landmarks_68")))
+    return face_detector, predictor
+
+
+@functools.lru_cache(maxsize=1)
+def _descriptor_model():
+    return dlib.face_recognition_model_v1(str(verified_path("dlib_face_descriptor")))
+
+
+def detector_model_names(detector: str) -> list[str]:
+    names = ["dlib_hog_detector" if detector == "hog" else "dlib_mmod_detector", "dlib_landmarks_68",
+             "dlib_face_descriptor", "face_template_68"]
+    return names
+
+
+def _shape_to_array(shape) -> np.ndarray:
+    return np.array([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], dtype=np.float64)
+
+
+def detect_faces(rgb: np.ndarray, detector: str = "hog", upsample: int = 1,
+                 max_side: int = 1600) -> list[DetectedFace]:
+    """Faces in an RGB photo, ordered left to right (so face_index is stable)."""
+    face_detector, predictor = _dlib_models(detector)
+    height, width = rgb.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    small = rgb if scale == 1.0 else cv2.resize(
+        rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    small = np.ascontiguousarray(small)
+    found: list[tuple[dlib.rectangle, float]] = []
+    if detector == "hog":
+        rects, scores, _ = face_detector.run(small, upsample, 0.0)
+        found = list(zip(rects, scores))
+    else:
+        found = [(d.rect, d.confidence) for d in face_detector(small, upsample)]
+    faces = []
+    for rect, score in found:
+        box = (rect.left() / scale, rect.top() / scale, rect.right() / scale, rect.bottom() / scale)
+        full_rect = dlib.rectangle(int(round(box[0])), int(round(box[1])), int(round(box[2])), int(round(box[3])))
+        landmarks = _shape_to_array(predictor(rgb, full_rect))
+        faces.append(DetectedFace(box=box, score=float(score), landmarks=landmarks))
+    faces.sort(key=lambda face: (face.box[0], face.box[1]))
+    return faces
+
+
+def face_descriptor(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """dlib's 128-D ResNet descriptor of the face at ``landmarks`` (68 points)."""
+    points = dlib.points([dlib.point(int(round(x)), int(round(y))) for x, y in landmarks])
+    left, top = landmarks.min(axis=0)
+    right, bottom = landmarks.max(axis=0)
+    rect = dlib.rectangle(int(left), int(top), int(right), int(bottom))
+    shape = dlib.full_object_detection(rect, points)
+    return np.asarray(_descriptor_model().compute_face_descriptor(np.ascontiguousarray(rgb), shape),
+                      dtype=np.float64)
+
+
+def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """2x3 matrix of the rotation + uniform scale + translation that maps ``source`` points
+    onto ``target`` points with least squared error (Umeyama; reflections excluded)."""
+    source = np.asarray(source, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    mean_s, mean_t = source.mean(axis=0), target.mean(axis=0)
+    centred_s, centred_t = source - mean_s, target - mean_t
+    covariance = centred_t.T @ centred_s / len(source)
+    u, singular, vt = np.linalg.svd(covariance)
+    sign = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[1, 1] = -1
+    rotation = u @ sign @ vt
+    variance_s = (centred_s ** 2).sum() / len(source)
+    scale = np.trace(np.diag(singular) @ sign) / variance_s
+    translation = mean_t - scale * rotation @ mean_s
+    return np.hstack([scale * rotation, translation[:, None]])
+
+
+def invert_affine(matrix: np.ndarray) -> np.ndarray:
+    return cv2.invertAffineTransform(np.asarray(matrix, dtype=np.float64))
+
+
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return np.asarray(points, dtype=np.float64) @ matrix[:, :2].T + matrix[:, 2]
+
+
+def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> AlignedFace:
+    matrix = similarity_transform(landmarks, template(size))
+    crop = cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return AlignedFace(crop=crop, matrix=matrix, inverse=invert_affine(matrix),
+                       landmarks=apply_affine(matrix, landmarks))
+
+
+def mask_polygon(landmarks: np.ndarray, side_points: int = 3) -> np.ndarray:
+    """Convex hull of jaw + eyebrows, with points interpolated between each jaw top and the
+    outer end of the eyebrow above it (Li & Lyu)."""
+    points = [landmarks[JAW], landmarks[EYEBROWS]]
+    for jaw_end, brow_end in ((0, 17), (16, 26)):
+        fractions = np.linspace(0, 1, side_points + 2)[1:-1, None]
+        points.append(landmarks[jaw_end] + fractions * (landmarks[brow_end] - landmarks[jaw_end]))
+    hull = cv2.convexHull(np.concatenate(points).astype(np.float32))
+    return hull.reshape(-1, 2).astype(np.float64)
+
+
+def face_mask(landmarks: np.ndarray, shape: tuple[int, int], feather_fraction: float = 0.06) -> np.ndarray:
+    """Float mask in [0, 1] of ``shape`` (H, W): 1 on the landmark hull, fading to 0 over a
+    band outside it whose width is ``feather_fraction`` of the face width."""
+    polygon = mask_polygon(landmarks)
+    binary = np.zeros(shape, dtype=np.uint8)
+    # Rasterise at 4x sub-pixel precision so the hull edge is placed exactly.
+    cv2.fillConvexPoly(binary, np.round(polygon * 4).astype(np.int32), 1, lineType=cv2.LINE_8, shift=2)
+    face_width = float(np.ptp(landmarks[:, 0]))
+    feather = max(1.0, feather_fraction * face_width)
+    radius = int(np.ceil(feather))
+    if radius > 0:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        binary = cv2.dilate(binary, kernel)
+    # sigma = radius / 2.5 keeps the mask >= 0.99 on the hull itself (Phi(2.5) = 0.994).
+    mask = cv2.GaussianBlur(binary.astype(np.float32), (0, 0), sigmaX=max(radius / 2.5, 0.5))
+    return np.clip(mask, 0.0, 1.0)
+
+
+def fit_template(landmark_sets: list[np.ndarray], iterations: int = 10,
+                 jaw_width: float = 0.60, eye_line: float = 0.42) -> np.ndarray:
+    """Generalised Procrustes mean of many 68-point shapes, placed in a unit square crop:
+    the jaw (points 0-16) spans ``jaw_width`` of the crop, centred, with the eye centres at
+    height ``eye_line``. Returns 68 x 2 unit coordinates."""
+    shapes = [np.asarray(s, dtype=np.float64) for s in landmark_sets]
+    mean = shapes[0] - shapes[0].mean(axis=0)
+    for _ in range(iterations):
+        mean = mean / np.linalg.norm(mean)
+        aligned = [apply_affine(similarity_transform(s, mean), s) for s in shapes]
+        mean = np.mean(aligned, axis=0)
+        mean = mean - mean.mean(axis=0)
+    scale = jaw_width / np.linalg.norm(mean[16] - mean[0])
+    unit = mean * scale
+    eyes = np.vstack([unit[36:42].mean(axis=0), unit[42:48].mean(axis=0)]).mean(axis=0)
+    unit[:, 0] += 0.5 - (unit[0, 0] + unit[16, 0]) / 2
+    unit[:, 1] += eye_line - eyes[1]
+    return unit

@@ -1,0 +1,47 @@
+"""The face table: the one contract between stages.
+
+One row per detected face, keyed by ``(image_id, face_index)``. Each stage adds columns;
+:data:`FACE_SCHEMA` lists them all with their Arrow types and is what lineage stores.
+Pixel data never lives here: aligned crops sit in the run's work folder, referenced by
+``crop_file`` and ``crop_row``. Face descriptors (biometric templates) are never stored.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+
+FACE_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("face_index", pa.int32(), nullable=False),
+    # Ingest: detection box (photo pixels), detector score, 68 landmarks (x0, y0, x1, y1, ...),
+    # and the 2x3 photo -> aligned-crop similarity transform (row-major).
+    pa.field("box_left", pa.float64()), pa.field("box_top", pa.float64()),
+    pa.field("box_right", pa.float64()), pa.field("box_bottom", pa.float64()),
+    pa.field("detector_score", pa.float64()),
+    pa.field("landmarks", pa.list_(pa.float64(), 136)),
+    pa.field("align_matrix", pa.list_(pa.float64(), 6)),
+    pa.field("crop_file", pa.string()),
+    pa.field("crop_row", pa.int32()),
+    # Anonymize: method finally used, every method tried in order, and the identity check.
+    pa.field("method", pa.string()),
+    pa.field("methods_tried", pa.list_(pa.string())),
+    pa.field("leak_distance", pa.float64()),
+    pa.field("status", pa.string()),
+])
+
+# Columns only meaningful inside a run (they point into the deleted work folder).
+WORK_ONLY_COLUMNS = ("crop_file", "crop_row")
+
+
+def empty_face_table() -> pd.DataFrame:
+    return FACE_SCHEMA.empty_table().to_pandas()
+
+
+def face_table(rows: list[dict]) -> pd.DataFrame:
+    """A face table from row dicts; unknown columns are an error, missing ones are null."""
+    if not rows:
+        return empty_face_table()
+    unknown = set().union(*rows) - set(FACE_SCHEMA.names)
+    if unknown:
+        raise KeyError(f"columns not in the face table schema: {sorted(unknown)}")
+    return pa.Table.from_pylist(rows, schema=FACE_SCHEMA).to_pandas()

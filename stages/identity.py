@@ -1,0 +1,55 @@
+"""Identity-leak check: does any face in an output photo still verify as an original?
+
+Follows EVALUATION.md's verifier: dlib's HOG detector + 68 landmarks find faces in the
+output, dlib's ResNet descriptor describes them, and a Euclidean distance below the
+threshold (dlib's documented 0.6) means "same person". Every face found in the output is
+compared with every original face of the photo, so a face that moved or was re-detected
+with a shifted box is still caught. A face found in the output that overlaps no original
+face was never processed (ingest missed it), which is reported separately: the release
+must not publish it either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stages.faces import DetectedFace, detect_faces, face_descriptor
+
+
+@dataclass
+class LeakReport:
+    # Per original face: smallest descriptor distance to any face found in the output
+    # (inf when no output face was found at all).
+    distances: list[float]
+    # Output faces that overlap no original face: never processed by the pipeline.
+    unprocessed_faces: list[DetectedFace] = field(default_factory=list)
+    output_faces_found: int = 0
+
+    def leaking(self, threshold: float) -> list[int]:
+        return [i for i, d in enumerate(self.distances) if d < threshold]
+
+
+def box_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over the smaller box's area (1.0 when one box contains the other)."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return float(width * height / max(smaller, 1e-9))
+
+
+def check_identity_leaks(output_rgb: np.ndarray, original_faces: list[DetectedFace],
+                         original_descriptors: list[np.ndarray], detector: str = "hog",
+                         upsample: int = 1, max_side: int = 1600) -> LeakReport:
+    found = detect_faces(output_rgb, detector=detector, upsample=upsample, max_side=max_side)
+    distances = [float("inf")] * len(original_faces)
+    unprocessed = []
+    for face in found:
+        descriptor = face_descriptor(output_rgb, face.landmarks)
+        for index, original in enumerate(original_descriptors):
+            distances[index] = min(distances[index], float(np.linalg.norm(descriptor - original)))
+        if not any(box_overlap(face.box, original.box) > 0.3 for original in original_faces):
+            unprocessed.append(face)
+    return LeakReport(distances=distances, unprocessed_faces=unprocessed, output_faces_found=len(found))

@@ -1,0 +1,197 @@
+"""The project's one image loader and encoder.
+
+Every stage that reads a photo goes through :func:`load_rgb`; every photo that leaves the
+pipeline goes through :func:`encode_clean`. Loading normalises whatever arrives (EXIF
+rotation, grayscale, palette, alpha, CMYK, 16-bit) to 8-bit RGB, and refuses what cannot
+be trusted (corrupt, truncated, empty, non-image, decompression bombs) with a reason
+rather than an exception that would stop a run. Encoding writes pixels only: no EXIF,
+GPS, XMP, ICC profile or comment from the input can survive.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# A photo larger than this is refused before its pixels are decoded (a 40 MP photo is a
+# 160 MB RGB array; a "decompression bomb" claims billions of pixels in a few bytes).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# No photo file is read whole beyond this size (the pixel limit catches bombs once decoded).
+MAX_FILE_BYTES = 512 * 1024 * 1024
+
+# Formats we write back as themselves; anything else (GIF, PPM, ...) is released as PNG.
+_KEEP_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+
+
+class ImageRejected(Exception):
+    """The file cannot be used as a photo; ``str(exc)`` is the reason recorded in lineage."""
+
+    def __init__(self, reason: str, sha256: str | None = None, size: int | None = None):
+        super().__init__(reason)
+        self.sha256 = sha256
+        self.size = size
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    rgb: np.ndarray          # H x W x 3 uint8, upright (EXIF orientation applied)
+    source_format: str       # PIL format name of the input, e.g. "JPEG"
+    source_mode: str         # PIL mode before conversion, e.g. "CMYK", "I;16", "P"
+    exif_rotated: bool       # an EXIF orientation other than "normal" was applied
+    frames: int              # frames in the file; only the first is used
+    sha256: str              # of the file's bytes as read
+    size: int                # bytes
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _to_uint8_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grayscale (PIL decodes it as I;16 or 32-bit I): scale 0..65535 to 0..255.
+        values = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if values.max(initial=0) > 255 or mode.startswith("I;16") else 255.0
+        gray = np.clip(np.rint(values * (255.0 / high)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        # Composite over white: what a viewer of the photo sees.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Read ``path`` as an upright 8-bit RGB array.
+
+    Raises
+    ------
+    ImageRejected
+        With a one-line reason for zero-byte, non-image, corrupt or truncated files and
+        for images above ``max_pixels``.
+    """
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ImageRejected(f"file too large: {size:,} bytes exceeds {MAX_FILE_BYTES:,}", size=size)
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageRejected(f"cannot read file: {exc.strerror or exc}") from exc
+    try:
+        return decode_photo(data, max_pixels)
+    except ImageRejected as exc:
+        exc.sha256, exc.size = sha256_bytes(data), len(data)
+        raise
+
+
+def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """:func:`load_rgb` on bytes already read."""
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below replaces PIL's bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageRejected(
+                        f"image too large: {width}x{height} = {width * height:,} pixels exceeds "
+                        f"the limit of {max_pixels:,} (raise input.max_pixels in the policy "
+                        f"if this photo is genuine)"
+                    )
+                source_format = image.format or "unknown"
+                source_mode = image.mode
+                frames = getattr(image, "n_frames", 1)
+                image.load()  # decode now so truncation and corruption surface here
+                orientation = image.getexif().get(0x0112, 1)
+                upright = ImageOps.exif_transpose(image)
+                rgb = _to_uint8_rgb(upright)
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageRejected("not an image file (format not recognised)") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(f"image too large (decompression bomb): {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        message = str(exc) or type(exc).__name__
+        if "truncated" in message.lower():
+            raise ImageRejected(f"truncated image file: {message}") from exc
+        raise ImageRejected(f"corrupt image file: {message}") from exc
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageRejected(f"unusable image shape {rgb.shape}")
+    return LoadedImage(
+        rgb=np.ascontiguousarray(rgb),
+        source_format=source_format,
+        source_mode=source_mode,
+        exif_rotated=orientation not in (1, None),
+        frames=frames,
+        sha256=sha256_bytes(data),
+        size=len(data),
+    )
+
+
+def output_format_for(source_format: str, requested: str = "same") -> tuple[str, str]:
+    """(PIL format, file suffix) to release a photo in."""
+    if requested == "jpeg":
+        return "JPEG", ".jpg"
+    if requested == "png":
+        return "PNG", ".png"
+    if source_format in _KEEP_FORMATS:
+        return source_format, _KEEP_FORMATS[source_format]
+    return "PNG", ".png"
+
+
+def encode_clean(rgb: np.ndarray, fmt: str, jpeg_quality: int = 95) -> bytes:
+    """Encode pixels only. Nothing from the input file (EXIF, GPS, XMP, ICC, comments) is
+    passed to the encoder, so nothing of it can be written."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected HxWx3 uint8, got {rgb.dtype} {rgb.shape}")
+    buffer = io.BytesIO()
+    image = Image.fromarray(rgb, mode="RGB")
+    if fmt == "JPEG":
+        image.save(buffer, "JPEG", quality=jpeg_quality, optimize=True)
+    elif fmt == "WEBP":
+        image.save(buffer, "WEBP", quality=jpeg_quality)
+    else:
+        image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def decode_bytes(data: bytes) -> np.ndarray:
+    """Decode bytes produced by :func:`encode_clean` back to RGB (for checks on exactly
+    what will be published)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise

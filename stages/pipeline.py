@@ -1,0 +1,126 @@
+"""Batch-level steps of a release, in plain Python (the Prefect flow wires these as tasks).
+
+Each step takes and returns plain rows (dicts) of the photo table and the face table, and
+passes pixels through the run's work folder: aligned crops in one ``.npz`` per batch,
+anonymized photos as staged files. The work folder is private to the run and deleted at
+its end; it is never inside the release folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.anonymize import AnonymizeSettings, anonymize_photo
+from stages.faces import ALIGNED_SIZE, AlignedFace, DetectedFace, apply_affine, invert_affine
+from stages.imageio import ImageRejected, load_rgb
+from stages.ingest import InputPhoto, ingest_photo
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    detector: str = "hog"
+    upsample: int = 1
+    max_side: int = 1600
+    max_pixels: int = 40_000_000
+    aligned_size: int = ALIGNED_SIZE
+
+
+def ingest_batch(photos: list[InputPhoto], settings: IngestSettings, crops_file: Path) -> tuple[list[dict], list[dict]]:
+    """Load, detect and align a batch. Aligned crops go to ``crops_file``; every photo gets
+    a row (status ``ingested`` or ``rejected``)."""
+    photo_rows, face_rows, crops = [], [], []
+    for photo in photos:
+        started = time.perf_counter()
+        row, faces, aligned = ingest_photo(photo, settings.detector, settings.upsample, settings.max_side,
+                                           settings.max_pixels, settings.aligned_size)
+        if row["status"] is None:
+            row["status"] = "ingested"
+        for index, (face, align) in enumerate(zip(faces, aligned)):
+            width, height = row["width"], row["height"]
+            left, top, right, bottom = face.box
+            face_rows.append({
+                "image_id": photo.image_id, "face_index": index,
+                # dlib boxes may reach past the border for faces cut by it; store the visible part.
+                "box_left": float(np.clip(left, 0, width)), "box_top": float(np.clip(top, 0, height)),
+                "box_right": float(np.clip(right, 0, width)), "box_bottom": float(np.clip(bottom, 0, height)),
+                "detector_score": face.score,
+                "landmarks": face.landmarks.reshape(-1).tolist(),
+                "align_matrix": align.matrix.reshape(-1).tolist(),
+                "crop_file": str(crops_file), "crop_row": len(crops),
+                "status": "detected",
+            })
+            crops.append(align.crop)
+        row["seconds"] = time.perf_counter() - started
+        photo_rows.append(row)
+    size = settings.aligned_size
+    crops_file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(crops_file, crops=np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8))
+    return photo_rows, face_rows
+
+
+def faces_from_rows(face_rows: list[dict]) -> tuple[list[DetectedFace], list[AlignedFace]]:
+    """Rebuild detection and alignment objects from face-table rows (crops from the work folder)."""
+    detected, aligned = [], []
+    crop_cache: dict[str, np.ndarray] = {}
+    for row in face_rows:
+        landmarks = np.asarray(row["landmarks"], dtype=np.float64).reshape(68, 2)
+        matrix = np.asarray(row["align_matrix"], dtype=np.float64).reshape(2, 3)
+        if row["crop_file"] not in crop_cache:
+            with np.load(row["crop_file"]) as stored:
+                crop_cache[row["crop_file"]] = stored["crops"]
+        detected.append(DetectedFace(box=(row["box_left"], row["box_top"], row["box_right"], row["box_bottom"]),
+                                     score=row["detector_score"], landmarks=landmarks))
+        aligned.append(AlignedFace(crop=crop_cache[row["crop_file"]][row["crop_row"]], matrix=matrix,
+                                   inverse=invert_affine(matrix), landmarks=apply_affine(matrix, landmarks)))
+    return detected, aligned
+
+
+def anonymize_batch(photo_rows: list[dict], face_rows: list[dict], sources: dict[str, Path],
+                    settings: AnonymizeSettings, max_pixels: int, staging_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Anonymize every ingested photo of a batch; released candidates are staged as files in
+    ``staging_dir`` (``staged_file`` in the row), never in the release folder."""
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    faces_by_image: dict[str, list[dict]] = {}
+    for face in face_rows:
+        faces_by_image.setdefault(face["image_id"], []).append(dict(face))
+    out_photos, out_faces = [], []
+    for row in photo_rows:
+        row = dict(row)
+        faces = sorted(faces_by_image.get(row["image_id"], []), key=lambda f: f["face_index"])
+        if row["status"] != "ingested":
+            out_photos.append(row)
+            out_faces.extend(faces)
+            continue
+        started = time.perf_counter()
+        try:
+            image = load_rgb(sources[row["image_id"]], max_pixels=max_pixels)
+        except ImageRejected as exc:  # changed or vanished since ingest
+            row.update(status="rejected", reason=f"unreadable at anonymize: {exc}")
+            out_photos.append(row)
+            out_faces.extend(faces)
+            continue
+        if image.sha256 != row["input_sha256"]:
+            row.update(status="quarantined", reason="file changed between ingest and anonymize; run again")
+            out_photos.append(row)
+            out_faces.extend(faces)
+            continue
+        detected, aligned = faces_from_rows(faces)
+        result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings)
+        for face, method, tried, distance, status in zip(faces, result.face_methods, result.face_methods_tried,
+                                                         result.face_distances, result.face_status):
+            face.update(method=method, methods_tried=tried, leak_distance=distance,
+                        status=status if result.status == "released" else "quarantined")
+        row.update(status=result.status, reason=result.reason, output_format=result.output_format,
+                   output_suffix=result.suffix)
+        if result.encoded is not None:
+            staged = staging_dir / (hashlib.sha256(row["image_id"].encode()).hexdigest()[:24] + ".bin")
+            staged.write_bytes(result.encoded)
+            row["staged_file"] = str(staged)
+        row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - started
+        out_photos.append(row)
+        out_faces.extend(faces)
+    return out_photos, out_faces
