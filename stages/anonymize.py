@@ -4,8 +4,10 @@ encoded output still verifies as its original.
 The identity check runs on the *encoded* bytes that would be published (decoded again), so
 what was checked is exactly what is released. A leaking face is re-done with the policy's
 fallback methods, strongest last, each re-checked; when they are exhausted, or the policy
-says so, or the output shows a face the pipeline never processed, the photo is quarantined
-and nothing of it is published.
+says so, the photo is quarantined and nothing of it is published. A face the check finds
+in the output that ingest missed (a borderline detection that re-encoding tips over) is
+taken in and obfuscated like the others; if faces keep appearing after
+``MAX_DISCOVERY_ROUNDS``, the photo is quarantined.
 """
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stages.compose import compose_face
-from stages.faces import AlignedFace, DetectedFace, face_descriptor
+from stages.faces import ALIGNED_SIZE, AlignedFace, DetectedFace, align_face, face_descriptor
 from stages.identity import check_identity_leaks
 from stages.imageio import decode_bytes, encode_clean, output_format_for
 from stages.obfuscate import obfuscate
+
+
+MAX_DISCOVERY_ROUNDS = 2
 
 
 @dataclass
@@ -47,6 +52,8 @@ class AnonymizeResult:
     face_methods_tried: list[list[str]] = field(default_factory=list)
     face_distances: list[float] = field(default_factory=list)
     face_status: list[str] = field(default_factory=list)
+    # Faces found by the identity check that ingest had missed (appended after the ingest faces).
+    discovered_faces: list[DetectedFace] = field(default_factory=list)
 
 
 def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFace],
@@ -55,11 +62,15 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
     if not faces and settings.on_no_face == "quarantine":
         return AnonymizeResult("quarantined", "no face found and the policy quarantines such photos",
                                None, fmt, suffix)
+    faces, aligned = list(faces), list(aligned)
+    ingest_count = len(faces)
+    crop_size = aligned[0].crop.shape[0] if aligned else ALIGNED_SIZE
+    chain = [settings.method] + (settings.fallback if settings.on_leak == "fallback" else [])
     originals = [face_descriptor(rgb, face.landmarks) for face in faces]
-    chains = [[settings.method] + (settings.fallback if settings.on_leak == "fallback" else [])
-              for _ in faces]
+    chains = [chain for _ in faces]
     step = [0] * len(faces)
     edited = [obfuscate(a.crop, settings.method, settings.method_params.get(settings.method)) for a in aligned]
+    discovery_rounds = 0
     while True:
         output = rgb
         for align, crop in zip(aligned, edited):
@@ -74,12 +85,25 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             face_methods_tried=[chain[: i + 1] for chain, i in zip(chains, step)],
             face_distances=report.distances,
             face_status=["leaking" if i in leaking else "anonymized" for i in range(len(faces))],
+            discovered_faces=faces[ingest_count:],
         )
         if report.unprocessed_faces:
-            result.status, result.encoded = "quarantined", None
-            result.reason = (f"{len(report.unprocessed_faces)} face(s) found in the output that ingest did not "
-                             f"detect; photo held back unprocessed")
-            return result
+            if discovery_rounds >= MAX_DISCOVERY_ROUNDS:
+                result.status, result.encoded = "quarantined", None
+                result.reason = (f"{len(report.unprocessed_faces)} face(s) still found in the output after "
+                                 f"{discovery_rounds} rounds of processing missed faces; photo held back")
+                return result
+            discovery_rounds += 1
+            for face in report.unprocessed_faces:
+                # Same geometry as the original photo: align and describe the face there.
+                align = align_face(rgb, face.landmarks, crop_size)
+                faces.append(face)
+                aligned.append(align)
+                originals.append(face_descriptor(rgb, face.landmarks))
+                chains.append(chain)
+                step.append(0)
+                edited.append(obfuscate(align.crop, settings.method, settings.method_params.get(settings.method)))
+            continue
         if not leaking:
             return result
         exhausted = [i for i in leaking if step[i] + 1 >= len(chains[i])]

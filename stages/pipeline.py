@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.anonymize import AnonymizeSettings, anonymize_photo
-from stages.faces import ALIGNED_SIZE, AlignedFace, DetectedFace, apply_affine, invert_affine
+from stages.faces import ALIGNED_SIZE, AlignedFace, DetectedFace, align_face, apply_affine, invert_affine
 from stages.imageio import ImageRejected, load_rgb
 from stages.ingest import InputPhoto, ingest_photo
 
@@ -40,19 +40,8 @@ def ingest_batch(photos: list[InputPhoto], settings: IngestSettings, crops_file:
         if row["status"] is None:
             row["status"] = "ingested"
         for index, (face, align) in enumerate(zip(faces, aligned)):
-            width, height = row["width"], row["height"]
-            left, top, right, bottom = face.box
-            face_rows.append({
-                "image_id": photo.image_id, "face_index": index,
-                # dlib boxes may reach past the border for faces cut by it; store the visible part.
-                "box_left": float(np.clip(left, 0, width)), "box_top": float(np.clip(top, 0, height)),
-                "box_right": float(np.clip(right, 0, width)), "box_bottom": float(np.clip(bottom, 0, height)),
-                "detector_score": face.score,
-                "landmarks": face.landmarks.reshape(-1).tolist(),
-                "align_matrix": align.matrix.reshape(-1).tolist(),
-                "crop_file": str(crops_file), "crop_row": len(crops),
-                "status": "detected",
-            })
+            face_rows.append(face_row(photo.image_id, index, face, align, row["width"], row["height"], "ingest")
+                             | {"crop_file": str(crops_file), "crop_row": len(crops), "status": "detected"})
             crops.append(align.crop)
         row["seconds"] = time.perf_counter() - started
         photo_rows.append(row)
@@ -60,6 +49,20 @@ def ingest_batch(photos: list[InputPhoto], settings: IngestSettings, crops_file:
     crops_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez(crops_file, crops=np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8))
     return photo_rows, face_rows
+
+
+def face_row(image_id: str, index: int, face: DetectedFace, align: AlignedFace, width: int, height: int,
+             found_by: str) -> dict:
+    left, top, right, bottom = face.box
+    return {
+        "image_id": image_id, "face_index": index, "found_by": found_by,
+        # dlib boxes may reach past the border for faces cut by it; store the visible part.
+        "box_left": float(np.clip(left, 0, width)), "box_top": float(np.clip(top, 0, height)),
+        "box_right": float(np.clip(right, 0, width)), "box_bottom": float(np.clip(bottom, 0, height)),
+        "detector_score": face.score,
+        "landmarks": face.landmarks.reshape(-1).tolist(),
+        "align_matrix": align.matrix.reshape(-1).tolist(),
+    }
 
 
 def faces_from_rows(face_rows: list[dict]) -> tuple[list[DetectedFace], list[AlignedFace]]:
@@ -110,6 +113,11 @@ def anonymize_batch(photo_rows: list[dict], face_rows: list[dict], sources: dict
             continue
         detected, aligned = faces_from_rows(faces)
         result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings)
+        for extra in result.discovered_faces:
+            align = align_face(image.rgb, extra.landmarks, aligned[0].crop.shape[0] if aligned else ALIGNED_SIZE)
+            faces.append(face_row(row["image_id"], len(faces), extra, align, row["width"], row["height"],
+                                  "identity-check"))
+        row["n_faces"] = len(faces)
         for face, method, tried, distance, status in zip(faces, result.face_methods, result.face_methods_tried,
                                                          result.face_distances, result.face_status):
             face.update(method=method, methods_tried=tried, leak_distance=distance,
