@@ -129,6 +129,8 @@ def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, threshold: float) ->
         gxe.ExpectColumnValuesToBeInSet(column="released_has_output", value_set=[True]),
         gxe.ExpectColumnValuesToBeInSet(column="held_has_reason", value_set=[True]),
     ])
+    if faces.empty:
+        return photo_result
     released_ids = set(photos.loc[released, "image_id"])
     face_frame = faces[faces["image_id"].isin(released_ids)][["image_id", "face_index", "leak_distance", "method"]]
     if face_frame.empty:

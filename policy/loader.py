@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from policy.schema import Policy
+from policy.schema import Policy, PolicyValueError
 
 POLICY_DIR = Path(__file__).parent
 DEFAULT_POLICY = POLICY_DIR / "default.yaml"
@@ -118,6 +118,10 @@ def parse_policy(text: str, filename: str = "<policy>") -> Policy:
     except ValidationError as exc:
         for error in exc.errors():
             location = tuple(error["loc"])
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, PolicyValueError):  # a cross-field check names the key to point at
+                location += cause.at
+                error = {**error, "loc": location}
             position = (_key_position(root, location) if error["type"] == "extra_forbidden"
                         else _position(root, location)) or (1, 1)
             problems.append(f"{filename}:{position[0]}:{position[1]}: {_describe(error)}")

@@ -12,6 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 ObfuscationName = Literal["blur", "pixelate", "mask"]
 
 
+class PolicyValueError(ValueError):
+    """A cross-field problem, with the path (relative to the model) of the key to point at."""
+
+    def __init__(self, message: str, at: tuple[str, ...]):
+        super().__init__(message)
+        self.at = at
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -42,7 +50,7 @@ class MaskParams(_Strict):
     @model_validator(mode="after")
     def _colour_range(self):
         if any(not 0 <= c <= 255 for c in self.color):
-            raise ValueError("each colour component must be between 0 and 255")
+            raise PolicyValueError("each colour component must be between 0 and 255", at=("color",))
         return self
 
 
@@ -68,10 +76,10 @@ class IdentityCheckPolicy(_Strict):
     @model_validator(mode="after")
     def _fallback_needed(self):
         if self.on_leak == "fallback" and not self.fallback:
-            raise ValueError("on_leak is 'fallback' but the fallback list is empty: name at least one method "
-                             "(e.g. [mask]) or set on_leak: quarantine")
+            raise PolicyValueError("on_leak is 'fallback' but the fallback list is empty: name at least one "
+                                   "method (e.g. [mask]) or set on_leak: quarantine", at=("fallback",))
         if len(set(self.fallback)) != len(self.fallback):
-            raise ValueError("the fallback list names a method twice")
+            raise PolicyValueError("the fallback list names a method twice", at=("fallback",))
         return self
 
 
@@ -93,6 +101,7 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _fallback_differs(self):
         if self.identity_check.on_leak == "fallback" and self.identity_check.fallback == [self.obfuscation.method]:
-            raise ValueError(f"the only fallback is the main method '{self.obfuscation.method}' itself: "
-                             "a face that leaks with it would leak again; name a stronger method such as mask")
+            raise PolicyValueError(f"the only fallback is the main method '{self.obfuscation.method}' itself: "
+                                   "a face that leaks with it would leak again; name a stronger method such as mask",
+                                   at=("identity_check", "fallback"))
         return self

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.compose import compose_face
+from stages.compose import compose_faces
 from stages.faces import ALIGNED_SIZE, AlignedFace, DetectedFace, align_face, face_descriptor
 from stages.identity import check_identity_leaks
 from stages.imageio import decode_bytes, encode_clean, output_format_for
@@ -72,9 +72,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
     edited = [obfuscate(a.crop, settings.method, settings.method_params.get(settings.method)) for a in aligned]
     discovery_rounds = 0
     while True:
-        output = rgb
-        for align, crop in zip(aligned, edited):
-            output = compose_face(output, align, crop, settings.feather_fraction)
+        output = compose_faces(rgb, aligned, edited, settings.feather_fraction)
         encoded = encode_clean(output, fmt, settings.jpeg_quality)
         report = check_identity_leaks(decode_bytes(encoded), faces, originals, settings.detector,
                                       settings.upsample, settings.max_side)

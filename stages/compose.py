@@ -36,3 +36,12 @@ def compose_face(photo: np.ndarray, aligned: AlignedFace, edited_crop: np.ndarra
     blended = region * (1.0 - alpha) + warped.astype(np.float32) * alpha
     result[top:bottom, left:right] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return result
+
+
+def compose_faces(photo: np.ndarray, aligned: list[AlignedFace], edited_crops: list[np.ndarray],
+                  feather_fraction: float = 0.06) -> np.ndarray:
+    """``photo`` with every face replaced by its edited crop (see :func:`compose_face`)."""
+    output = photo
+    for align, crop in zip(aligned, edited_crops):
+        output = compose_face(output, align, crop, feather_fraction)
+    return output

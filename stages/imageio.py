@@ -51,6 +51,16 @@ class LoadedImage:
     size: int                # bytes
 
 
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"II*\x00": "TIFF",
+               b"MM\x00*": "TIFF", b"BM": "BMP"}
+
+
+def _claimed_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -125,6 +135,9 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedIma
     except ImageRejected:
         raise
     except UnidentifiedImageError as exc:
+        claimed = _claimed_format(data)
+        if claimed:
+            raise ImageRejected(f"corrupt image file: starts like {claimed} but cannot be decoded") from exc
         raise ImageRejected("not an image file (format not recognised)") from exc
     except Image.DecompressionBombError as exc:
         raise ImageRejected(f"image too large (decompression bomb): {exc}") from exc

@@ -66,7 +66,7 @@ def discover_folder(root: str | Path) -> list[InputPhoto]:
                 continue
             relative = (Path(directory) / name).relative_to(root).as_posix()
             photos.append(_checked(root, relative))
-    return photos
+    return sorted(photos, key=lambda photo: photo.image_id)
 
 
 def read_manifest(manifest: str | Path, root: str | Path | None = None) -> list[InputPhoto]:

@@ -1,0 +1,164 @@
+"""The privacy and quality protocol of EVALUATION.md on verification pairs.
+
+For each same-person pair (A, B) of a ``rel_a, rel_b, same`` CSV:
+
+* the verifier (dlib HOG detector, upsample 1, 68 landmarks, ResNet descriptor) describes
+  the subject of A and of B (the detected face nearest the image centre; pairs where
+  either has no face are counted as not evaluable);
+* each method de-identifies A into A' with the release pipeline's own detection, alignment,
+  obfuscation and compose (the method alone, before any gate fallback);
+* the verifier looks for faces in A'. A' "still verifies as B" when any face found in A'
+  is closer than 0.6 to B; "still verifies as A" likewise for A itself.
+
+Reported per method: de-identification rate = 1 - fraction of pairs where A' verifies as B
+(over all evaluable pairs, and over the pairs that verified before), self
+de-identification rate, detection rate after, PSNR / SSIM / MS-SSIM of A' against A (whole
+image), and seconds per face of the de-identification. The row ``original`` is A' = A.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from policy.schema import Policy
+from stages.compose import compose_faces
+from stages.faces import align_face, detect_faces, face_descriptor
+from stages.imageio import ImageRejected, load_rgb
+from stages.obfuscate import obfuscate
+from stages.quality import ms_ssim, psnr, ssim
+
+VERIFIER_THRESHOLD = 0.6   # dlib's documented same-person threshold (EVALUATION.md)
+VERIFIER_UPSAMPLE = 1
+
+
+def _subject_descriptor(rgb: np.ndarray) -> np.ndarray | None:
+    faces = detect_faces(rgb, detector="hog", upsample=VERIFIER_UPSAMPLE)
+    if not faces:
+        return None
+    centre = np.array(rgb.shape[1::-1], float) / 2
+    subject = min(faces, key=lambda f: np.linalg.norm(np.array([(f.box[0] + f.box[2]) / 2,
+                                                                 (f.box[1] + f.box[3]) / 2]) - centre))
+    return face_descriptor(rgb, subject.landmarks)
+
+
+def _all_descriptors(rgb: np.ndarray) -> list[np.ndarray]:
+    return [face_descriptor(rgb, f.landmarks) for f in detect_faces(rgb, detector="hog", upsample=VERIFIER_UPSAMPLE)]
+
+
+def deidentify(rgb: np.ndarray, method: str, policy: Policy) -> tuple[np.ndarray, int]:
+    """A' and the number of faces the pipeline treated, using the release's own stages."""
+    detection = policy.detection
+    faces = detect_faces(rgb, detector=detection.detector, upsample=detection.upsample, max_side=detection.max_side)
+    aligned = [align_face(rgb, face.landmarks) for face in faces]
+    edited = [obfuscate(a.crop, method, policy.obfuscation.params_for(method)) for a in aligned]
+    return compose_faces(rgb, aligned, edited, policy.obfuscation.feather_fraction), len(faces)
+
+
+def evaluate_pair(job: tuple[Path, Path, list[str], Policy]) -> list[dict]:
+    path_a, path_b, methods, policy = job
+    pair = {"rel_a": path_a.name, "rel_b": path_b.name}
+    try:
+        image_a, image_b = load_rgb(path_a).rgb, load_rgb(path_b).rgb
+    except ImageRejected as exc:
+        return [pair | {"method": m, "evaluable": False, "note": str(exc)} for m in ["original", *methods]]
+    descriptor_a, descriptor_b = _subject_descriptor(image_a), _subject_descriptor(image_b)
+    if descriptor_a is None or descriptor_b is None:
+        return [pair | {"method": m, "evaluable": False, "note": "verifier found no face in A or B"}
+                for m in ["original", *methods]]
+    verified_before = float(np.linalg.norm(descriptor_a - descriptor_b)) < VERIFIER_THRESHOLD
+    rows = []
+    for method in ["original", *methods]:
+        started = time.perf_counter()
+        if method == "original":
+            output, treated = image_a, 0
+        else:
+            output, treated = deidentify(image_a, method, policy)
+        seconds = time.perf_counter() - started
+        found = _all_descriptors(output)
+        to_b = min((float(np.linalg.norm(d - descriptor_b)) for d in found), default=float("inf"))
+        to_a = min((float(np.linalg.norm(d - descriptor_a)) for d in found), default=float("inf"))
+        rows.append(pair | {
+            "method": method, "evaluable": True, "verified_before": verified_before,
+            "faces_treated": treated, "seconds": seconds,
+            "detected_after": bool(found), "distance_to_b": to_b, "distance_to_a": to_a,
+            "verifies_as_b": to_b < VERIFIER_THRESHOLD, "verifies_as_a": to_a < VERIFIER_THRESHOLD,
+            "psnr": psnr(image_a, output), "ssim": ssim(image_a, output), "ms_ssim": ms_ssim(image_a, output),
+        })
+    return rows
+
+
+def summarize(rows: pd.DataFrame) -> dict[str, dict]:
+    summary = {}
+    for method, group in rows.groupby("method", sort=False):
+        usable = group[group["evaluable"]]
+        verified = usable[usable["verified_before"]]
+        treated = usable["faces_treated"].sum()
+        summary[method] = {
+            "pairs": int(len(group)), "evaluable_pairs": int(len(usable)),
+            "verification_rate_before": float(usable["verified_before"].mean()),
+            "deid_rate": float(1 - usable["verifies_as_b"].mean()),
+            "deid_rate_of_verified": float(1 - verified["verifies_as_b"].mean()) if len(verified) else None,
+            "self_deid_rate": float(1 - usable["verifies_as_a"].mean()),
+            "detection_rate_after": float(usable["detected_after"].mean()),
+            "psnr": float(usable["psnr"].replace(np.inf, np.nan).mean()) if method != "original" else None,
+            "ssim": float(usable["ssim"].mean()), "ms_ssim": float(usable["ms_ssim"].mean()),
+            "seconds_per_face": float(usable["seconds"].sum() / treated) if treated else None,
+            "median_seconds_per_photo": float(usable["seconds"].median()) if method != "original" else None,
+        }
+    return summary
+
+
+def evaluate(pairs_csv: Path, images: Path, methods: list[str], policy: Policy, limit: int | None = None,
+             workers: int = 2, progress: bool = False) -> dict:
+    pairs = pd.read_csv(pairs_csv)
+    missing = {"rel_a", "rel_b", "same"} - set(pairs.columns)
+    if missing:
+        raise ValueError(f"{pairs_csv} lacks column(s) {sorted(missing)}; expected rel_a, rel_b, same")
+    same = pairs[pairs["same"].astype(int) == 1]
+    if limit:
+        same = same.head(limit)
+    jobs = [(images / a, images / b, methods, policy) for a, b in zip(same["rel_a"], same["rel_b"])]
+    started = time.time()
+    rows: list[dict] = []
+    bar = tqdm(total=len(jobs), unit="pair", desc="evaluate", disable=not progress)
+    if workers > 1 and len(jobs) > 1:
+        # fork: workers inherit the imported modules; dlib models load once per worker.
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for result in pool.imap(evaluate_pair, jobs, chunksize=4):
+                rows += result
+                bar.update()
+    else:
+        for job in jobs:
+            rows += evaluate_pair(job)
+            bar.update()
+    bar.close()
+    frame = pd.DataFrame(rows)
+    return {"protocol": "EVALUATION.md privacy + quality on same-person pairs; verifier dlib ResNet, "
+                        f"HOG upsample {VERIFIER_UPSAMPLE}, threshold {VERIFIER_THRESHOLD}",
+            "pairs_csv": str(pairs_csv), "images": str(images), "same_pairs": int(len(jobs)),
+            "policy": policy.name, "wall_seconds": time.time() - started, "workers": workers,
+            "methods": summarize(frame)}
+
+
+def markdown_table(results: dict) -> str:
+    def fmt(value, digits=3, percent=False):
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
+
+    lines = [f"Same-person pairs: {results['same_pairs']} ({results['pairs_csv']})", "",
+             "| method | de-ID rate | de-ID of verified | self de-ID | detected after | PSNR | SSIM | MS-SSIM | s/face |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, m in results["methods"].items():
+        lines.append(f"| {method} | {fmt(m['deid_rate'], percent=True)} | {fmt(m['deid_rate_of_verified'], percent=True)} "
+                     f"| {fmt(m['self_deid_rate'], percent=True)} | {fmt(m['detection_rate_after'], percent=True)} "
+                     f"| {fmt(m['psnr'], 2)} | {fmt(m['ssim'], 4)} | {fmt(m['ms_ssim'], 4)} | {fmt(m['seconds_per_face'], 3)} |")
+    first = next(iter(results["methods"].values()))
+    lines.append(f"\nEvaluable pairs: {first['evaluable_pairs']} of {first['pairs']}; verification rate before: "
+                 f"{fmt(first['verification_rate_before'], percent=True)}")
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""The identity-leak gate: a method that leaves the face unchanged is caught and never published."""
+import numpy as np
+import pytest
+
+from stages import obfuscate
+from stages.anonymize import AnonymizeSettings, anonymize_photo
+from stages.faces import align_face, detect_faces
+from stages.imageio import decode_bytes
+
+
+@pytest.fixture
+def identity_method(monkeypatch):
+    """A 'method' that returns the face untouched: the worst possible obfuscation."""
+    monkeypatch.setitem(obfuscate.METHODS, "identity", lambda crop, params: crop.copy())
+    return "identity"
+
+
+def _settings(method, **overrides):
+    base = dict(method=method, method_params={}, fallback=["pixelate", "mask"], on_leak="fallback",
+                on_no_face="release", threshold=0.6, feather_fraction=0.06, output_format="png")
+    return AnonymizeSettings(**(base | overrides))
+
+
+@pytest.fixture(scope="module")
+def astronaut_faces(astronaut):
+    faces = detect_faces(astronaut)
+    return faces, [align_face(astronaut, f.landmarks) for f in faces]
+
+
+def test_unchanged_face_is_caught_and_fallback_applied(astronaut, astronaut_faces, identity_method):
+    faces, aligned = astronaut_faces
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings(identity_method))
+    assert result.status == "released"
+    real = max(range(len(faces)), key=lambda i: -faces[i].box[1])
+    # The real face leaked with "identity" and was escalated; what is released no longer verifies.
+    assert result.face_methods_tried[real][0] == "identity" and len(result.face_methods_tried[real]) > 1
+    assert result.face_methods[real] in ("pixelate", "mask")
+    assert all(d >= 0.6 for d in result.face_distances)
+    assert not np.array_equal(decode_bytes(result.encoded), astronaut)
+
+
+def test_unchanged_face_is_quarantined_when_policy_says_so(astronaut, astronaut_faces, identity_method):
+    faces, aligned = astronaut_faces
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings(identity_method, on_leak="quarantine"))
+    assert result.status == "quarantined" and result.encoded is None
+    assert "still verifies as its original" in result.reason
+
+
+def test_fallback_exhausted_quarantines(astronaut, astronaut_faces, identity_method):
+    faces, aligned = astronaut_faces
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings(identity_method, fallback=["identity"]))
+    assert result.status == "quarantined" and result.encoded is None
+
+
+def test_face_missed_by_ingest_is_found_and_obfuscated(astronaut):
+    # Pretend ingest found no face: the check finds the real one and it gets obfuscated.
+    result = anonymize_photo(astronaut, "PNG", [], [], _settings("blur"))
+    assert result.status == "released" and len(result.discovered_faces) >= 1
+    assert all(d >= 0.6 for d in result.face_distances)
+
+
+def test_no_face_policy_quarantine():
+    blank = np.full((64, 64, 3), 200, np.uint8)
+    result = anonymize_photo(blank, "PNG", [], [], _settings("blur", on_no_face="quarantine"))
+    assert result.status == "quarantined" and "no face" in result.reason
+
+
+def test_baseline_methods_change_the_crop_and_keep_its_shape(astronaut_faces):
+    crop = astronaut_faces[1][0].crop
+    for name in ("blur", "pixelate", "mask"):
+        out = obfuscate.obfuscate(crop, name)
+        assert out.shape == crop.shape and out.dtype == np.uint8 and not np.array_equal(out, crop)
+    with pytest.raises(ValueError, match="unknown obfuscation method"):
+        obfuscate.obfuscate(crop, "swirl")

@@ -1,0 +1,61 @@
+"""Policy v0: the shipped policy loads; malformed policies get file:line errors that say what to do."""
+import pytest
+from click.testing import CliRunner
+
+from flows.cli import main
+from policy.loader import DEFAULT_POLICY, PolicyError, load_policy, parse_policy
+
+VALID = "version: 0\nname: t\n"
+
+
+def test_default_policy_loads():
+    loaded = load_policy()
+    assert loaded.path == DEFAULT_POLICY.resolve() and len(loaded.sha256) == 64
+    assert loaded.policy.identity_check.threshold == 0.6
+    assert loaded.policy.obfuscation.method == "blur"
+
+
+def _problems(text):
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text, "p.yaml")
+    return info.value.problems
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ("version: 0\nname: t\nobfuscation:\n  method: blurr\n", "p.yaml:4:11", "'blur', 'pixelate' or 'mask'"),
+    ("version: 0\nname: t\nobfuscation:\n  blur:\n    sigmaa: 1\n", "p.yaml:5:5", "unknown key 'sigmaa'"),
+    ("version: 0\nname: t\nidentity_check:\n  threshold: -1\n", "p.yaml:4:14", "greater than 0"),
+    ("version: 0\nname: t\nidentity_check:\n  threshold: high\n", "p.yaml:4:14", "valid number"),
+    ("version: 0\nname: t\nidentity_check:\n  on_leak: fallback\n  fallback: []\n", "p.yaml:5:13", "fallback list is empty"),
+    ("version: 0\nname: t\nobfuscation:\n  method: mask\nidentity_check:\n  fallback: [mask]\n", "p.yaml:6:13",
+     "would leak again"),
+    ("version: 0\nname: t\nname: u\n", "p.yaml:3:1", "appears twice"),
+    ("version: 0\n", "p.yaml:1:1", "'name' is required"),
+    ("version: 0\nname: [unclosed\n", "p.yaml:", "YAML syntax error"),
+    ("- just\n- a list\n", "p.yaml:1:1", "must be a mapping"),
+    ("", "p.yaml:1:1", "empty"),
+    ("version: 0\nname: t\nmask:\n  color: [1, 2, 300]\n", "p.yaml:3:1", "unknown key 'mask'"),
+    ("version: 0\nname: t\nobfuscation:\n  mask:\n    color: [1, 2, 300]\n", "p.yaml:5:12", "between 0 and 255"),
+])
+def test_malformed_policies_name_file_line_and_fix(text, where, words):
+    problems = _problems(text)
+    assert any(p.startswith(where) and words in p for p in problems), problems
+
+
+def test_every_problem_is_reported_at_once():
+    problems = _problems("version: 0\nname: t\nobfuscation:\n  method: x\ndetection:\n  upsample: 9\n")
+    assert len(problems) == 2
+
+
+def test_missing_policy_file(tmp_path):
+    with pytest.raises(PolicyError, match="file not found"):
+        load_policy(tmp_path / "none.yaml")
+
+
+def test_policy_check_command_exit_codes(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(main, ["policy", "check", str(DEFAULT_POLICY)]).exit_code == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(VALID + "detection:\n  detector: retina\n")
+    result = runner.invoke(main, ["policy", "check", str(bad)])
+    assert result.exit_code == 1 and f"{bad}:4:" in result.output

@@ -1,0 +1,149 @@
+"""The release flow end to end under prefect_test_harness, on public-domain photos and bad files."""
+import io
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from flows import lineage
+from flows.cli import main
+from flows.release import release
+from stages import obfuscate
+from stages.faces import detect_faces, face_descriptor
+from stages.imageio import load_rgb
+from stages.samples import write_samples
+
+BAD_FILES = {
+    "bad/empty.jpg": (b"", "empty file"),
+    "bad/notes.txt": (b"not a photo\n", "not an image"),
+    "bad/corrupt.png": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "corrupt"),
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, astronaut):
+    root = tmp_path_factory.mktemp("inputs")
+    write_samples(root)
+    for name, (content, _) in BAD_FILES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    buffer = io.BytesIO()
+    Image.fromarray(astronaut).save(buffer, "JPEG")
+    (root / "bad" / "truncated.jpg").write_bytes(buffer.getvalue()[:5000])
+    Image.new("1", (20_000, 20_000)).save(root / "bad" / "bomb.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def released(inputs, tmp_path_factory, prefect_harness):
+    output = tmp_path_factory.mktemp("release")
+    summary = release(input=str(inputs), output=str(output), batch_size=4)
+    return inputs, output, summary
+
+
+def test_every_input_is_accounted_for(released):
+    inputs, output, summary = released
+    photos = lineage.read_table(output, "photos")
+    expected = sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*") if p.is_file())
+    assert sorted(photos.image_id) == expected
+    assert summary["n_inputs"] == len(expected)
+    outcome = dict(zip(photos.image_id, photos.status))
+    for name, (_, reason) in BAD_FILES.items():
+        assert outcome[name] == "rejected"
+        assert reason in photos.set_index("image_id").loc[name, "reason"]
+    assert outcome["bad/truncated.jpg"] == "rejected" and outcome["bad/bomb.png"] == "rejected"
+    assert outcome["astronaut.jpg"] == "released" and outcome["coffee_no_face.jpg"] == "released"
+    assert summary["n_leaks_published"] == 0 and summary["status"] == "completed"
+
+
+def test_outputs_keep_relative_paths_and_never_copy_originals(released):
+    inputs, output, _ = released
+    photos = lineage.read_table(output, "photos")
+    published = photos[photos.status == "released"]
+    files = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()
+             and not p.relative_to(output).as_posix().startswith(("_lineage/", "_reports/")) and p.name != "report.md"}
+    assert files == set(published.output_path)
+    assert "rotated/astronaut_exif_rotated.jpg" in files
+    input_hashes = set(photos.input_sha256.dropna())
+    for row in published.itertuples():
+        assert row.output_sha256 not in input_hashes
+        assert (output / row.output_path).read_bytes() != (inputs / row.image_id).read_bytes()
+    # Nothing of a rejected input appears anywhere in the release folder.
+    assert not any("bad" in name for name in files)
+
+
+def test_outputs_carry_no_metadata_and_faces_are_obfuscated(released, astronaut):
+    inputs, output, _ = released
+    for name in ("astronaut.jpg", "rotated/astronaut_exif_rotated.jpg", "astronaut_gray.png", "astronaut_alpha.png"):
+        data = (output / name).read_bytes()
+        image = Image.open(io.BytesIO(data))
+        assert not image.getexif() and "icc_profile" not in image.info and "exif" not in image.info
+        assert b"DemoCam" not in data and b"Exif" not in data
+        published = load_rgb(output / name).rgb
+        assert published.shape == astronaut.shape          # rotated input published upright
+    # Independent check: the verifier does not find the astronaut in any published photo.
+    original = [face_descriptor(astronaut, f.landmarks) for f in detect_faces(astronaut)]
+    for name in ("astronaut.jpg", "rotated/astronaut_exif_rotated.jpg", "astronaut_gray.png", "astronaut_alpha.png"):
+        published = load_rgb(output / name).rgb
+        for face in detect_faces(published):
+            descriptor = face_descriptor(published, face.landmarks)
+            assert min(np.linalg.norm(descriptor - o) for o in original) >= 0.6
+
+
+def test_lineage_schema_and_run_record(released):
+    _, output, summary = released
+    for name, schema in lineage.SCHEMAS.items():
+        files = list((output / "_lineage" / name).glob("*.parquet"))
+        assert len(files) == 1
+        stored = pq.read_schema(files[0])
+        assert stored.remove_metadata().equals(schema), name
+        assert stored.metadata[b"anonymousnet.lineage_version"] == lineage.LINEAGE_VERSION.encode()
+    runs = lineage.read_table(output, "runs")
+    run = runs.iloc[0]
+    assert run.policy_name == "default" and len(run.policy_sha256) == 64 and "identity_check" in run.policy_text
+    assert dict(run.models)["dlib_face_descriptor"] == "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
+    assert run.flow_run_id and run.n_released + run.n_quarantined + run.n_rejected == run.n_inputs
+    faces = lineage.read_table(output, "faces")
+    assert len(faces) == summary["n_faces"] and len(faces.landmarks.iloc[0]) == 136
+    events = lineage.read_table(output, "events")
+    assert {"ingest", "gate:ingest", "anonymize", "gate:publish", "publish", "gate:accounting"} <= set(events.stage)
+    assert events[events.stage.str.startswith("gate")].gate_passed.all()
+
+
+def test_report_and_lineage_show(released):
+    _, output, summary = released
+    report = (output / "report.md").read_text()
+    assert f"run {summary['run_id']}" in report and "identity leaks published" in report
+    assert "bad/empty.jpg" in report
+    result = CliRunner().invoke(main, ["lineage", "show", str(output)])
+    assert result.exit_code == 0 and "leaks published: 0" in result.output and "bad/notes.txt" in result.output
+
+
+def test_unchanged_faces_are_never_published(inputs, tmp_path, prefect_harness, monkeypatch):
+    """Replace blur by a method that changes nothing: the gate must catch every face."""
+    monkeypatch.setitem(obfuscate.METHODS, "blur", lambda crop, params: crop.copy())
+    photos_in = tmp_path / "in"
+    photos_in.mkdir()
+    shutil.copy(inputs / "astronaut.jpg", photos_in / "astronaut.jpg")
+    policy = tmp_path / "quarantine.yaml"
+    policy.write_text("version: 0\nname: quarantine-on-leak\nidentity_check:\n  on_leak: quarantine\n")
+    summary = release(input=str(photos_in), output=str(tmp_path / "q"), policy=str(policy))
+    assert summary["n_quarantined"] == 1 and summary["n_released"] == 0
+    assert not (tmp_path / "q" / "astronaut.jpg").exists()
+    reason = lineage.read_table(tmp_path / "q", "photos").reason.iloc[0]
+    assert "still verifies as its original" in reason
+
+    summary = release(input=str(photos_in), output=str(tmp_path / "f"))
+    faces = lineage.read_table(tmp_path / "f", "faces")
+    assert summary["n_released"] == 1 and summary["n_faces_fallback"] >= 1
+    leaked = faces[faces.methods_tried.map(lambda tried: tried[0] == "blur" and len(tried) > 1)]
+    assert len(leaked) >= 1 and (leaked.method != "blur").all()
+    assert (faces.leak_distance >= 0.6).all()
+
+
+def test_release_into_input_folder_is_refused(inputs, prefect_harness):
+    with pytest.raises(ValueError, match="must not be inside the input"):
+        release(input=str(inputs), output=str(inputs / "out"))
