@@ -48,6 +48,15 @@ def _print_summary(summary: dict) -> None:
     click.echo(f"release folder: {summary['release_dir']}  (report: {Path(summary['release_dir']) / 'report.md'})")
 
 
+def _emit(results: dict, table: str, output: str | None) -> None:
+    """Print a results table and, when asked, write the full results as JSON."""
+    click.echo(table)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(results, indent=2) + "\n")
+        click.echo(f"results written to {output}")
+
+
 @main.command("release")
 @click.option("-i", "--input", "input_location", required=True,
               help="Folder of photos (searched recursively) or a .csv/.parquet manifest with a 'path' column.")
@@ -136,11 +145,7 @@ def evaluate_command(pairs, images, methods, policy, limit, workers, output):
         raise click.ClickException(str(exc)) from None
     results = evaluate(Path(pairs), Path(images), [m.strip() for m in methods.split(",") if m.strip()],
                        loaded.policy, limit=limit, workers=workers, progress=True)
-    click.echo(markdown_table(results))
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(results, indent=2) + "\n")
-        click.echo(f"results written to {output}")
+    _emit(results, markdown_table(results), output)
 
 
 @main.command("benchmark")
@@ -153,11 +158,23 @@ def benchmark_command(images, repeats, limit, output):
     from flows.benchmark import benchmark, markdown_table
 
     results = benchmark(Path(images), repeats=repeats, limit=limit)
-    click.echo(markdown_table(results))
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(results, indent=2) + "\n")
-        click.echo(f"results written to {output}")
+    _emit(results, markdown_table(results), output)
+
+
+@main.group("train")
+def train_group():
+    """Train the project's model files from ../shared/data."""
+
+
+@train_group.command("template")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of aligned face crops (e.g. ../shared/data/celeba/img_align_celeba_89x109).")
+@click.option("--limit", default=3000, show_default=True, help="Use the first N images.")
+def train_template(images, limit):
+    """Refit the 68-point alignment template and update its sha256 in models/manifest.json."""
+    from flows.train import fit_alignment_template
+
+    click.echo(json.dumps(fit_alignment_template(Path(images), limit), indent=2))
 
 
 if __name__ == "__main__":

@@ -97,13 +97,18 @@ def publish_task(photo_rows: list[dict], release_dir: str) -> list[dict]:
     return published
 
 
-def _quarantine(photo_rows: list[dict], face_rows: list[dict], failed: set[str], why: str):
+def _enforce(gate: gates.GateResult, photo_rows: list[dict], face_rows: list[dict], batch: int) -> None:
+    """Fail closed on a gate: a table-level failure stops the run; photos with failing rows
+    are quarantined in place (their staged output dropped)."""
+    if gate.table_failed:
+        raise RuntimeError(f"{gate.name} failed for batch {batch}: {gate.failures}")
+    why = f"failed {gate.name}: " + "; ".join(gate.failures)
     for row in photo_rows:
-        if row["image_id"] in failed and row["status"] not in ("rejected", "quarantined"):
+        if row["image_id"] in gate.failed_image_ids and row["status"] not in ("rejected", "quarantined"):
             row.update(status="quarantined", reason=why)
             row.pop("staged_file", None)
     for face in face_rows:
-        if face["image_id"] in failed:
+        if face["image_id"] in gate.failed_image_ids:
             face["status"] = "quarantined"
 
 
@@ -153,22 +158,16 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
                 events.append(_event(run_id, "ingest", index, t, len(batch)))
                 t = time.time()
                 gate = ingest_gate_task(photo_rows, face_rows)
-                events.append(_event(run_id, "gate:ingest", index, t, len(photo_rows), gate))
-                if gate.table_failed:
-                    raise RuntimeError(f"ingest gate failed for batch {index}: {gate.failures}")
-                _quarantine(photo_rows, face_rows, gate.failed_image_ids, "failed the ingest gate: "
-                            + "; ".join(gate.failures))
+                events.append(_event(run_id, gate.name, index, t, len(photo_rows), gate))
+                _enforce(gate, photo_rows, face_rows, index)
                 t = time.time()
                 photo_rows, face_rows = anonymize_task(photo_rows, face_rows, sources, loaded.policy,
                                                        str(work_dir / "staged"))
                 events.append(_event(run_id, "anonymize", index, t, len(photo_rows)))
                 t = time.time()
                 gate = publish_gate_task(photo_rows, face_rows, threshold)
-                events.append(_event(run_id, "gate:publish", index, t, len(photo_rows), gate))
-                if gate.table_failed:
-                    raise RuntimeError(f"publish gate failed for batch {index}: {gate.failures}")
-                _quarantine(photo_rows, face_rows, gate.failed_image_ids, "failed the publish gate: "
-                            + "; ".join(gate.failures))
+                events.append(_event(run_id, gate.name, index, t, len(photo_rows), gate))
+                _enforce(gate, photo_rows, face_rows, index)
                 t = time.time()
                 photo_rows = publish_task(photo_rows, str(release_dir))
                 events.append(_event(run_id, "publish", index, t, sum(r["status"] == "released" for r in photo_rows)))

@@ -53,7 +53,7 @@ class AnonymizeResult:
     face_distances: list[float] = field(default_factory=list)
     face_status: list[str] = field(default_factory=list)
     # Faces found by the identity check that ingest had missed (appended after the ingest faces).
-    discovered_faces: list[DetectedFace] = field(default_factory=list)
+    discovered: list[tuple[DetectedFace, AlignedFace]] = field(default_factory=list)
 
 
 def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFace],
@@ -83,7 +83,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             face_methods_tried=[chain[: i + 1] for chain, i in zip(chains, step)],
             face_distances=report.distances,
             face_status=["leaking" if i in leaking else "anonymized" for i in range(len(faces))],
-            discovered_faces=faces[ingest_count:],
+            discovered=list(zip(faces[ingest_count:], aligned[ingest_count:])),
         )
         if report.unprocessed_faces:
             if discovery_rounds >= MAX_DISCOVERY_ROUNDS:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.anonymize import AnonymizeSettings, anonymize_photo
-from stages.faces import ALIGNED_SIZE, AlignedFace, DetectedFace, align_face, apply_affine, invert_affine
+from stages.faces import ALIGNED_SIZE, AlignedFace, DetectedFace, apply_affine, invert_affine
 from stages.imageio import ImageRejected, load_rgb
 from stages.ingest import InputPhoto, ingest_photo
 
@@ -92,43 +92,39 @@ def anonymize_batch(photo_rows: list[dict], face_rows: list[dict], sources: dict
         faces_by_image.setdefault(face["image_id"], []).append(dict(face))
     out_photos, out_faces = [], []
     for row in photo_rows:
-        row = dict(row)
         faces = sorted(faces_by_image.get(row["image_id"], []), key=lambda f: f["face_index"])
-        if row["status"] != "ingested":
-            out_photos.append(row)
-            out_faces.extend(faces)
-            continue
-        started = time.perf_counter()
-        try:
-            image = load_rgb(sources[row["image_id"]], max_pixels=max_pixels)
-        except ImageRejected as exc:  # changed or vanished since ingest
-            row.update(status="rejected", reason=f"unreadable at anonymize: {exc}")
-            out_photos.append(row)
-            out_faces.extend(faces)
-            continue
-        if image.sha256 != row["input_sha256"]:
-            row.update(status="quarantined", reason="file changed between ingest and anonymize; run again")
-            out_photos.append(row)
-            out_faces.extend(faces)
-            continue
-        detected, aligned = faces_from_rows(faces)
-        result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings)
-        for extra in result.discovered_faces:
-            align = align_face(image.rgb, extra.landmarks, aligned[0].crop.shape[0] if aligned else ALIGNED_SIZE)
-            faces.append(face_row(row["image_id"], len(faces), extra, align, row["width"], row["height"],
-                                  "identity-check"))
-        row["n_faces"] = len(faces)
-        for face, method, tried, distance, status in zip(faces, result.face_methods, result.face_methods_tried,
-                                                         result.face_distances, result.face_status):
-            face.update(method=method, methods_tried=tried, leak_distance=distance,
-                        status=status if result.status == "released" else "quarantined")
-        row.update(status=result.status, reason=result.reason, output_format=result.output_format,
-                   output_suffix=result.suffix)
-        if result.encoded is not None:
-            staged = staging_dir / (hashlib.sha256(row["image_id"].encode()).hexdigest()[:24] + ".bin")
-            staged.write_bytes(result.encoded)
-            row["staged_file"] = str(staged)
-        row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - started
-        out_photos.append(row)
+        out_photos.append(_anonymize_one(dict(row), faces, sources, settings, max_pixels, staging_dir))
         out_faces.extend(faces)
     return out_photos, out_faces
+
+
+def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], settings: AnonymizeSettings,
+                   max_pixels: int, staging_dir: Path) -> dict:
+    """Anonymize one photo: updates ``faces`` in place (and appends faces the identity check
+    found) and returns the photo row."""
+    if row["status"] != "ingested":
+        return row
+    started = time.perf_counter()
+    try:
+        image = load_rgb(sources[row["image_id"]], max_pixels=max_pixels)
+    except ImageRejected as exc:  # vanished or damaged since ingest
+        return row | {"status": "rejected", "reason": f"unreadable at anonymize: {exc}"}
+    if image.sha256 != row["input_sha256"]:
+        return row | {"status": "quarantined", "reason": "file changed between ingest and anonymize; run again"}
+    detected, aligned = faces_from_rows(faces)
+    result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings)
+    for extra, extra_aligned in result.discovered:
+        faces.append(face_row(row["image_id"], len(faces), extra, extra_aligned, row["width"], row["height"],
+                              "identity-check"))
+    for face, method, tried, distance, status in zip(faces, result.face_methods, result.face_methods_tried,
+                                                     result.face_distances, result.face_status):
+        face.update(method=method, methods_tried=tried, leak_distance=distance,
+                    status=status if result.status == "released" else "quarantined")
+    row.update(status=result.status, reason=result.reason, output_format=result.output_format,
+               output_suffix=result.suffix, n_faces=len(faces))
+    if result.encoded is not None:
+        staged = staging_dir / (hashlib.sha256(row["image_id"].encode()).hexdigest()[:24] + ".bin")
+        staged.write_bytes(result.encoded)
+        row["staged_file"] = str(staged)
+    row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - started
+    return row

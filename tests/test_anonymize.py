@@ -55,7 +55,7 @@ def test_fallback_exhausted_quarantines(astronaut, astronaut_faces, identity_met
 def test_face_missed_by_ingest_is_found_and_obfuscated(astronaut):
     # Pretend ingest found no face: the check finds the real one and it gets obfuscated.
     result = anonymize_photo(astronaut, "PNG", [], [], _settings("blur"))
-    assert result.status == "released" and len(result.discovered_faces) >= 1
+    assert result.status == "released" and len(result.discovered) >= 1
     assert all(d >= 0.6 for d in result.face_distances)
 
 

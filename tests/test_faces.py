@@ -72,3 +72,13 @@ def test_large_photo_detection_uses_downscaled_copy(astronaut):
     big = cv2.resize(astronaut, (3000, 3000), interpolation=cv2.INTER_CUBIC)
     faces = detect_faces(big, max_side=800)
     assert any(1000 < (f.box[0] + f.box[2]) / 2 < 1700 and f.box[1] < 1200 for f in faces)
+
+
+def test_cnn_detector_option_finds_the_face(astronaut):
+    faces = detect_faces(astronaut, detector="cnn", upsample=0)
+    assert any(150 < (f.box[0] + f.box[2]) / 2 < 290 and (f.box[1] + f.box[3]) / 2 < 200 for f in faces)
+
+
+def test_unknown_detector_is_a_clear_error(astronaut):
+    with pytest.raises(ValueError, match="unknown detector"):
+        detect_faces(astronaut, detector="retina")

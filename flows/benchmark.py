@@ -1,0 +1,131 @@
+"""Faces per second per stage and end to end, on a folder of photos.
+
+Each timed pass runs every photo through the release's own stage functions (no Prefect
+overhead): load, detect + 68 landmarks, align, describe the originals (verifier), then for
+each method (blur, pixelate, mask) obfuscate, compose, encode and identity-check. A stage's
+rate is faces / seconds summed over the pass; the reported figure is the median over
+passes. End to end for a method is the sum of its path's stages; blur is the in-run
+reference the other methods (and later stages) are quoted against as a ratio.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from policy.loader import load_policy
+from stages.compose import compose_faces
+from stages.faces import align_face, detect_faces, face_descriptor
+from stages.identity import check_identity_leaks
+from stages.imageio import ImageRejected, decode_bytes, encode_clean, load_rgb, output_format_for
+from stages.ingest import discover_folder
+from stages.obfuscate import obfuscate
+
+METHODS = ("blur", "pixelate", "mask")
+SHARED_STAGES = ("load", "detect", "align", "describe")
+METHOD_STAGES = ("obfuscate", "compose", "encode", "identity_check")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _one_pass(paths: list[Path], policy, progress: bool, label: str) -> tuple[dict[str, float], int]:
+    seconds: dict[str, float] = defaultdict(float)
+    faces_total = 0
+    detection = policy.detection
+    for path in tqdm(paths, desc=label, unit="photo", disable=not progress):
+        clock = time.perf_counter()
+        try:
+            image = load_rgb(path, policy.input.max_pixels)
+        except ImageRejected:
+            continue
+        rgb = image.rgb
+        seconds["load"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        faces = detect_faces(rgb, detection.detector, detection.upsample, detection.max_side)
+        seconds["detect"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        aligned = [align_face(rgb, f.landmarks) for f in faces]
+        seconds["align"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        originals = [face_descriptor(rgb, f.landmarks) for f in faces]
+        seconds["describe"] += time.perf_counter() - clock
+        faces_total += len(faces)
+        fmt, _ = output_format_for(image.source_format, policy.output.format)
+        for method in METHODS:
+            params = policy.obfuscation.params_for(method)
+            clock = time.perf_counter()
+            edited = [obfuscate(a.crop, method, params) for a in aligned]
+            seconds[f"{method}:obfuscate"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            output = compose_faces(rgb, aligned, edited, policy.obfuscation.feather_fraction)
+            seconds[f"{method}:compose"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            encoded = encode_clean(output, fmt, policy.output.jpeg_quality)
+            seconds[f"{method}:encode"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            check_identity_leaks(decode_bytes(encoded), faces, originals, detection.detector,
+                                 detection.upsample, detection.max_side)
+            seconds[f"{method}:identity_check"] += time.perf_counter() - clock
+    return dict(seconds), faces_total
+
+
+def benchmark(images: Path, repeats: int = 3, limit: int | None = None, policy_path: str | None = None,
+              progress: bool = True) -> dict:
+    policy = load_policy(policy_path).policy
+    paths = [p.path for p in discover_folder(images) if p.path is not None]
+    if limit:
+        paths = paths[:limit]
+    # Untimed warm-up: loading and hashing the dlib models (about a second) is not per-face work.
+    _one_pass(paths[:1], policy, progress=False, label="warm-up")
+    passes = []
+    faces = 0
+    for index in range(repeats):
+        seconds, faces = _one_pass(paths, policy, progress, f"pass {index + 1}/{repeats}")
+        passes.append(seconds)
+    if faces == 0:
+        raise ValueError(f"no faces found in {len(paths)} photos under {images}; nothing to time")
+
+    def rate(keys: list[str]) -> float:
+        return statistics.median(faces / sum(p[k] for k in keys) for p in passes)
+
+    stages = {stage: rate([stage]) for stage in SHARED_STAGES}
+    end_to_end = {}
+    for method in METHODS:
+        for stage in METHOD_STAGES:
+            stages[f"{method}:{stage}"] = rate([f"{method}:{stage}"])
+        end_to_end[method] = rate(list(SHARED_STAGES) + [f"{method}:{s}" for s in METHOD_STAGES])
+    reference = end_to_end["blur"]
+    return {
+        "images": str(images), "photos": len(paths), "faces": faces, "repeats": repeats,
+        "policy": policy.name, "detector": f"{policy.detection.detector} upsample {policy.detection.upsample} "
+                                           f"max_side {policy.detection.max_side}",
+        "machine": f"{_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "faces_per_second": stages,
+        "end_to_end_faces_per_second": end_to_end,
+        "ratio_to_blur": {method: value / reference for method, value in end_to_end.items()},
+    }
+
+
+def markdown_table(results: dict) -> str:
+    lines = [f"{results['photos']} photos, {results['faces']} faces, median of {results['repeats']} passes "
+             f"({results['machine']}; detector {results['detector']})", "",
+             "| stage | faces/s |", "|---|---:|"]
+    for stage, value in results["faces_per_second"].items():
+        lines.append(f"| {stage} | {value:.1f} |")
+    lines += ["", "| end to end (no Prefect) | faces/s | ratio to blur |", "|---|---:|---:|"]
+    for method, value in results["end_to_end_faces_per_second"].items():
+        lines.append(f"| {method} | {value:.2f} | {results['ratio_to_blur'][method]:.2f} |")
+    return "\n".join(lines)

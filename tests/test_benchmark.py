@@ -1,0 +1,26 @@
+"""The benchmark command measures every stage on real (public-domain) photos."""
+from click.testing import CliRunner
+
+from flows.benchmark import METHODS, benchmark
+from flows.cli import main
+from stages.samples import write_samples
+
+
+def test_benchmark_reports_every_stage(tmp_path):
+    write_samples(tmp_path / "photos")
+    results = benchmark(tmp_path / "photos", repeats=2, progress=False)
+    assert results["faces"] >= 4 and results["photos"] == 5
+    assert all(value > 0 for value in results["faces_per_second"].values())
+    assert set(results["end_to_end_faces_per_second"]) == set(METHODS)
+    assert results["ratio_to_blur"]["blur"] == 1.0
+    # End to end can never be faster than its slowest stage.
+    assert results["end_to_end_faces_per_second"]["blur"] < results["faces_per_second"]["detect"]
+
+
+def test_benchmark_command_writes_json(tmp_path):
+    write_samples(tmp_path / "photos")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["benchmark", "--images", str(tmp_path / "photos"), "--repeats", "1",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and "ratio to blur" in result.output
