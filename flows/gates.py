@@ -113,7 +113,7 @@ def ingest_gate(photos: pd.DataFrame, faces: pd.DataFrame) -> GateResult:
     return _merge("gate:ingest", photo_result, face_result)
 
 
-def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, threshold: float) -> GateResult:
+def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, release_distance: float) -> GateResult:
     """Before publish: every photo has a final outcome with a reason when not released;
     a released photo has staged output; no face of a released photo verifies as its original."""
     import great_expectations.expectations as gxe
@@ -138,8 +138,9 @@ def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, threshold: float) ->
     face_frame = face_frame.assign(leak_distance=face_frame["leak_distance"].astype(float))
     face_result = validate("gate:publish:faces", face_frame, [
         gxe.ExpectColumnValuesToNotBeNull(column="leak_distance"),
-        # Zero leaks: a released face must be at least `threshold` from its original.
-        gxe.ExpectColumnValuesToBeBetween(column="leak_distance", min_value=threshold),
+        # Zero leaks: a released face is at least the policy's release distance
+        # (threshold + safety margin) from its original.
+        gxe.ExpectColumnValuesToBeBetween(column="leak_distance", min_value=release_distance),
         gxe.ExpectColumnValuesToNotBeNull(column="method"),
     ])
     return _merge("gate:publish", photo_result, face_result)

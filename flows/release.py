@@ -45,7 +45,7 @@ def anonymize_settings(policy: Policy) -> AnonymizeSettings:
         method=obfuscation.method,
         method_params={name: obfuscation.params_for(name) for name in ("blur", "pixelate", "mask")},
         fallback=list(check.fallback), on_leak=check.on_leak, on_no_face=check.on_no_face,
-        threshold=check.threshold, feather_fraction=obfuscation.feather_fraction,
+        release_distance=check.release_distance, feather_fraction=obfuscation.feather_fraction,
         detector=policy.detection.detector, upsample=policy.detection.upsample,
         max_side=policy.detection.max_side, output_format=policy.output.format,
         jpeg_quality=policy.output.jpeg_quality)
@@ -70,8 +70,8 @@ def anonymize_task(photo_rows, face_rows, sources: dict[str, Path], policy: Poli
 
 
 @task(name="gate-publish", cache_policy=NO_CACHE)
-def publish_gate_task(photo_rows: list[dict], face_rows: list[dict], threshold: float) -> gates.GateResult:
-    return gates.publish_gate(pd.DataFrame(photo_rows), pd.DataFrame(face_rows), threshold)
+def publish_gate_task(photo_rows: list[dict], face_rows: list[dict], release_distance: float) -> gates.GateResult:
+    return gates.publish_gate(pd.DataFrame(photo_rows), pd.DataFrame(face_rows), release_distance)
 
 
 @task(name="publish", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -139,7 +139,7 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
     events = [_event(run_id, "discover", None, t0, len(inputs), details={"input_root": str(input_root)})]
     logger.info("run %s: %d input file(s) under %s, policy %s (%s)", run_id, len(inputs), input_root,
                 loaded.policy.name, loaded.sha256[:12])
-    threshold = loaded.policy.identity_check.threshold
+    check = loaded.policy.identity_check
     photos_done, faces_done = [], []
     work_dir = Path(tempfile.mkdtemp(prefix=f"anonymousnet-{run_id}-"))
     run_row = {"run_id": run_id, "flow_run_id": str(flow_run.id) if flow_run.id else None,
@@ -165,7 +165,7 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
                                                        str(work_dir / "staged"))
                 events.append(_event(run_id, "anonymize", index, t, len(photo_rows)))
                 t = time.time()
-                gate = publish_gate_task(photo_rows, face_rows, threshold)
+                gate = publish_gate_task(photo_rows, face_rows, check.release_distance)
                 events.append(_event(run_id, gate.name, index, t, len(photo_rows), gate))
                 _enforce(gate, photo_rows, face_rows, index)
                 t = time.time()
@@ -186,7 +186,7 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
         raise
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-        summary = _write_lineage(release_dir, run_row, photos_done, faces_done, events, threshold)
+        summary = _write_lineage(release_dir, run_row, photos_done, faces_done, events, check.threshold)
         report = release_report(summary, photos_done, faces_done, events, loaded.policy)
         write_atomic(release_dir / "_reports" / f"{run_id}.md", report.encode())
         write_atomic(release_dir / "report.md", report.encode())

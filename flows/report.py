@@ -23,7 +23,8 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
         f"- Policy: **{policy.name}** (`{run['policy_path']}`, sha256 `{run['policy_sha256'][:16]}`)",
         f"- Method: {policy.obfuscation.method}; on leak: {check.on_leak}"
         + (f" → {', '.join(check.fallback)}" if check.on_leak == "fallback" else "")
-        + f"; verifier threshold {check.threshold}; photos without faces: {check.on_no_face}",
+        + f"; verifier threshold {check.threshold} (faces released at ≥ {check.release_distance:.2f}); "
+        f"photos without faces: {check.on_no_face}",
         f"- Code: `{run['code_version']}`; started {run['started_at']:%Y-%m-%d %H:%M:%S} UTC",
         "",
         "## Outcome",

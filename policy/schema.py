@@ -66,15 +66,30 @@ class ObfuscationPolicy(_Strict):
 
 
 class IdentityCheckPolicy(_Strict):
+    """How the released photos are checked for identity leaks (see stages/identity.py)."""
+
     threshold: float = Field(0.6, gt=0, le=2,
                              description="Verifier distance below which an output face counts as its original (dlib: 0.6).")
+    safety_margin: float = Field(
+        0.05, ge=0, le=0.5,
+        description="A face is released only at a distance of at least threshold + safety_margin: re-encoding and "
+                    "detector jitter move the distance by a few hundredths, so a face just above the threshold "
+                    "could verify for another run of the same verifier.")
     on_leak: Literal["fallback", "quarantine"] = Field(
         "fallback", description="A leaking face gets the fallback methods in order (re-checked each time), or its photo is quarantined.")
     fallback: list[ObfuscationName] = Field(["pixelate", "mask"], description="Stronger methods tried in order on a leaking face.")
     on_no_face: Literal["release", "quarantine"] = Field("release", description="What to do with photos in which no face is found.")
 
+    @property
+    def release_distance(self) -> float:
+        """The smallest verifier distance at which a face may be published."""
+        return self.threshold + self.safety_margin
+
     @model_validator(mode="after")
     def _fallback_needed(self):
+        if self.threshold + self.safety_margin > 2:
+            raise PolicyValueError("threshold + safety_margin exceeds 2, the largest descriptor distance: no face "
+                                   "could ever be released; lower one of them", at=("safety_margin",))
         if self.on_leak == "fallback" and not self.fallback:
             raise PolicyValueError("on_leak is 'fallback' but the fallback list is empty: name at least one "
                                    "method (e.g. [mask]) or set on_leak: quarantine", at=("fallback",))

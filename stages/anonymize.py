@@ -32,7 +32,7 @@ class AnonymizeSettings:
     fallback: list[str]
     on_leak: str                            # "fallback" | "quarantine"
     on_no_face: str                         # "release" | "quarantine"
-    threshold: float
+    release_distance: float                 # smallest verifier distance at which a face may be released
     feather_fraction: float
     detector: str = "hog"
     upsample: int = 1
@@ -76,7 +76,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
         encoded = encode_clean(output, fmt, settings.jpeg_quality)
         report = check_identity_leaks(decode_bytes(encoded), faces, originals, settings.detector,
                                       settings.upsample, settings.max_side)
-        leaking = report.leaking(settings.threshold)
+        leaking = report.leaking(settings.release_distance)
         result = AnonymizeResult(
             "released", None, encoded, fmt, suffix,
             face_methods=[chain[i] for chain, i in zip(chains, step)],
@@ -109,7 +109,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             result.status, result.encoded = "quarantined", None
             tried = "/".join(chains[exhausted[0]][: step[exhausted[0]] + 1])
             result.reason = (f"face {exhausted[0]} still verifies as its original after {tried} "
-                             f"(distance {report.distances[exhausted[0]]:.3f} < {settings.threshold})")
+                             f"(distance {report.distances[exhausted[0]]:.3f}, release needs >= {settings.release_distance:.2f})")
             return result
         for i in leaking:
             step[i] += 1

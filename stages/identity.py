@@ -33,8 +33,9 @@ class LeakReport:
     unprocessed_faces: list[DetectedFace] = field(default_factory=list)
     output_faces_found: int = 0
 
-    def leaking(self, threshold: float) -> list[int]:
-        return [i for i, d in enumerate(self.distances) if d < threshold]
+    def leaking(self, release_distance: float) -> list[int]:
+        """Faces closer to their original than ``release_distance``."""
+        return [i for i, d in enumerate(self.distances) if d < release_distance]
 
 
 def box_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:

@@ -17,7 +17,7 @@ def identity_method(monkeypatch):
 
 def _settings(method, **overrides):
     base = dict(method=method, method_params={}, fallback=["pixelate", "mask"], on_leak="fallback",
-                on_no_face="release", threshold=0.6, feather_fraction=0.06, output_format="png")
+                on_no_face="release", release_distance=0.65, feather_fraction=0.06, output_format="png")
     return AnonymizeSettings(**(base | overrides))
 
 
@@ -43,7 +43,7 @@ def test_unchanged_face_is_quarantined_when_policy_says_so(astronaut, astronaut_
     faces, aligned = astronaut_faces
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings(identity_method, on_leak="quarantine"))
     assert result.status == "quarantined" and result.encoded is None
-    assert "still verifies as its original" in result.reason
+    assert "still verifies as its original" in result.reason and ">= 0.65" in result.reason
 
 
 def test_fallback_exhausted_quarantines(astronaut, astronaut_faces, identity_method):

@@ -59,3 +59,9 @@ def test_policy_check_command_exit_codes(tmp_path):
     bad.write_text(VALID + "detection:\n  detector: retina\n")
     result = runner.invoke(main, ["policy", "check", str(bad)])
     assert result.exit_code == 1 and f"{bad}:4:" in result.output
+
+
+def test_release_distance_is_threshold_plus_safety_margin():
+    policy = parse_policy(VALID + "identity_check:\n  threshold: 0.55\n  safety_margin: 0.1\n")
+    assert policy.identity_check.release_distance == 0.55 + 0.1
+    assert load_policy().policy.identity_check.release_distance == 0.6 + 0.05
