@@ -53,7 +53,8 @@ def _all_descriptors(rgb: np.ndarray) -> list[np.ndarray]:
 def deidentify(rgb: np.ndarray, method: str, policy: Policy) -> tuple[np.ndarray, int]:
     """A' and the number of faces the pipeline treated, using the release's own stages."""
     detection = policy.detection
-    faces = detect_faces(rgb, detector=detection.detector, upsample=detection.upsample, max_side=detection.max_side)
+    faces = detect_faces(rgb, detector=detection.detector, upsample=detection.upsample, max_side=detection.max_side,
+                         cnn_max_side=detection.cnn_max_side)
     aligned = [align_face(rgb, face.landmarks) for face in faces]
     edited = [obfuscate(a.crop, method, policy.obfuscation.params_for(method)) for a in aligned]
     return compose_faces(rgb, aligned, edited, policy.obfuscation.feather_fraction), len(faces)

@@ -36,7 +36,8 @@ from stages.pipeline import IngestSettings, anonymize_batch, ingest_batch
 
 def _ingest_settings(policy: Policy) -> IngestSettings:
     return IngestSettings(detector=policy.detection.detector, upsample=policy.detection.upsample,
-                          max_side=policy.detection.max_side, max_pixels=policy.input.max_pixels)
+                          max_side=policy.detection.max_side, cnn_max_side=policy.detection.cnn_max_side,
+                          max_pixels=policy.input.max_pixels)
 
 
 def anonymize_settings(policy: Policy) -> AnonymizeSettings:
@@ -46,7 +47,8 @@ def anonymize_settings(policy: Policy) -> AnonymizeSettings:
         method_params={name: obfuscation.params_for(name) for name in ("blur", "pixelate", "mask")},
         fallback=list(check.fallback), on_leak=check.on_leak, on_no_face=check.on_no_face,
         release_distance=check.release_distance, feather_fraction=obfuscation.feather_fraction,
-        detector=policy.detection.detector, upsample=policy.detection.upsample,
+        # The leak check re-detects with EVALUATION.md's verifier: HOG at the policy's upsample.
+        detector="hog", upsample=policy.detection.upsample,
         max_side=policy.detection.max_side, output_format=policy.output.format,
         jpeg_quality=policy.output.jpeg_quality)
 

@@ -30,10 +30,14 @@ class InputPolicy(_Strict):
 
 
 class DetectionPolicy(_Strict):
-    detector: Literal["hog", "cnn"] = Field("hog", description="dlib HOG (fast, frontal) or MMOD CNN (slow, more poses).")
+    detector: Literal["hog", "cnn", "hog+cnn"] = Field(
+        "hog+cnn", description="dlib HOG (fast, frontal faces only), MMOD CNN (slow, more poses), or both: HOG's faces "
+                               "plus the CNN's faces that HOG missed (profiles, faces looking down).")
     upsample: int = Field(1, ge=0, le=3, description="Times the detector upsamples the photo to find smaller faces.")
     max_side: int = Field(1600, ge=256, le=10_000,
                           description="Photos are scaled down to this longest side for detection only.")
+    cnn_max_side: int = Field(800, ge=256, le=4000,
+                              description="Longest side for the CNN detector in hog+cnn (its cost grows with pixels).")
 
 
 class BlurParams(_Strict):

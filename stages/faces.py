@@ -26,7 +26,10 @@ from models.registry import verified_path
 ALIGNED_SIZE = 128
 JAW = list(range(0, 17))
 EYEBROWS = list(range(17, 27))
-DETECTORS = ("hog", "cnn")
+DETECTORS = ("hog", "cnn", "hog+cnn")
+# Two detections are one face when their boxes overlap by more than this fraction of the
+# smaller box (used to merge the HOG and CNN detectors' findings).
+SAME_FACE_OVERLAP = 0.3
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class DetectedFace:
     box: tuple[float, float, float, float]   # left, top, right, bottom in photo pixels
     score: float
     landmarks: np.ndarray                     # 68 x 2 (x, y) in photo pixels
+    detector: str = "hog"                     # which detector found it: hog | cnn
 
 
 @dataclass(frozen=True)
@@ -57,15 +61,15 @@ def template(size: int = ALIGNED_SIZE) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _dlib_models(detector: str):
-    if detector not in DETECTORS:
-        raise ValueError(f"unknown detector {detector!r}; choose one of {DETECTORS}")
-    if detector == "hog":
-        face_detector = dlib.get_frontal_face_detector()
-    else:
-        face_detector = dlib.cnn_face_detection_model_v1(str(verified_path("dlib_mmod_detector")))
-    predictor = dlib.shape_predictor(str(verified_path("dlib_landmarks_68")))
-    return face_detector, predictor
+def _face_detector(kind: str):
+    if kind == "hog":
+        return dlib.get_frontal_face_detector()
+    return dlib.cnn_face_detection_model_v1(str(verified_path("dlib_mmod_detector")))
+
+
+@functools.lru_cache(maxsize=1)
+def _landmark_predictor():
+    return dlib.shape_predictor(str(verified_path("dlib_landmarks_68")))
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,36 +78,62 @@ def _descriptor_model():
 
 
 def detector_model_names(detector: str) -> list[str]:
-    names = ["dlib_hog_detector" if detector == "hog" else "dlib_mmod_detector", "dlib_landmarks_68",
-             "dlib_face_descriptor", "face_template_68"]
-    return names
+    """Model files a release with ``detector`` loads (the verifier always uses HOG)."""
+    names = ["dlib_hog_detector"] + (["dlib_mmod_detector"] if "cnn" in detector else [])
+    return names + ["dlib_landmarks_68", "dlib_face_descriptor", "face_template_68"]
 
 
 def _shape_to_array(shape) -> np.ndarray:
     return np.array([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], dtype=np.float64)
 
 
-def detect_faces(rgb: np.ndarray, detector: str = "hog", upsample: int = 1,
-                 max_side: int = 1600) -> list[DetectedFace]:
-    """Faces in an RGB photo, ordered left to right (so face_index is stable)."""
-    face_detector, predictor = _dlib_models(detector)
+def _boxes(rgb: np.ndarray, kind: str, upsample: int, max_side: int) -> list[tuple[tuple, float]]:
+    """(box in photo pixels, score) from one dlib detector run on a copy scaled to ``max_side``."""
     height, width = rgb.shape[:2]
     scale = min(1.0, max_side / max(height, width))
     small = rgb if scale == 1.0 else cv2.resize(
         rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
     small = np.ascontiguousarray(small)
-    found: list[tuple[dlib.rectangle, float]] = []
-    if detector == "hog":
-        rects, scores, _ = face_detector.run(small, upsample, 0.0)
+    if kind == "hog":
+        rects, scores, _ = _face_detector("hog").run(small, upsample, 0.0)
         found = list(zip(rects, scores))
     else:
-        found = [(d.rect, d.confidence) for d in face_detector(small, upsample)]
+        found = [(d.rect, d.confidence) for d in _face_detector("cnn")(small, upsample)]
+    return [((r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale), float(s)) for r, s in found]
+
+
+def box_overlap(a: tuple, b: tuple) -> float:
+    """Intersection over the smaller box's area (1.0 when one box contains the other)."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    return width * height / max(min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])), 1e-9)
+
+
+def detect_faces(rgb: np.ndarray, detector: str = "hog", upsample: int = 1,
+                 max_side: int = 1600, cnn_max_side: int = 800) -> list[DetectedFace]:
+    """Faces in an RGB photo, ordered left to right (so face_index is stable).
+
+    ``hog+cnn`` takes HOG's faces and adds the CNN's faces that overlap none of them: HOG
+    is fast and precise on frontal faces, the MMOD CNN also finds profiles and faces
+    looking down, which HOG misses. The CNN runs at upsample 0 on a copy scaled to
+    ``cnn_max_side`` (its cost grows with pixels: about 2 s at 800 px on 2 CPU cores).
+    """
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
+    found = [(box, score, "hog") for box, score in _boxes(rgb, "hog", upsample, max_side)] if "hog" in detector else []
+    if detector == "cnn":
+        found = [(box, score, "cnn") for box, score in _boxes(rgb, "cnn", upsample, max_side)]
+    elif detector == "hog+cnn":
+        found += [(box, score, "cnn") for box, score in _boxes(rgb, "cnn", 0, cnn_max_side)
+                  if all(box_overlap(box, other) <= SAME_FACE_OVERLAP for other, _, _ in found)]
+    predictor = _landmark_predictor()
     faces = []
-    for rect, score in found:
-        box = (rect.left() / scale, rect.top() / scale, rect.right() / scale, rect.bottom() / scale)
+    for box, score, kind in found:
         full_rect = dlib.rectangle(int(round(box[0])), int(round(box[1])), int(round(box[2])), int(round(box[3])))
         landmarks = _shape_to_array(predictor(rgb, full_rect))
-        faces.append(DetectedFace(box=box, score=float(score), landmarks=landmarks))
+        faces.append(DetectedFace(box=box, score=score, landmarks=landmarks, detector=kind))
     faces.sort(key=lambda face: (face.box[0], face.box[1]))
     return faces
 

@@ -19,6 +19,7 @@ FACE_SCHEMA = pa.schema([
     pa.field("box_right", pa.float64()), pa.field("box_bottom", pa.float64()),
     pa.field("detector_score", pa.float64()),
     pa.field("found_by", pa.string()),          # "ingest", or "identity-check" for a face ingest missed
+    pa.field("detector", pa.string()),          # which detector found it: hog | cnn
     pa.field("landmarks", pa.list_(pa.float64(), 136)),
     pa.field("align_matrix", pa.list_(pa.float64(), 6)),
     pa.field("crop_file", pa.string()),

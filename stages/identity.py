@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.faces import DetectedFace, detect_faces, face_descriptor
+from stages.faces import DetectedFace, box_overlap, detect_faces, face_descriptor
 
 
 # An output face is "the same face" as an original when their boxes overlap by more than
@@ -36,16 +36,6 @@ class LeakReport:
     def leaking(self, release_distance: float) -> list[int]:
         """Faces closer to their original than ``release_distance``."""
         return [i for i, d in enumerate(self.distances) if d < release_distance]
-
-
-def box_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    """Intersection over the smaller box's area (1.0 when one box contains the other)."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return float(width * height / max(smaller, 1e-9))
 
 
 def check_identity_leaks(output_rgb: np.ndarray, original_faces: list[DetectedFace],

@@ -25,6 +25,7 @@ class IngestSettings:
     detector: str = "hog"
     upsample: int = 1
     max_side: int = 1600
+    cnn_max_side: int = 800
     max_pixels: int = 40_000_000
     aligned_size: int = ALIGNED_SIZE
 
@@ -36,7 +37,7 @@ def ingest_batch(photos: list[InputPhoto], settings: IngestSettings, crops_file:
     for photo in photos:
         started = time.perf_counter()
         row, faces, aligned = ingest_photo(photo, settings.detector, settings.upsample, settings.max_side,
-                                           settings.max_pixels, settings.aligned_size)
+                                           settings.cnn_max_side, settings.max_pixels, settings.aligned_size)
         if row["status"] is None:
             row["status"] = "ingested"
         for index, (face, align) in enumerate(zip(faces, aligned)):
@@ -55,7 +56,7 @@ def face_row(image_id: str, index: int, face: DetectedFace, align: AlignedFace, 
              found_by: str) -> dict:
     left, top, right, bottom = face.box
     return {
-        "image_id": image_id, "face_index": index, "found_by": found_by,
+        "image_id": image_id, "face_index": index, "found_by": found_by, "detector": face.detector,
         # dlib boxes may reach past the border for faces cut by it; store the visible part.
         "box_left": float(np.clip(left, 0, width)), "box_top": float(np.clip(top, 0, height)),
         "box_right": float(np.clip(right, 0, width)), "box_bottom": float(np.clip(bottom, 0, height)),

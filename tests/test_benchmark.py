@@ -15,6 +15,8 @@ def test_benchmark_reports_every_stage(tmp_path):
     assert results["ratio_to_blur"]["blur"] == 1.0
     # End to end can never be faster than its slowest stage.
     assert results["end_to_end_faces_per_second"]["blur"] < results["faces_per_second"]["detect"]
+    medians = results["median_seconds_per_face_over_photos"]
+    assert all(medians[f"{m}:end_to_end"] > medians["detect"] for m in METHODS)
 
 
 def test_benchmark_command_writes_json(tmp_path):
@@ -24,3 +26,4 @@ def test_benchmark_command_writes_json(tmp_path):
                                        "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert out.is_file() and "ratio to blur" in result.output
+

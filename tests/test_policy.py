@@ -65,3 +65,8 @@ def test_release_distance_is_threshold_plus_safety_margin():
     policy = parse_policy(VALID + "identity_check:\n  threshold: 0.55\n  safety_margin: 0.1\n")
     assert policy.identity_check.release_distance == 0.55 + 0.1
     assert load_policy().policy.identity_check.release_distance == 0.6 + 0.05
+
+
+def test_default_detector_is_the_high_recall_union():
+    assert load_policy().policy.detection.detector == "hog+cnn"
+    assert parse_policy(VALID + "detection:\n  detector: hog\n").detection.detector == "hog"

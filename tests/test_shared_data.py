@@ -11,8 +11,7 @@ from flows.release import release
 from flows.train import fit_alignment_template
 from models.registry import model_path
 from policy.loader import load_policy
-from stages.faces import detect_faces, face_descriptor
-from stages.identity import box_overlap
+from stages.faces import box_overlap, detect_faces, face_descriptor
 from stages.imageio import load_rgb
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
@@ -96,3 +95,13 @@ def test_alignment_template_refit_on_celeba(shared_data, tmp_path):
     points = np.asarray(json.loads(target.read_text())["points"])
     shipped = np.asarray(json.loads(model_path("face_template_68").read_text())["points"])
     assert np.abs(points - shipped).max() < 0.03   # 80 faces already give nearly the shipped mean shape
+
+
+def test_union_detector_finds_faces_hog_misses(shared_data):
+    """Profiles and faces looking down: HOG misses some in the group photos, hog+cnn must not."""
+    hog = union = 0
+    for path in sorted((shared_data / "wild" / "group_photos").glob("*.jpg")):
+        rgb = load_rgb(path).rgb
+        hog += len(detect_faces(rgb, detector="hog"))
+        union += len(detect_faces(rgb, detector="hog+cnn"))
+    assert union > hog
