@@ -152,12 +152,13 @@ def evaluate_command(pairs, images, methods, policy, limit, workers, output):
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of photos (recursive).")
 @click.option("--repeats", default=3, show_default=True, help="Timed passes; medians are reported.")
 @click.option("--limit", default=None, type=int, help="Use only the first N photos.")
+@click.option("-p", "--policy", default=None, help="Policy whose detection and method settings are timed.")
 @click.option("-o", "--output", default=None, help="Write the results JSON here.")
-def benchmark_command(images, repeats, limit, output):
+def benchmark_command(images, repeats, limit, policy, output):
     """Faces per second per stage and end to end, blur baseline as the in-run reference."""
     from flows.benchmark import benchmark, markdown_table
 
-    results = benchmark(Path(images), repeats=repeats, limit=limit)
+    results = benchmark(Path(images), repeats=repeats, limit=limit, policy_path=policy)
     _emit(results, markdown_table(results), output)
 
 

@@ -118,7 +118,7 @@ def detect_faces(rgb: np.ndarray, detector: str = "hog", upsample: int = 1,
     ``hog+cnn`` takes HOG's faces and adds the CNN's faces that overlap none of them: HOG
     is fast and precise on frontal faces, the MMOD CNN also finds profiles and faces
     looking down, which HOG misses. The CNN runs at upsample 0 on a copy scaled to
-    ``cnn_max_side`` (its cost grows with pixels: about 2 s at 800 px on 2 CPU cores).
+    ``cnn_max_side`` (its cost grows with pixels: about 2.7 s at 800 px on one CPU core).
     """
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")

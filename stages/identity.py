@@ -16,12 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.faces import DetectedFace, box_overlap, detect_faces, face_descriptor
-
-
-# An output face is "the same face" as an original when their boxes overlap by more than
-# this fraction of the smaller box.
-MIN_OVERLAP = 0.3
+from stages.faces import SAME_FACE_OVERLAP, DetectedFace, box_overlap, detect_faces, face_descriptor
 
 
 @dataclass
@@ -45,7 +40,7 @@ def check_identity_leaks(output_rgb: np.ndarray, original_faces: list[DetectedFa
     distances = [float("inf")] * len(original_faces)
     unprocessed = []
     for face in found:
-        matches = [i for i, original in enumerate(original_faces) if box_overlap(face.box, original.box) > MIN_OVERLAP]
+        matches = [i for i, original in enumerate(original_faces) if box_overlap(face.box, original.box) > SAME_FACE_OVERLAP]
         if not matches:
             unprocessed.append(face)
             continue

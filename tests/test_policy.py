@@ -70,3 +70,10 @@ def test_release_distance_is_threshold_plus_safety_margin():
 def test_default_detector_is_the_high_recall_union():
     assert load_policy().policy.detection.detector == "hog+cnn"
     assert parse_policy(VALID + "detection:\n  detector: hog\n").detection.detector == "hog"
+
+
+def test_every_shipped_policy_validates():
+    shipped = sorted(DEFAULT_POLICY.parent.glob("*.yaml"))
+    assert len(shipped) >= 2
+    for path in shipped:
+        assert load_policy(path).policy.name == path.stem

@@ -147,3 +147,25 @@ def test_unchanged_faces_are_never_published(inputs, tmp_path, prefect_harness, 
 def test_release_into_input_folder_is_refused(inputs, prefect_harness):
     with pytest.raises(ValueError, match="must not be inside the input"):
         release(input=str(inputs), output=str(inputs / "out"))
+
+
+def test_report_is_published_as_a_prefect_artifact(released):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, _, summary = released
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["release-report"])))
+    assert any(f"run {summary['run_id']}" in (artifact.data or "") for artifact in artifacts)
+
+
+def test_manifest_release_accounts_for_refused_rows(inputs, tmp_path, prefect_harness):
+    manifest = inputs / "manifest.csv"
+    manifest.write_text("path\nastronaut.jpg\ncoffee_no_face.jpg\n../../outside.jpg\n")
+    try:
+        summary = release(input=str(manifest), output=str(tmp_path / "m"))
+    finally:
+        manifest.unlink()
+    photos = lineage.read_table(tmp_path / "m", "photos").set_index("image_id")
+    assert summary["n_inputs"] == 3 and summary["n_released"] == 2 and summary["n_rejected"] == 1
+    assert "outside the input root" in photos.loc["../../outside.jpg", "reason"]
