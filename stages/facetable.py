@@ -1,13 +1,13 @@
 """The face table: the one contract between stages.
 
-One row per detected face, keyed by ``(image_id, face_index)``. Each stage adds columns;
-:data:`FACE_SCHEMA` lists them all with their Arrow types and is what lineage stores.
+One row per detected face, keyed by ``(image_id, face_index)``; rows travel between tasks
+as dicts. Each stage adds columns; :data:`FACE_SCHEMA` lists them all with their Arrow
+types, and lineage stores the rows under it (``flows.lineage.FACE_LINEAGE_SCHEMA``).
 Pixel data never lives here: aligned crops sit in the run's work folder, referenced by
 ``crop_file`` and ``crop_row``. Face descriptors (biometric templates) are never stored.
 """
 from __future__ import annotations
 
-import pandas as pd
 import pyarrow as pa
 
 FACE_SCHEMA = pa.schema([
@@ -34,16 +34,3 @@ FACE_SCHEMA = pa.schema([
 # Columns only meaningful inside a run (they point into the deleted work folder).
 WORK_ONLY_COLUMNS = ("crop_file", "crop_row")
 
-
-def empty_face_table() -> pd.DataFrame:
-    return FACE_SCHEMA.empty_table().to_pandas()
-
-
-def face_table(rows: list[dict]) -> pd.DataFrame:
-    """A face table from row dicts; unknown columns are an error, missing ones are null."""
-    if not rows:
-        return empty_face_table()
-    unknown = set().union(*rows) - set(FACE_SCHEMA.names)
-    if unknown:
-        raise KeyError(f"columns not in the face table schema: {sorted(unknown)}")
-    return pa.Table.from_pylist(rows, schema=FACE_SCHEMA).to_pandas()
