@@ -5,7 +5,8 @@
     anonymousnet lineage show OUT          summarise a release's lineage
     anonymousnet policy check FILE         validate a policy (file:line errors)
     anonymousnet evaluate ...              privacy and quality protocol (EVALUATION.md)
-    anonymousnet benchmark ...             faces per second per stage
+    anonymousnet benchmark ...             faces per second per stage (--stage attributes: Stage I)
+    anonymousnet train attributes          train Stage I (CNN + 40 forests) on CelebA
 """
 from __future__ import annotations
 
@@ -153,11 +154,20 @@ def evaluate_command(pairs, images, methods, policy, limit, workers, output):
 @click.option("--repeats", default=3, show_default=True, help="Timed passes; medians are reported.")
 @click.option("--limit", default=None, type=int, help="Use only the first N photos.")
 @click.option("-p", "--policy", default=None, help="Policy whose detection and method settings are timed.")
+@click.option("--stage", type=click.Choice(["all", "attributes"]), default="all", show_default=True,
+              help="'attributes' times Stage I alone (CNN + forests) on the photos' aligned faces.")
+@click.option("--batch-size", default=256, show_default=True, help="Stage I batch size.")
 @click.option("-o", "--output", default=None, help="Write the results JSON here.")
-def benchmark_command(images, repeats, limit, policy, output):
+def benchmark_command(images, repeats, limit, policy, stage, batch_size, output):
     """Faces per second per stage and end to end, blur baseline as the in-run reference."""
-    from flows.benchmark import benchmark, markdown_table
+    from flows.benchmark import benchmark, benchmark_attributes, markdown_table
 
+    if stage == "attributes":
+        results = benchmark_attributes(Path(images), batch_size=batch_size, repeats=repeats, limit=limit)
+        table = (f"Stage I (CNN + 40 forests), {results['faces']} faces, batch {batch_size}, median of {repeats}: "
+                 f"**{results['faces_per_second_median']:.0f} faces/s** ({results['machine']})")
+        _emit(results, table, output)
+        return
     results = benchmark(Path(images), repeats=repeats, limit=limit, policy_path=policy)
     _emit(results, markdown_table(results), output)
 
@@ -176,6 +186,34 @@ def train_template(images, limit):
     from flows.train import fit_alignment_template
 
     click.echo(json.dumps(fit_alignment_template(Path(images), limit), indent=2))
+
+
+@train_group.command("attributes")
+@click.option("--celeba", default="../shared/data/celeba", show_default=True, type=click.Path(file_okay=False),
+              help="CelebA folder with img_align_celeba_89x109/, labels.csv and annotations_full.zip.")
+@click.option("--run-dir", default=".data/train-attributes/default", show_default=True,
+              help="Where checkpoints, metrics.json and the table go; running again resumes there.")
+@click.option("--epochs", default=30, show_default=True, help="CNN training epochs.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split, the CNN and the forests.")
+@click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
+@click.option("--trees", default=40, show_default=True, help="Trees per attribute forest.")
+@click.option("--max-leaf-nodes", default=64, show_default=True, help="Leaves per tree (bounds the file size).")
+@click.option("--install", is_flag=True, help="Copy the trained model into models/ and update the manifest.")
+def train_attributes_command(celeba, run_dir, epochs, seed, limit, trees, max_leaf_nodes, install):
+    """Train Stage I (CNN + 40 random forests) on CelebA aligned by our own aligner."""
+    from flows.train_attributes import train_attributes
+
+    root = Path(celeba)
+    needed = [root / "img_align_celeba_89x109", root / "labels.csv", root / "annotations_full.zip"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise click.UsageError(f"CelebA files not found: {', '.join(missing)}; pass --celeba pointing at "
+                               f"../shared/data/celeba")
+    summary = train_attributes(images=str(needed[0]), labels=str(needed[1]), annotations=str(needed[2]),
+                               run_dir=run_dir, epochs=epochs, seed=seed, limit=limit, trees=trees,
+                               max_leaf_nodes=max_leaf_nodes, install=install)
+    click.echo(json.dumps({k: summary[k] for k in ("split_sizes", "test", "seconds")}, indent=2))
+    click.echo(f"metrics: {Path(run_dir) / 'metrics.json'}; table: {Path(run_dir) / 'attributes_table.md'}")
 
 
 if __name__ == "__main__":

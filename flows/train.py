@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from models.registry import MANIFEST_PATH, model_path, sha256_of_file
+from models.registry import model_path, record_repo_model, sha256_of_file
 from stages.faces import detect_faces, fit_template
 from stages.imageio import ImageRejected, load_rgb
 
@@ -49,9 +49,9 @@ def fit_alignment_template(images: Path, limit: int = 3000, progress: bool = Tru
         "description": f"68-point mean face shape (generalised Procrustes over dlib landmarks of {len(shapes)} "
                        f"CelebA aligned crops), unit crop coordinates",
         "points": np.round(unit, 5).tolist()}))
-    digest = sha256_of_file(target)
     if shipped:
-        manifest = json.loads(MANIFEST_PATH.read_text())
-        manifest["files"]["face_template_68"]["sha256"] = digest
-        MANIFEST_PATH.write_text(json.dumps(manifest, indent=2) + "\n")
+        digest = record_repo_model("face_template_68", target,
+                                   "alignment template; refit with `anonymousnet train template`")
+    else:
+        digest = sha256_of_file(target)
     return {"faces_used": len(shapes), "skipped": skipped, "file": str(target), "sha256": digest}

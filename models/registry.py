@@ -93,3 +93,17 @@ def model_hashes(names: list[str]) -> dict[str, str]:
             verified_path(name)
             hashes[name] = entry["sha256"]
     return hashes
+
+
+def record_repo_model(name: str, path: Path, description: str) -> str:
+    """Add or update the manifest entry of a model file shipped in ``models/`` (written by a
+    training flow) with its sha256; returns the digest."""
+    path = Path(path)
+    if path.parent.resolve() != MANIFEST_PATH.parent.resolve():
+        raise ValueError(f"{path} is not in {MANIFEST_PATH.parent}; shipped model files live there")
+    digest = sha256_of_file(path)
+    manifest = json.loads(MANIFEST_PATH.read_text())
+    manifest["files"][name] = {"source": "repo", "file": path.name, "sha256": digest, "description": description}
+    MANIFEST_PATH.write_text(json.dumps(manifest, indent=2) + "\n")
+    load_manifest.cache_clear()
+    return digest
