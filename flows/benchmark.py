@@ -1,8 +1,8 @@
 """Faces per second per stage and end to end, on a folder of photos.
 
 Each timed pass runs every photo through the release's own stage functions (no Prefect
-overhead): load, detect + 68 landmarks, align, describe the originals (verifier), then for
-each method (blur, pixelate, mask) obfuscate, compose, encode and identity-check. A stage's
+overhead): load, detect + 68 landmarks, align, describe the originals (verifier), Stage I
+attributes (batched over the pass's faces, as a release batches them), then for each method (blur, pixelate, mask) obfuscate, compose, encode and identity-check. A stage's
 rate is faces / seconds summed over the pass; the reported figure is the median over
 passes. End to end for a method is the sum of its path's stages; blur is the in-run
 reference the other methods (and later stages) are quoted against as a ratio.
@@ -16,9 +16,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from policy.loader import load_policy
+from stages.attributes import default_model as attribute_model
 from stages.compose import compose_faces
 from stages.faces import align_face, detect_faces, face_descriptor
 from stages.identity import check_identity_leaks
@@ -27,7 +29,8 @@ from stages.ingest import discover_folder
 from stages.obfuscate import obfuscate
 
 METHODS = ("blur", "pixelate", "mask")
-SHARED_STAGES = ("load", "detect", "align", "describe")
+SHARED_STAGES = ("load", "detect", "align", "describe", "attributes")
+ATTRIBUTE_BATCH = 256
 METHOD_STAGES = ("obfuscate", "compose", "encode", "identity_check")
 
 
@@ -46,6 +49,7 @@ def _one_pass(paths: list[Path], policy, progress: bool, label: str) -> tuple[di
     seconds: dict[str, float] = defaultdict(float)
     per_photo: list[dict] = []
     faces_total = 0
+    crops = []
     detection = policy.detection
     for path in tqdm(paths, desc=label, unit="photo", disable=not progress):
         clock = time.perf_counter()
@@ -62,6 +66,7 @@ def _one_pass(paths: list[Path], policy, progress: bool, label: str) -> tuple[di
         clock = time.perf_counter()
         aligned = [align_face(rgb, f.landmarks) for f in faces]
         seconds["align"] += time.perf_counter() - clock
+        crops += [a.crop for a in aligned]
         clock = time.perf_counter()
         originals = [face_descriptor(rgb, f.landmarks) for f in faces]
         seconds["describe"] += time.perf_counter() - clock
@@ -85,7 +90,48 @@ def _one_pass(paths: list[Path], policy, progress: bool, label: str) -> tuple[di
         if faces:
             per_photo.append({"faces": len(faces),
                               **{k: v - before.get(k, 0.0) for k, v in seconds.items()}})
+    if crops:
+        attribute_seconds = time_attributes(np.stack(crops), ATTRIBUTE_BATCH)
+        seconds["attributes"] = attribute_seconds
+        for row in per_photo:   # a batch's cost is the same per face: share it out
+            row["attributes"] = attribute_seconds * row["faces"] / len(crops)
     return dict(seconds), faces_total, per_photo
+
+
+def time_attributes(crops: np.ndarray, batch_size: int) -> float:
+    """Seconds for Stage I (CNN features + 40 forests) over ``crops`` in batches."""
+    model = attribute_model()
+    clock = time.perf_counter()
+    for start in range(0, len(crops), batch_size):
+        model.predict(crops[start:start + batch_size], batch_size=batch_size)
+    return time.perf_counter() - clock
+
+
+def benchmark_attributes(images: Path, batch_size: int = ATTRIBUTE_BATCH, repeats: int = 5,
+                         limit: int | None = None, progress: bool = True) -> dict:
+    """Stage I alone: faces/s of CNN + forests on the aligned faces of ``images`` (aligned
+    once, untimed), median over ``repeats`` passes, at ``batch_size``."""
+    import torch
+
+    paths = [p.path for p in discover_folder(images) if p.path is not None][:limit]
+    crops = []
+    for path in tqdm(paths, desc="align", unit="photo", disable=not progress):
+        try:
+            rgb = load_rgb(path).rgb
+        except ImageRejected:
+            continue
+        crops += [align_face(rgb, f.landmarks).crop for f in detect_faces(rgb)]
+    if not crops:
+        raise ValueError(f"no faces found in {len(paths)} photos under {images}; nothing to time")
+    stacked = np.stack(crops)
+    time_attributes(stacked[:batch_size], batch_size)   # warm-up: model load and hashing
+    passes = [time_attributes(stacked, batch_size) for _ in range(repeats)]
+    return {"images": str(images), "photos": len(paths), "faces": len(crops), "batch_size": batch_size,
+            "repeats": repeats, "torch_threads": torch.get_num_threads(),
+            "machine": f"{_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "seconds_per_pass": [round(s, 4) for s in passes],
+            "faces_per_second_median": len(crops) / statistics.median(passes),
+            "faces_per_second_min": len(crops) / max(passes), "faces_per_second_max": len(crops) / min(passes)}
 
 
 def benchmark(images: Path, repeats: int = 3, limit: int | None = None, policy_path: str | None = None,

@@ -20,18 +20,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from stages.attribute_names import ATTRIBUTES
 from stages.faces import ALIGNED_SIZE, align_face, detect_faces
 from stages.imageio import ImageRejected, load_rgb
 
-ATTRIBUTES = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
-    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
-    "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones",
-    "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin",
-    "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair",
-    "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace",
-    "Wearing_Necktie", "Young",
-)
 SPLITS = ("train", "validation", "test")
 # Detection attempts in order: what a release does first, then stronger settings for the
 # small CelebA faces. Each entry: (detector, upsample).

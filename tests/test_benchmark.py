@@ -1,4 +1,6 @@
 """The benchmark command measures every stage on real (public-domain) photos."""
+import json
+
 from click.testing import CliRunner
 
 from flows.benchmark import METHODS, benchmark
@@ -17,6 +19,7 @@ def test_benchmark_reports_every_stage(tmp_path):
     assert results["end_to_end_faces_per_second"]["blur"] < results["faces_per_second"]["detect"]
     medians = results["median_seconds_per_face_over_photos"]
     assert all(medians[f"{m}:end_to_end"] > medians["detect"] for m in METHODS)
+    assert results["faces_per_second"]["attributes"] > results["faces_per_second"]["detect"]
 
 
 def test_benchmark_command_writes_json(tmp_path):
@@ -27,3 +30,14 @@ def test_benchmark_command_writes_json(tmp_path):
     assert result.exit_code == 0, result.output
     assert out.is_file() and "ratio to blur" in result.output
 
+
+
+def test_attribute_benchmark_times_stage_one(tmp_path):
+    write_samples(tmp_path / "photos")
+    out = tmp_path / "attributes.json"
+    result = CliRunner().invoke(main, ["benchmark", "--images", str(tmp_path / "photos"), "--stage", "attributes",
+                                       "--repeats", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert results["faces"] >= 4 and len(results["seconds_per_pass"]) == 2
+    assert results["faces_per_second_min"] <= results["faces_per_second_median"] <= results["faces_per_second_max"]

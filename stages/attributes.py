@@ -1,0 +1,86 @@
+"""Stage I in a release: the 40 attribute probabilities of every aligned face, and the
+check of a release's predicted prevalences against CelebA's population.
+
+The shipped checkpoint is verified against ``models/manifest.json`` before it is loaded
+(torch ``weights_only=True``, skops with a closed list of trusted types), so a tampered or
+missing model stops the run with an error that says how to restore it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+
+from models.registry import ModelFileError, verified_path
+from stages.attribute_names import ATTRIBUTES
+from stages.facetable import ATTRIBUTE_COLUMNS
+
+MODEL_FILES = ("attributes_cnn", "attributes_forests", "attributes_config")
+
+
+@functools.lru_cache(maxsize=1)
+def default_model():
+    """The shipped Stage I model (CNN + 40 forests), verified, on the CPU."""
+    from models.attributes import load_model
+
+    paths = [verified_path(name) for name in MODEL_FILES]
+    try:
+        return load_model(*paths)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ModelFileError(f"the Stage I model in {paths[0].parent} cannot be loaded ({error}); retrain it "
+                             f"with `anonymousnet train attributes --install` or restore models/ from git") from error
+
+
+@functools.lru_cache(maxsize=1)
+def population_prevalence() -> np.ndarray:
+    """P(attribute) over all 202,599 CelebA images (``attribute_population.json``)."""
+    data = json.loads(verified_path("attribute_population").read_text())
+    if tuple(data["attributes"]) != ATTRIBUTES:
+        raise ModelFileError("attribute_population.json lists other attributes than Stage I predicts")
+    return np.asarray(data["prevalence"], dtype=np.float64)
+
+
+def predict_face_rows(face_rows: list[dict], model=None, batch_size: int = 256) -> list[dict]:
+    """Add the 40 ``attr_<Name>`` probabilities to each face row, reading its aligned crop
+    from the run's work folder (``crop_file``, ``crop_row``)."""
+    if not face_rows:
+        return face_rows
+    model = model or default_model()
+    crops = []
+    cache: dict[str, np.ndarray] = {}
+    for row in face_rows:
+        if row["crop_file"] not in cache:
+            with np.load(row["crop_file"]) as stored:
+                cache[row["crop_file"]] = stored["crops"]
+        crops.append(cache[row["crop_file"]][row["crop_row"]])
+    probabilities = model.predict(np.stack(crops), batch_size=batch_size)
+    return [row | dict(zip(ATTRIBUTE_COLUMNS, map(float, values))) for row, values in zip(face_rows, probabilities)]
+
+
+def attribute_drift(face_rows: list[dict], prevalence: np.ndarray, threshold: float, min_faces: int) -> dict:
+    """Predicted prevalence in a release (mean probability over its faces) against the
+    population prior. An attribute drifts when the two differ by at least ``threshold``;
+    with fewer than ``min_faces`` faces the comparison says nothing and is not made."""
+    rows = [r for r in face_rows if all(r.get(c) is not None for c in ATTRIBUTE_COLUMNS)]
+    result = {"faces": len(rows), "threshold": threshold, "min_faces": min_faces,
+              "assessed": len(rows) >= min_faces, "drifted": []}
+    if not result["assessed"]:
+        return result
+    predicted = np.array([[r[c] for c in ATTRIBUTE_COLUMNS] for r in rows]).mean(axis=0)
+    for name, release, prior in zip(ATTRIBUTES, predicted, prevalence):
+        if abs(release - prior) >= threshold:
+            result["drifted"].append({"attribute": name, "release": round(float(release), 4),
+                                      "population": round(float(prior), 4)})
+    return result
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_population():
+    """CelebA's prevalences and attribute combinations (``attribute_combinations.npz``,
+    verified; plain arrays, no pickle) for Stage II."""
+    from stages.ppas import Population
+
+    with np.load(verified_path("attribute_combinations"), allow_pickle=False) as stored:
+        codes, counts = stored["codes"].astype(np.uint64), stored["counts"].astype(np.int64)
+    return Population(prevalence=population_prevalence(), codes=codes, counts=counts)
