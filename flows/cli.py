@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import sys
 from pathlib import Path
 
@@ -25,21 +26,38 @@ def main():
 
 
 def _run_release(input_location: str, output: str, policy: str | None, batch_size: int,
-                 manifest_root: str | None) -> dict:
+                 manifest_root: str | None, dataset: str | None = None, ledger: str | None = None) -> dict:
+    from flows.privacy_ledger import PrivacyBudgetExceeded
     from policy.loader import PolicyError, load_policy
     from stages.ingest import InputError
+    from stages.ppas import PolicyInfeasible
 
     try:
-        load_policy(policy)  # fail fast, before Prefect starts, with file:line errors
+        loaded = load_policy(policy)  # fail fast, before Prefect starts, with file:line errors
+        _check_feasible(loaded)
     except PolicyError as exc:
         raise click.ClickException(str(exc)) from None
     from flows.release import release
 
     try:
         return release(input=input_location, output=output, policy=policy, batch_size=batch_size,
-                       manifest_root=manifest_root, show_progress=True)
-    except InputError as exc:
+                       manifest_root=manifest_root, show_progress=True, dataset=dataset, ledger=ledger)
+    except (InputError, PrivacyBudgetExceeded, PolicyInfeasible) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _check_feasible(loaded) -> None:
+    """Stage II's closed-form t-closeness check, reported like a policy error at privacy.t."""
+    from flows.release import plan_selection
+    from policy.loader import PolicyError, key_position
+    from stages.ppas import PolicyInfeasible
+
+    try:
+        plan_selection(loaded.policy)
+    except PolicyInfeasible as exc:
+        line, column = key_position(loaded.text, ("privacy", "t")) or key_position(loaded.text, ("privacy",)) \
+            or (1, 1)
+        raise PolicyError([f"{loaded.path}:{line}:{column}: the policy cannot be met: {exc}"]) from None
 
 
 def _print_summary(summary: dict) -> None:
@@ -65,9 +83,13 @@ def _emit(results: dict, table: str, output: str | None) -> None:
 @click.option("-p", "--policy", default=None, help="Policy YAML (default: policy/default.yaml).")
 @click.option("--batch-size", default=16, show_default=True, help="Photos per task.")
 @click.option("--manifest-root", default=None, help="Root for relative manifest paths (default: the manifest's folder).")
-def release_command(input_location, output, policy, batch_size, manifest_root):
+@click.option("--dataset", default=None,
+              help="Name of the dataset whose privacy budget this release spends (default: the input's path).")
+@click.option("--ledger", default=None,
+              help="Folder of the privacy ledger (default: the release folder); share one across release folders.")
+def release_command(input_location, output, policy, batch_size, manifest_root, dataset, ledger):
     """De-identify every face in INPUT and write a release with lineage and a report."""
-    _print_summary(_run_release(input_location, output, policy, batch_size, manifest_root))
+    _print_summary(_run_release(input_location, output, policy, batch_size, manifest_root, dataset, ledger))
 
 
 @main.command("demo")
@@ -79,7 +101,11 @@ def demo_command(output, samples):
 
     written = write_samples(samples)
     click.echo(f"wrote {len(written)} sample photos to {samples}")
-    _print_summary(_run_release(samples, output, None, 16, None))
+    # The samples are public-domain and rewritten every time: the demo keeps no privacy ledger
+    # between runs, so it can be repeated (a real release keeps its ledger; see --ledger).
+    with tempfile.TemporaryDirectory(prefix="anonymousnet-demo-ledger-") as ledger:
+        click.echo("demo: the privacy ledger is not kept between demo runs")
+        _print_summary(_run_release(samples, output, None, 16, None, dataset="demo samples", ledger=ledger))
 
 
 @main.group("lineage")
@@ -104,26 +130,94 @@ def policy_group():
     """Check and inspect policy files."""
 
 
-@policy_group.command("check")
-@click.argument("file", type=click.Path())
-def policy_check(file):
-    """Validate FILE; errors are printed as file:line:column and the exit code is 1."""
+def _load_policy_or_exit(file: str):
+    """Load and check a policy (schema and Stage II feasibility); print file:line errors and
+    exit 1 when it is invalid."""
     from policy.loader import PolicyError, load_policy
 
     try:
         loaded = load_policy(file)
+        _check_feasible(loaded)
     except PolicyError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
-    click.echo(f"{file}: ok (policy '{loaded.policy.name}', sha256 {loaded.sha256[:16]})")
+    return loaded
+
+
+@policy_group.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def policy_check(files):
+    """Validate FILES: schema, attribute names and whether t can be met with epsilon. Errors
+    are printed as file:line:column; the exit code is 1 if any file is invalid."""
+    failed = False
+    for file in files:
+        try:
+            loaded = _load_policy_or_exit(file)
+        except SystemExit:
+            failed = True
+            continue
+        click.echo(f"{file}: ok (policy '{loaded.policy.name}', sha256 {loaded.sha256[:16]})")
+    if failed:
+        sys.exit(1)
+
+
+@policy_group.command("explain")
+@click.argument("file", type=click.Path())
+def policy_explain(file):
+    """Say in plain words what FILE keeps, what it changes and what its numbers guarantee."""
+    from flows.release import plan_selection
+    from policy.tools import explain
+
+    loaded = _load_policy_or_exit(file)
+    selection = plan_selection(loaded.policy)
+    click.echo(explain(loaded, selection, selection.closed_form_distances().tolist()))
+
+
+@policy_group.command("diff")
+@click.argument("old", type=click.Path())
+@click.argument("new", type=click.Path())
+@click.option("--fail-on-weaker", is_flag=True, help="Exit with code 2 when any guarantee got weaker (for review bots).")
+def policy_diff(old, new, fail_on_weaker):
+    """Which guarantees got stronger or weaker from OLD to NEW."""
+    from policy.tools import diff
+
+    changes = diff(_load_policy_or_exit(old).policy, _load_policy_or_exit(new).policy)
+    if not changes:
+        click.echo("no change in any setting")
+    for verdict, text in sorted(changes, key=lambda c: ("weaker", "stronger", "changed").index(c[0])):
+        click.echo(f"{verdict.upper():9} {text}")
+    if fail_on_weaker and any(verdict == "weaker" for verdict, _ in changes):
+        sys.exit(2)
+
+
+@policy_group.command("new")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--name", default=None, help="Policy name (default: the file name without .yaml).")
+def policy_new(file, name):
+    """Write a commented starter policy to FILE (never overwrites)."""
+    from policy.tools import write_new
+
+    path = Path(file)
+    try:
+        write_new(path, name or path.stem)
+    except FileExistsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {path}; edit it, then run `anonymousnet policy check {path}`")
 
 
 @policy_group.command("schema")
-def policy_schema():
+@click.option("--write", "write_to", default=None, type=click.Path(dir_okay=False),
+              help="Write the schema here (the repository keeps it at policy/policy.schema.json).")
+def policy_schema(write_to):
     """Print the policy's JSON Schema (every key, its type, default and meaning)."""
-    from policy.schema import Policy
+    from policy.schema import policy_json_schema
 
-    click.echo(json.dumps(Policy.model_json_schema(), indent=2))
+    text = json.dumps(policy_json_schema(), indent=2) + "\n"
+    if write_to:
+        Path(write_to).write_text(text)
+        click.echo(f"wrote {write_to}")
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command("evaluate")

@@ -113,6 +113,62 @@ def ingest_gate(photos: pd.DataFrame, faces: pd.DataFrame) -> GateResult:
     return _merge("gate:ingest", photo_result, face_result)
 
 
+def attributes_gate(faces: pd.DataFrame) -> GateResult:
+    """After Stage I: every face has 40 attribute probabilities, each finite and in [0, 1]
+    (NaN counts as missing; infinity falls outside the range)."""
+    import great_expectations.expectations as gxe
+
+    from stages.facetable import ATTRIBUTE_COLUMNS
+
+    frame = faces.reindex(columns=["image_id", "face_index", *ATTRIBUTE_COLUMNS])
+    frame[list(ATTRIBUTE_COLUMNS)] = frame[list(ATTRIBUTE_COLUMNS)].astype(float)
+    expectations = []
+    for column in ATTRIBUTE_COLUMNS:
+        expectations += [gxe.ExpectColumnValuesToNotBeNull(column=column),
+                         gxe.ExpectColumnValuesToBeBetween(column=column, min_value=0, max_value=1)]
+    return validate("gate:attributes", frame, expectations)
+
+
+def ppas_gate(faces: pd.DataFrame, closeness: list[dict], preserve: list[str], epsilon: float,
+              t: float) -> GateResult:
+    """After Stage II: every face has 40 boolean targets; preserved attributes equal their
+    prediction; no face spent more than the policy's epsilon; every judged group of
+    faces sharing a released value is within t of the release's share (t-closeness). A
+    failing group fails the photos of all its faces."""
+    import great_expectations.expectations as gxe
+
+    from stages.attribute_names import ATTRIBUTES
+    from stages.facetable import ATTRIBUTE_COLUMNS
+
+    frame = faces[["image_id", "epsilon_spent"]].copy().astype({"epsilon_spent": float})
+    targets = pd.DataFrame([list(v) if v is not None and len(v) == len(ATTRIBUTES) else [None] * len(ATTRIBUTES)
+                            for v in faces["target_attributes"]], columns=[f"target_{a}" for a in ATTRIBUTES])
+    frame = pd.concat([frame, targets], axis=1)
+    expectations = [gxe.ExpectColumnValuesToNotBeNull(column="epsilon_spent"),
+                    gxe.ExpectColumnValuesToBeBetween(column="epsilon_spent", min_value=0, max_value=epsilon)]
+    for name in ATTRIBUTES:
+        expectations += [gxe.ExpectColumnValuesToNotBeNull(column=f"target_{name}"),
+                         gxe.ExpectColumnValuesToBeInSet(column=f"target_{name}", value_set=[True, False])]
+    for name in preserve:
+        frame[f"predicted_{name}"] = faces[ATTRIBUTE_COLUMNS[ATTRIBUTES.index(name)]].astype(float) >= 0.5
+        expectations.append(gxe.ExpectColumnPairValuesToBeEqual(column_A=f"target_{name}",
+                                                                column_B=f"predicted_{name}"))
+    face_result = validate("gate:ppas:faces", frame, expectations)
+    groups = pd.DataFrame([{"group": f"{r['attribute']}={g['released']}", "distance": g["distance"]}
+                           for r in closeness for g in r["groups"] if g["judged"]], columns=["group", "distance"])
+    if groups.empty:
+        return _merge("gate:ppas", face_result)
+    group_result = validate("gate:ppas:t-closeness", groups, [
+        gxe.ExpectColumnValuesToBeBetween(column="distance", min_value=0, max_value=t)], row_id="group")
+    members = set()
+    for group in group_result.failed_image_ids:   # "Attribute=value" -> the faces released with it
+        attribute, value = group.rsplit("=", 1)
+        released = targets[f"target_{attribute}"] == bool(int(value))
+        members |= set(faces.loc[released.to_numpy(), "image_id"])
+    group_result.failed_image_ids = members
+    return _merge("gate:ppas", face_result, group_result)
+
+
 def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, release_distance: float) -> GateResult:
     """Before publish: every photo has a final outcome with a reason when not released;
     a released photo has staged output; no face of a released photo verifies as its original."""

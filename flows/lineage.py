@@ -6,6 +6,9 @@ Layout (append-only: each run adds one file per table, nothing is rewritten)::
     RELEASE/_lineage/photos/<run_id>.parquet   one row per input photo
     RELEASE/_lineage/faces/<run_id>.parquet    one row per detected face
     RELEASE/_lineage/events/<run_id>.parquet   one row per stage event (task or gate)
+    LEDGER/_lineage/privacy/<run_id>.parquet   one row: the epsilon a release spent from its
+                                               dataset's budget (LEDGER defaults to RELEASE;
+                                               share one ledger across release folders)
 
 Read any table across runs with :func:`read_table` (or ``pyarrow.dataset`` / DuckDB over
 the folder). Column meanings are in the schemas below and in README "Lineage". No
@@ -50,6 +53,18 @@ RUN_SCHEMA = pa.schema([
     pa.field("n_faces", pa.int64()),
     pa.field("n_faces_fallback", pa.int64()),        # faces that needed a fallback method
     pa.field("n_leaks_published", pa.int64()),       # must be 0
+    # Stage I: predicted attribute prevalences against CelebA's (JSON: faces, threshold,
+    # assessed, drifted = [{attribute, release, population}]).
+    pa.field("attribute_drift", pa.string()),
+    # Stage II (PPAS): the dataset whose budget this run spent, epsilon per face (= per release:
+    # each face is a different photo's person, parallel composition), the dataset's total
+    # before this run, and measured t-closeness (JSON: per attribute, groups and distance).
+    pa.field("dataset", pa.string()),
+    pa.field("ledger_dir", pa.string()),
+    pa.field("epsilon_release", pa.float64()),
+    pa.field("epsilon_spent_before", pa.float64()),
+    pa.field("epsilon_budget", pa.float64()),
+    pa.field("t_closeness", pa.string()),
 ])
 
 PHOTO_SCHEMA = pa.schema([
@@ -87,7 +102,20 @@ EVENT_SCHEMA = pa.schema([
     pa.field("details", pa.string()),                    # gate failures, parameters (JSON)
 ])
 
-SCHEMAS = {"runs": RUN_SCHEMA, "photos": PHOTO_SCHEMA, "faces": FACE_LINEAGE_SCHEMA, "events": EVENT_SCHEMA}
+# The privacy ledger: one row per release that spent budget, written *before* any photo is
+# touched (a run that then fails has still spent it: the safe direction).
+PRIVACY_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("epsilon", pa.float64(), nullable=False),
+    pa.field("budget", pa.float64()),
+    pa.field("policy_name", pa.string()),
+    pa.field("policy_sha256", pa.string()),
+    pa.field("release_dir", pa.string()),
+    pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
+])
+
+SCHEMAS = {"privacy": PRIVACY_SCHEMA, "runs": RUN_SCHEMA, "photos": PHOTO_SCHEMA, "faces": FACE_LINEAGE_SCHEMA, "events": EVENT_SCHEMA}
 
 
 def _table(name: str, rows: list[dict] | pd.DataFrame) -> pa.Table:

@@ -1,8 +1,11 @@
 """The release flow: photos in, a de-identified release out, with lineage and a report.
 
-Reads like its table of contents: discover -> per batch (ingest -> gate -> anonymize ->
-gate -> publish) -> accounting gate -> lineage -> report. Tasks are coarse (a batch of
-photos); pixels travel through a private work folder, never through task results.
+Reads like its table of contents: policy feasibility and privacy budget (before any photo
+is read) -> discover -> analyse each batch (ingest -> gate -> Stage I attributes -> gate) ->
+Stage II attribute selection over the whole release -> gate (t-closeness needs every face)
+-> per batch (anonymize -> gate -> publish) -> accounting gate -> lineage -> report. Tasks
+are coarse (a batch of photos); pixels travel through a private work folder, never through
+task results.
 """
 from __future__ import annotations
 
@@ -21,17 +24,20 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from tqdm import tqdm
 
-from flows import gates, lineage
+from flows import gates, lineage, privacy_ledger
 from flows.report import release_report
 from flows.version import code_version
 from models.registry import model_hashes
 from policy.loader import load_policy
 from policy.schema import Policy
 from stages.anonymize import AnonymizeSettings
+from stages.attributes import MODEL_FILES as ATTRIBUTE_MODEL_FILES
+from stages.attributes import attribute_drift, population_prevalence, predict_face_rows, shipped_population
 from stages.faces import detector_model_names
 from stages.imageio import write_atomic
 from stages.ingest import InputPhoto, discover_inputs
 from stages.pipeline import IngestSettings, anonymize_batch, ingest_batch
+from stages.ppas import Selection, build_selection, require_feasible, select_face_rows, t_closeness_of_rows
 
 
 def _ingest_settings(policy: Policy) -> IngestSettings:
@@ -63,6 +69,36 @@ def ingest_task(photos: list[InputPhoto], policy: Policy, crops_file: str):
 @task(name="gate-ingest", cache_policy=NO_CACHE)
 def ingest_gate_task(photo_rows: list[dict], face_rows: list[dict]) -> gates.GateResult:
     return gates.ingest_gate(pd.DataFrame(photo_rows), pd.DataFrame(face_rows))
+
+
+@task(name="attributes", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def attributes_task(face_rows: list[dict]) -> list[dict]:
+    return predict_face_rows(face_rows)
+
+
+@task(name="gate-attributes", cache_policy=NO_CACHE)
+def attributes_gate_task(face_rows: list[dict]) -> gates.GateResult:
+    return gates.attributes_gate(pd.DataFrame(face_rows))
+
+
+@task(name="select-attributes", cache_policy=NO_CACHE)
+def select_attributes_task(face_rows: list[dict], selection: Selection) -> list[dict]:
+    # Fresh randomness from the operating system every run (diffprivlib's secure default).
+    return select_face_rows(face_rows, selection)
+
+
+@task(name="gate-ppas", cache_policy=NO_CACHE)
+def ppas_gate_task(face_rows: list[dict], closeness: list[dict], policy: Policy) -> gates.GateResult:
+    return gates.ppas_gate(pd.DataFrame(face_rows), closeness, list(policy.attributes.preserve),
+                           policy.privacy.epsilon, policy.privacy.t)
+
+
+def plan_selection(policy: Policy) -> Selection:
+    """Stage II's mechanism for ``policy``, refused (PolicyInfeasible) when its t cannot hold."""
+    selection = build_selection(shipped_population(), policy.attributes.obfuscate, policy.privacy.epsilon,
+                                policy.privacy.mechanism)
+    require_feasible(selection, policy.privacy.t)
+    return selection
 
 
 @task(name="anonymize", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -125,11 +161,17 @@ def _event(run_id: str, stage: str, batch: int | None, started: float, items: in
 
 @flow(name="release", log_prints=True)
 def release(input: str, output: str, policy: str | None = None, batch_size: int = 16,
-            manifest_root: str | None = None, show_progress: bool = False) -> dict:
+            manifest_root: str | None = None, show_progress: bool = False, dataset: str | None = None,
+            ledger: str | None = None) -> dict:
     """De-identify every face in the photos at ``input`` (a folder or a CSV/Parquet manifest)
-    under ``policy`` and write the release to ``output``. Returns the run's summary row."""
+    under ``policy`` and write the release to ``output``. ``dataset`` names whose privacy
+    budget the release spends (default: the input's resolved location); ``ledger`` is the
+    folder holding the privacy ledger (default: the release folder). Returns the run's
+    summary row."""
     logger = get_run_logger()
     loaded = load_policy(policy)
+    privacy = loaded.policy.privacy
+    selection = plan_selection(loaded.policy)          # an infeasible policy stops here
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
     release_dir = Path(output).resolve()
     started_at = dt.datetime.now(dt.timezone.utc)
@@ -137,10 +179,15 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
     input_root, inputs = discover_inputs(input, manifest_root)
     if release_dir == input_root or input_root in release_dir.parents:
         raise ValueError(f"the release folder {release_dir} must not be inside the input {input_root}")
+    dataset = dataset or str(Path(input).resolve())
+    ledger_dir = Path(ledger).resolve() if ledger else release_dir
+    spend = privacy_ledger.reserve(ledger_dir, dataset, selection.epsilon_per_face, privacy.budget, run_id,
+                                   loaded.policy.name, loaded.sha256, str(release_dir))
     sources = {p.image_id: p.path for p in inputs if p.path is not None}
     events = [_event(run_id, "discover", None, t0, len(inputs), details={"input_root": str(input_root)})]
-    logger.info("run %s: %d input file(s) under %s, policy %s (%s)", run_id, len(inputs), input_root,
-                loaded.policy.name, loaded.sha256[:12])
+    logger.info("run %s: %d input file(s) under %s, policy %s (%s); dataset %r has spent epsilon %g of %g, "
+                "this release spends %g", run_id, len(inputs), input_root, loaded.policy.name, loaded.sha256[:12],
+                dataset, spend.spent_before, spend.budget, spend.epsilon)
     check = loaded.policy.identity_check
     photos_done, faces_done = [], []
     work_dir = Path(tempfile.mkdtemp(prefix=f"anonymousnet-{run_id}-"))
@@ -149,19 +196,59 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
                "input_root": str(input_root), "release_dir": str(release_dir),
                "policy_path": str(loaded.path), "policy_name": loaded.policy.name,
                "policy_sha256": loaded.sha256, "policy_text": loaded.text, "code_version": code_version(),
-               "models": model_hashes(detector_model_names(loaded.policy.detection.detector)),
-               "n_inputs": len(inputs)}
+               "models": model_hashes(detector_model_names(loaded.policy.detection.detector)
+                                      + list(ATTRIBUTE_MODEL_FILES) + ["attribute_population",
+                                                                        "attribute_combinations"]),
+               "n_inputs": len(inputs), "dataset": dataset, "ledger_dir": str(ledger_dir),
+               "epsilon_release": spend.epsilon, "epsilon_spent_before": spend.spent_before,
+               "epsilon_budget": spend.budget}
     try:
         batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
-        with tqdm(total=len(inputs), unit="photo", desc="release", disable=not show_progress) as progress:
-            for index, batch in enumerate(batches):
+        analysed = []
+        for index, batch in enumerate(tqdm(batches, unit="batch", desc="analyse", disable=not show_progress)):
+            t = time.time()
+            photo_rows, face_rows = ingest_task(batch, loaded.policy, str(work_dir / "crops" / f"{index:05d}.npz"))
+            events.append(_event(run_id, "ingest", index, t, len(batch)))
+            t = time.time()
+            gate = ingest_gate_task(photo_rows, face_rows)
+            events.append(_event(run_id, gate.name, index, t, len(photo_rows), gate))
+            _enforce(gate, photo_rows, face_rows, index)
+            if face_rows:
                 t = time.time()
-                photo_rows, face_rows = ingest_task(batch, loaded.policy, str(work_dir / "crops" / f"{index:05d}.npz"))
-                events.append(_event(run_id, "ingest", index, t, len(batch)))
+                face_rows = attributes_task(face_rows)
+                events.append(_event(run_id, "attributes", index, t, len(face_rows)))
                 t = time.time()
-                gate = ingest_gate_task(photo_rows, face_rows)
-                events.append(_event(run_id, gate.name, index, t, len(photo_rows), gate))
+                gate = attributes_gate_task(face_rows)
+                events.append(_event(run_id, gate.name, index, t, len(face_rows), gate))
                 _enforce(gate, photo_rows, face_rows, index)
+            analysed.append((photo_rows, face_rows))
+        # Stage II over the whole release: selection is per face, but t-closeness is a
+        # property of the groups of faces sharing released values, so the gate needs them all.
+        all_faces = [face for _, faces in analysed for face in faces]
+        t = time.time()
+        selected = iter(select_attributes_task(all_faces, selection))
+        analysed = [(photo_rows, [next(selected) for _ in face_rows]) for photo_rows, face_rows in analysed]
+        all_faces = [face for _, faces in analysed for face in faces]
+        events.append(_event(run_id, "select-attributes", None, t, len(all_faces)))
+        t = time.time()
+        closeness = t_closeness_of_rows(all_faces, selection, privacy.min_group_faces)
+        run_row["t_closeness"] = json.dumps({"t": privacy.t, "min_group_faces": privacy.min_group_faces,
+                                             "attributes": closeness})
+        gate = ppas_gate_task(all_faces, closeness, loaded.policy) if all_faces else None
+        if gate is not None:
+            events.append(_event(run_id, gate.name, None, t, len(all_faces), gate))
+            if not gate.passed and privacy.on_violation == "abort":
+                why = f"{gate.name} failed, so nothing was published (privacy.on_violation: abort): " \
+                      f"{'; '.join(gate.failures)}"
+                for photo_rows, face_rows in analysed:   # lineage still accounts for every photo
+                    photos_done += [row | {"status": "quarantined", "reason": why}
+                                    if row["status"] != "rejected" else row for row in photo_rows]
+                    faces_done += [face | {"status": "quarantined"} for face in face_rows]
+                raise RuntimeError(why)
+            for photo_rows, face_rows in analysed:
+                _enforce(gate, photo_rows, face_rows, -1)
+        with tqdm(total=len(inputs), unit="photo", desc="release", disable=not show_progress) as progress:
+            for index, (photo_rows, face_rows) in enumerate(analysed):
                 t = time.time()
                 photo_rows, face_rows = anonymize_task(photo_rows, face_rows, sources, loaded.policy,
                                                        str(work_dir / "staged"))
@@ -175,13 +262,16 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
                 events.append(_event(run_id, "publish", index, t, sum(r["status"] == "released" for r in photo_rows)))
                 photos_done += photo_rows
                 faces_done += face_rows
-                progress.update(len(batch))
+                progress.update(len(photo_rows))
         t = time.time()
         photos_frame = pd.DataFrame(photos_done, columns=["image_id", "status"])
         gate = gates.accounting_gate(photos_frame, [p.image_id for p in inputs])
         events.append(_event(run_id, "gate:accounting", None, t, len(photos_done), gate))
         if not gate.passed:
             raise RuntimeError(f"accounting gate failed: {gate.failures}")
+        attrs = loaded.policy.attributes
+        run_row["attribute_drift"] = json.dumps(attribute_drift(
+            faces_done, population_prevalence(), attrs.drift_threshold, attrs.drift_min_faces))
         run_row["status"] = "completed"
     except BaseException as exc:
         run_row.update(status="failed", error=f"{type(exc).__name__}: {exc}")

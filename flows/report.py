@@ -43,6 +43,8 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
             lines.append(f"| {event['stage']} | {'' if event['batch'] is None else event['batch']} "
                          f"| {'yes' if event['gate_passed'] else 'NO'} | {_cell('; '.join(failures)) or '-'} |")
         lines.append("")
+    lines += _drift_section(run)
+    lines += _selection_section(run, faces, policy)
     held = [p for p in photos if p["status"] != "released"]
     if held:
         lines += ["## Not released", "", "| photo | outcome | reason |", "|---|---|---|"]
@@ -52,17 +54,74 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
             lines.append(f"| … {len(held) - MAX_ROWS} more in lineage | | |")
         lines.append("")
     if faces:
-        lines += ["## Faces", "", "| photo | face | method (tried) | verifier distance | status |", "|---|---:|---|---:|---|"]
+        lines += ["## Faces", "", "| photo | face | Stage II: changed attributes | method (tried) | verifier distance "
+                  "| status |", "|---|---:|---|---|---:|---|"]
         for face in faces[:MAX_ROWS]:
             distance = face.get("leak_distance")
             shown = "not found again" if distance is None or distance == float("inf") else f"{distance:.3f}"
             tried = " → ".join(face.get("methods_tried") or [])
-            lines.append(f"| `{_cell(face['image_id'])}` | {face['face_index']} | {face.get('method')} ({tried}) "
-                         f"| {shown} | {face.get('status')} |")
+            changed = face.get("changed_attributes")
+            changed = "–" if changed is None else (", ".join(changed) or "none")
+            lines.append(f"| `{_cell(face['image_id'])}` | {face['face_index']} | {_cell(changed)} "
+                         f"| {face.get('method')} ({tried}) | {shown} | {face.get('status')} |")
         if len(faces) > MAX_ROWS:
-            lines.append(f"| … {len(faces) - MAX_ROWS} more in lineage | | | | |")
+            lines.append(f"| … {len(faces) - MAX_ROWS} more in lineage | | | | | |")
         lines.append("")
     lines += ["Verifier distance: dlib ResNet descriptor distance between the original face and the closest "
               f"face found in the published photo; below {check.threshold} would be the same person.",
               "Lineage: `_lineage/` in the release folder (`anonymousnet lineage show`)."]
     return "\n".join(lines) + "\n"
+
+
+def _drift_section(run: dict) -> list[str]:
+    """Stage I: attributes whose predicted prevalence in this release is far from CelebA's."""
+    if not run.get("attribute_drift"):
+        return []
+    drift = json.loads(run["attribute_drift"])
+    lines = ["## Attributes (Stage I)", ""]
+    if not drift["assessed"]:
+        return lines + [f"{drift['faces']} face(s) with predictions: fewer than {drift['min_faces']}, too few to "
+                        f"compare with the population.", ""]
+    if not drift["drifted"]:
+        return lines + [f"Over {drift['faces']} faces, no attribute's predicted prevalence differs from the CelebA "
+                        f"population's by {drift['threshold']} or more.", ""]
+    lines += [f"Over {drift['faces']} faces, these attributes' predicted prevalence differs from the CelebA "
+              f"population's by {drift['threshold']} or more (a different population, or a model out of its "
+              f"domain; check before relying on them):", "",
+              "| attribute | this release | CelebA population |", "|---|---:|---:|"]
+    lines += [f"| {d['attribute']} | {d['release']:.1%} | {d['population']:.1%} |" for d in drift["drifted"]]
+    return lines + [""]
+
+
+def _selection_section(run: dict, faces: list[dict], policy: Policy) -> list[str]:
+    """Stage II: what was re-selected, the privacy spent, and measured t-closeness."""
+    privacy, attributes = policy.privacy, policy.attributes
+    if run.get("epsilon_release") is None:
+        return []
+    lines = ["## Attribute selection (Stage II)", "",
+             f"- Preserved as predicted: {', '.join(attributes.preserve) or 'none'}; re-selected: "
+             f"{', '.join(attributes.obfuscate) or 'none'} ({privacy.mechanism})",
+             f"- Privacy: epsilon {run['epsilon_release']:g} per face; dataset `{_cell(run.get('dataset'))}` had spent "
+             f"{run['epsilon_spent_before']:g} of its budget {run['epsilon_budget']:g} before this release, "
+             f"{run['epsilon_budget'] - run['epsilon_spent_before'] - run['epsilon_release']:g} remains",
+             "- Targets are rendered by Stage III; until it ships, the faces are obfuscated with the method below "
+             "and the targets are recorded in lineage (`target_attributes`).", ""]
+    selected = [f for f in faces if f.get("changed_attributes") is not None]
+    if selected:
+        mean_changed = sum(len(f["changed_attributes"]) for f in selected) / len(selected)
+        lines[-1:-1] = [f"- {len(selected)} face(s), {mean_changed:.2f} attribute(s) changed per face on average"]
+    closeness = json.loads(run["t_closeness"]) if run.get("t_closeness") else None
+    if closeness and closeness["attributes"]:
+        lines += [f"t-closeness (t = {closeness['t']}): share of faces that originally had the attribute, per group "
+                  f"of faces released with the same value, against the whole release; groups under "
+                  f"{closeness['min_group_faces']} faces are shown but not judged.", "",
+                  "| attribute | release share | released 0: faces, share | released 1: faces, share | distance |",
+                  "|---|---:|---:|---:|---:|"]
+        for item in closeness["attributes"]:
+            cells = {g["released"]: f"{g['faces']}, {g['original_share']:.2f}" + ("" if g["judged"] else " (not judged)")
+                     for g in item["groups"]}
+            distance = "not judged" if item["distance"] is None else f"{item['distance']:.3f}"
+            lines.append(f"| {item['attribute']} | {item['batch_share']:.2f} | {cells.get(0, '–')} | "
+                         f"{cells.get(1, '–')} | {distance} |")
+        lines.append("")
+    return lines

@@ -83,9 +83,21 @@ def _duplicate_keys(node: yaml.Node, filename: str) -> list[str]:
     return problems
 
 
+# How to fix a value that is out of range, for the keys a compliance officer sets most.
+_HINTS = {
+    "version": "this tool reads policy language v1: set `version: 1` (v0 files need no other change; "
+               "add attributes.obfuscate and privacy: to use Stage II)",
+    "privacy.epsilon": "epsilon must be a positive number: smaller is more private (0.5 strict, 1 usual, 4 weak)",
+    "privacy.t": "t is a share between 0 and 1 (exclusive of 0): 0.1 is strict, 0.2 usual, 0.3 lenient",
+    "privacy.budget": "the budget is the total epsilon a dataset may spend across releases, a positive number",
+}
+
+
 def _describe(error: dict) -> str:
     location = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
+    if location in _HINTS and kind not in ("extra_forbidden", "value_error"):
+        return f"'{location}': {error['msg']} (got {error.get('input')!r}); {_HINTS[location]}"
     if kind == "extra_forbidden":
         return f"unknown key '{error['loc'][-1]}' in '{'.'.join(map(str, error['loc'][:-1])) or 'top level'}'; " \
                f"remove it or check its spelling (`anonymousnet policy schema` lists the valid keys)"
@@ -146,3 +158,13 @@ def load_policy(path: str | Path | None = None) -> LoadedPolicy:
         raise PolicyError([f"{path}: not UTF-8 text; save the policy as UTF-8"]) from None
     return LoadedPolicy(policy=parse_policy(text, str(path)), path=path.resolve(), text=text,
                         sha256=hashlib.sha256(raw).hexdigest())
+
+
+def key_position(text: str, location: tuple[str, ...]) -> tuple[int, int] | None:
+    """(line, column) of the key at ``location`` in a policy's YAML text (the deepest
+    existing key when it is absent; None when the text is not YAML)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    return _key_position(root, location)

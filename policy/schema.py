@@ -1,13 +1,18 @@
-"""Policy schema (v0): what a release does, as a compliance officer writes it in YAML.
+"""Policy schema (v1): what a release does, as a compliance officer writes it in YAML.
 
 The models forbid unknown keys so a typo is an error, not a silently ignored setting.
-Later issues extend this schema (attributes, privacy budget, synthesis, perturbation).
+``anonymousnet policy schema`` exports it as JSON Schema (``policy/policy.schema.json``) for
+editor completion. Later issues extend it (synthesis, perturbation).
 """
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from stages.attribute_names import ATTRIBUTES
+from stages.ppas import EXPONENTIAL_MAX_ATTRIBUTES
 
 ObfuscationName = Literal["blur", "pixelate", "mask"]
 
@@ -102,19 +107,98 @@ class IdentityCheckPolicy(_Strict):
         return self
 
 
+def _closest_attribute(name: str) -> str:
+    lowered = {a.lower(): a for a in ATTRIBUTES}
+    if name.lower() in lowered:
+        return lowered[name.lower()]
+    match = difflib.get_close_matches(name, ATTRIBUTES, n=1, cutoff=0.5) or difflib.get_close_matches(
+        name.lower(), list(lowered), n=1, cutoff=0.5)
+    return lowered.get(match[0], match[0]) if match else ""
+
+
+class AttributesPolicy(_Strict):
+    """Which of Stage I's 40 CelebA attributes a release keeps and which it re-selects."""
+
+    preserve: list[str] = Field(
+        [], description="Attributes released as predicted (e.g. the expression the data is needed for). "
+                        "Attributes in neither list are also kept as predicted.")
+    obfuscate: list[str] = Field(
+        [], description="Attributes re-selected by Stage II under epsilon-differential privacy and t-closeness.")
+    drift_threshold: float = Field(
+        0.25, gt=0, le=1,
+        description="The report flags an attribute whose predicted prevalence in a release differs from its "
+                    "CelebA population prevalence by at least this much (e.g. 0.25: 30% predicted vs 60% expected).")
+    drift_min_faces: int = Field(20, ge=1, description="Releases with fewer faces are too small to judge drift.")
+
+    @model_validator(mode="after")
+    def _known_and_disjoint(self):
+        for field in ("preserve", "obfuscate"):
+            seen = set()
+            for index, name in enumerate(getattr(self, field)):
+                if name not in ATTRIBUTES:
+                    closest = _closest_attribute(name)
+                    hint = f"did you mean '{closest}'?" if closest else "see `anonymousnet policy explain` for the list"
+                    raise PolicyValueError(f"unknown attribute '{name}'; {hint} (names are CelebA's, e.g. "
+                                           f"Smiling, Male, Black_Hair)", at=(field, index))
+                if name in seen:
+                    raise PolicyValueError(f"'{name}' is listed twice in {field}; keep one", at=(field, index))
+                seen.add(name)
+        for index, name in enumerate(self.obfuscate):
+            if name in self.preserve:
+                raise PolicyValueError(f"'{name}' is both preserved and obfuscated; remove it from one of the lists",
+                                       at=("obfuscate", index))
+        return self
+
+
+class PrivacyPolicy(_Strict):
+    """Stage II: how obfuscated attributes are re-selected and how much privacy that costs."""
+
+    mechanism: Literal["exponential", "randomised_response"] = Field(
+        "exponential", description="exponential: draw a combination of the obfuscated attributes that is plausible "
+                                   f"in CelebA (at most {EXPONENTIAL_MAX_ATTRIBUTES} attributes); randomised_response: "
+                                   "keep or flip each attribute independently (any number).")
+    epsilon: float = Field(
+        1.0, gt=0, le=20,
+        description="Differential-privacy parameter per face: seeing a face's released attributes changes the odds "
+                    "of any guess about its original obfuscated attributes by at most a factor e^epsilon.")
+    t: float = Field(
+        0.2, gt=0, le=1,
+        description="t-closeness: among faces released with the same value of an obfuscated attribute, the share "
+                    "that originally had it differs from the whole population's share by at most t.")
+    budget: float = Field(
+        10.0, gt=0, description="Total epsilon a dataset may spend across all its releases; a release that would "
+                                "exceed it is refused before anything is written.")
+    min_group_faces: int = Field(
+        30, ge=1, description="The gate after Stage II judges measured t-closeness only on groups of at least this "
+                              "many faces (smaller groups are dominated by sampling noise; the closed form covers them).")
+    on_violation: Literal["abort", "quarantine"] = Field(
+        "abort", description="When the gate after Stage II fails: abort the release before any photo is published, "
+                             "or quarantine the photos of the faces concerned.")
+
+    @model_validator(mode="after")
+    def _budget_possible(self):
+        if self.epsilon > self.budget:
+            raise PolicyValueError(f"one release spends epsilon = {self.epsilon} per face but the budget is "
+                                   f"{self.budget}: no release could ever run; raise budget or lower epsilon",
+                                   at=("budget",))
+        return self
+
+
 class OutputPolicy(_Strict):
     format: Literal["same", "jpeg", "png"] = Field("same", description="'same' keeps JPEG/PNG/WebP/TIFF/BMP, other formats become PNG.")
     jpeg_quality: int = Field(95, ge=50, le=100)
 
 
 class Policy(_Strict):
-    version: Literal[0] = Field(0, description="Policy language version.")
+    version: Literal[1] = Field(..., description="Policy language version (1).")
     name: str = Field(..., min_length=1, max_length=100)
     description: str = ""
     input: InputPolicy = InputPolicy()
     detection: DetectionPolicy = DetectionPolicy()
     obfuscation: ObfuscationPolicy = ObfuscationPolicy()
     identity_check: IdentityCheckPolicy = IdentityCheckPolicy()
+    attributes: AttributesPolicy = AttributesPolicy()
+    privacy: PrivacyPolicy = PrivacyPolicy()
     output: OutputPolicy = OutputPolicy()
 
     @model_validator(mode="after")
@@ -123,4 +207,20 @@ class Policy(_Strict):
             raise PolicyValueError(f"the only fallback is the main method '{self.obfuscation.method}' itself: "
                                    "a face that leaks with it would leak again; name a stronger method such as mask",
                                    at=("identity_check", "fallback"))
+        obfuscated = len(self.attributes.obfuscate)
+        if self.privacy.mechanism == "exponential" and obfuscated > EXPONENTIAL_MAX_ATTRIBUTES:
+            raise PolicyValueError(f"{obfuscated} obfuscated attributes, but the exponential mechanism takes at most "
+                                   f"{EXPONENTIAL_MAX_ATTRIBUTES}; obfuscate fewer or set mechanism: "
+                                   "randomised_response", at=("attributes", "obfuscate"))
         return self
+
+
+def policy_json_schema() -> dict:
+    """JSON Schema of the policy language for editors (``policy/policy.schema.json``), with
+    the attribute names as an enum so completion offers them."""
+    schema = Policy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "AnonymousNet release policy (v1)"
+    for field in ("preserve", "obfuscate"):
+        schema["$defs"]["AttributesPolicy"]["properties"][field]["items"] = {"enum": list(ATTRIBUTES)}
+    return schema

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from stages.attribute_names import ATTRIBUTES
+
+# Stage I: P(attribute) per face from the forests, one column per CelebA attribute.
+ATTRIBUTE_COLUMNS = tuple(f"attr_{name}" for name in ATTRIBUTES)
+
 FACE_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("face_index", pa.int32(), nullable=False),
@@ -24,6 +29,13 @@ FACE_SCHEMA = pa.schema([
     pa.field("align_matrix", pa.list_(pa.float64(), 6)),
     pa.field("crop_file", pa.string()),
     pa.field("crop_row", pa.int32()),
+    # Stage I: the 40 attribute probabilities (null for faces found only by the identity check).
+    *[pa.field(column, pa.float32()) for column in ATTRIBUTE_COLUMNS],
+    # Stage II (PPAS): the 40 target attributes Stage III renders (ATTRIBUTES order), the
+    # obfuscated ones whose target differs from the prediction, and the epsilon this face spent.
+    pa.field("target_attributes", pa.list_(pa.bool_(), len(ATTRIBUTES))),
+    pa.field("changed_attributes", pa.list_(pa.string())),
+    pa.field("epsilon_spent", pa.float64()),
     # Anonymize: method finally used, every method tried in order, and the identity check.
     pa.field("method", pa.string()),
     pa.field("methods_tried", pa.list_(pa.string())),

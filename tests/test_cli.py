@@ -27,7 +27,7 @@ def test_demo_command_releases_the_samples(tmp_path, prefect_harness):
 
 def test_release_with_a_bad_policy_fails_before_touching_anything(tmp_path):
     policy = tmp_path / "p.yaml"
-    policy.write_text("version: 0\nname: x\nobfuscation:\n  method: swirl\n")
+    policy.write_text("version: 1\nname: x\nobfuscation:\n  method: swirl\n")
     result = CliRunner().invoke(main, ["release", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-p", str(policy)])
     assert result.exit_code != 0 and f"{policy}:4:11" in result.output
     assert not (tmp_path / "out").exists()

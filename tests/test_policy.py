@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from flows.cli import main
 from policy.loader import DEFAULT_POLICY, PolicyError, load_policy, parse_policy
 
-VALID = "version: 0\nname: t\n"
+VALID = "version: 1\nname: t\n"
 
 
 def test_default_policy_loads():
@@ -22,20 +22,20 @@ def _problems(text):
 
 
 @pytest.mark.parametrize("text, where, words", [
-    ("version: 0\nname: t\nobfuscation:\n  method: blurr\n", "p.yaml:4:11", "'blur', 'pixelate' or 'mask'"),
-    ("version: 0\nname: t\nobfuscation:\n  blur:\n    sigmaa: 1\n", "p.yaml:5:5", "unknown key 'sigmaa'"),
-    ("version: 0\nname: t\nidentity_check:\n  threshold: -1\n", "p.yaml:4:14", "greater than 0"),
-    ("version: 0\nname: t\nidentity_check:\n  threshold: high\n", "p.yaml:4:14", "valid number"),
-    ("version: 0\nname: t\nidentity_check:\n  on_leak: fallback\n  fallback: []\n", "p.yaml:5:13", "fallback list is empty"),
-    ("version: 0\nname: t\nobfuscation:\n  method: mask\nidentity_check:\n  fallback: [mask]\n", "p.yaml:6:13",
+    ("version: 1\nname: t\nobfuscation:\n  method: blurr\n", "p.yaml:4:11", "'blur', 'pixelate' or 'mask'"),
+    ("version: 1\nname: t\nobfuscation:\n  blur:\n    sigmaa: 1\n", "p.yaml:5:5", "unknown key 'sigmaa'"),
+    ("version: 1\nname: t\nidentity_check:\n  threshold: -1\n", "p.yaml:4:14", "greater than 0"),
+    ("version: 1\nname: t\nidentity_check:\n  threshold: high\n", "p.yaml:4:14", "valid number"),
+    ("version: 1\nname: t\nidentity_check:\n  on_leak: fallback\n  fallback: []\n", "p.yaml:5:13", "fallback list is empty"),
+    ("version: 1\nname: t\nobfuscation:\n  method: mask\nidentity_check:\n  fallback: [mask]\n", "p.yaml:6:13",
      "would leak again"),
-    ("version: 0\nname: t\nname: u\n", "p.yaml:3:1", "appears twice"),
-    ("version: 0\n", "p.yaml:1:1", "'name' is required"),
-    ("version: 0\nname: [unclosed\n", "p.yaml:", "YAML syntax error"),
+    ("version: 1\nname: t\nname: u\n", "p.yaml:3:1", "appears twice"),
+    ("version: 1\n", "p.yaml:1:1", "'name' is required"),
+    ("version: 1\nname: [unclosed\n", "p.yaml:", "YAML syntax error"),
     ("- just\n- a list\n", "p.yaml:1:1", "must be a mapping"),
     ("", "p.yaml:1:1", "empty"),
-    ("version: 0\nname: t\nmask:\n  color: [1, 2, 300]\n", "p.yaml:3:1", "unknown key 'mask'"),
-    ("version: 0\nname: t\nobfuscation:\n  mask:\n    color: [1, 2, 300]\n", "p.yaml:5:12", "between 0 and 255"),
+    ("version: 1\nname: t\nmask:\n  color: [1, 2, 300]\n", "p.yaml:3:1", "unknown key 'mask'"),
+    ("version: 1\nname: t\nobfuscation:\n  mask:\n    color: [1, 2, 300]\n", "p.yaml:5:12", "between 0 and 255"),
 ])
 def test_malformed_policies_name_file_line_and_fix(text, where, words):
     problems = _problems(text)
@@ -43,7 +43,7 @@ def test_malformed_policies_name_file_line_and_fix(text, where, words):
 
 
 def test_every_problem_is_reported_at_once():
-    problems = _problems("version: 0\nname: t\nobfuscation:\n  method: x\ndetection:\n  upsample: 9\n")
+    problems = _problems("version: 1\nname: t\nobfuscation:\n  method: x\ndetection:\n  upsample: 9\n")
     assert len(problems) == 2
 
 

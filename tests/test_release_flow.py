@@ -1,5 +1,6 @@
 """The release flow end to end under prefect_test_harness, on public-domain photos and bad files."""
 import io
+import json
 import shutil
 
 import numpy as np
@@ -11,8 +12,10 @@ from PIL import Image
 from flows import lineage
 from flows.cli import main
 from flows.release import release
+from models import registry
 from stages import obfuscate
 from stages.faces import detect_faces, face_descriptor
+from stages.facetable import ATTRIBUTE_COLUMNS
 from stages.imageio import load_rgb
 from stages.samples import write_samples
 
@@ -108,8 +111,16 @@ def test_lineage_schema_and_run_record(released):
     assert run.flow_run_id and run.n_released + run.n_quarantined + run.n_rejected == run.n_inputs
     faces = lineage.read_table(output, "faces")
     assert len(faces) == summary["n_faces"] and len(faces.landmarks.iloc[0]) == 136
+    # Stage I: the 40 attribute probabilities of every ingested face, in lineage.
+    ingested = faces[faces.found_by == "ingest"]
+    probabilities = ingested[list(ATTRIBUTE_COLUMNS)].to_numpy(dtype=float)
+    assert probabilities.shape == (len(ingested), 40) and len(ingested) > 0
+    assert np.all(np.isfinite(probabilities)) and np.all((probabilities >= 0) & (probabilities <= 1))
+    assert dict(run.models)["attributes_forests"] == registry.load_manifest()["attributes_forests"]["sha256"]
+    drift = json.loads(run.attribute_drift)
+    assert drift["faces"] == len(ingested) and not drift["assessed"]   # a handful of faces: too few to judge
     events = lineage.read_table(output, "events")
-    assert {"ingest", "gate:ingest", "anonymize", "gate:publish", "publish", "gate:accounting"} <= set(events.stage)
+    assert {"ingest", "gate:ingest", "attributes", "gate:attributes", "anonymize", "gate:publish", "publish", "gate:accounting"} <= set(events.stage)
     assert events[events.stage.str.startswith("gate")].gate_passed.all()
 
 
@@ -117,7 +128,7 @@ def test_report_and_lineage_show(released):
     _, output, summary = released
     report = (output / "report.md").read_text()
     assert f"run {summary['run_id']}" in report and "identity leaks published" in report
-    assert "bad/empty.jpg" in report
+    assert "bad/empty.jpg" in report and "## Attributes (Stage I)" in report
     result = CliRunner().invoke(main, ["lineage", "show", str(output)])
     assert result.exit_code == 0 and "leaks published: 0" in result.output and "bad/notes.txt" in result.output
 
@@ -129,7 +140,7 @@ def test_unchanged_faces_are_never_published(inputs, tmp_path, prefect_harness, 
     photos_in.mkdir()
     shutil.copy(inputs / "astronaut.jpg", photos_in / "astronaut.jpg")
     policy = tmp_path / "quarantine.yaml"
-    policy.write_text("version: 0\nname: quarantine-on-leak\nidentity_check:\n  on_leak: quarantine\n")
+    policy.write_text("version: 1\nname: quarantine-on-leak\nidentity_check:\n  on_leak: quarantine\n")
     summary = release(input=str(photos_in), output=str(tmp_path / "q"), policy=str(policy))
     assert summary["n_quarantined"] == 1 and summary["n_released"] == 0
     assert not (tmp_path / "q" / "astronaut.jpg").exists()

@@ -1,0 +1,83 @@
+"""The privacy ledger: how much ε each dataset has spent across its releases.
+
+Every release of a dataset runs Stage II afresh on the same people, so by sequential
+composition the ε of its releases add up. Before a release touches any photo it asks the
+ledger, with diffprivlib's ``BudgetAccountant`` semantics, whether ``spent + ε ≤ budget``;
+if not, it is refused and nothing is written. Otherwise the spend is recorded at once (a run
+that later fails has still spent it: the safe direction). The ledger is the ``privacy``
+lineage table under ``LEDGER/_lineage/privacy/``; it defaults to the release folder, and
+releases of one dataset into several folders should share one ``--ledger`` folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows import lineage
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """A release would take a dataset past its privacy budget."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    dataset: str
+    epsilon: float
+    spent_before: float
+    budget: float
+
+    @property
+    def remaining(self) -> float:
+        return self.budget - self.spent_before - self.epsilon
+
+
+def spent(ledger_dir: str | Path, dataset: str) -> list[float]:
+    """The ε of every recorded release of ``dataset``."""
+    table = lineage.read_table(ledger_dir, "privacy")
+    return [float(e) for e in table.loc[table["dataset"] == dataset, "epsilon"]]
+
+
+@contextlib.contextmanager
+def _locked(ledger_dir: Path):
+    """Serialise check-and-record, so two releases started together cannot both pass."""
+    folder = ledger_dir / lineage.LINEAGE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".privacy.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def reserve(ledger_dir: str | Path, dataset: str, epsilon: float, budget: float, run_id: str,
+            policy_name: str, policy_sha256: str, release_dir: str) -> Spend:
+    """Check that ``dataset`` can spend ``epsilon`` more within ``budget`` and record it;
+    raises :class:`PrivacyBudgetExceeded` (recording nothing) when it cannot."""
+    from diffprivlib import BudgetAccountant
+    from diffprivlib.utils import BudgetError
+
+    ledger_dir = Path(ledger_dir)
+    with _locked(ledger_dir):
+        history = spent(ledger_dir, dataset)
+        accountant = BudgetAccountant(epsilon=budget, delta=0.0, spent_budget=[(e, 0.0) for e in history])
+        before = float(accountant.total()[0])
+        try:
+            if epsilon > 0:  # a release that re-selects nothing spends nothing
+                accountant.check(epsilon, 0.0)
+        except BudgetError:
+            raise PrivacyBudgetExceeded(
+                f"dataset {dataset!r} has spent epsilon {before:g} of its budget {budget:g} in {len(history)} "
+                f"release(s) (ledger {ledger_dir / lineage.LINEAGE_DIR / 'privacy'}); this release needs "
+                f"{epsilon:g} more. Nothing was written. Release fewer times, lower privacy.epsilon to at most "
+                f"{max(budget - before, 0):g}, or, if the compliance officer agrees, raise privacy.budget") from None
+        if epsilon > 0:
+            lineage.write_table(ledger_dir, "privacy", run_id, [{
+                "run_id": run_id, "dataset": dataset, "epsilon": float(epsilon), "budget": float(budget),
+                "policy_name": policy_name, "policy_sha256": policy_sha256, "release_dir": release_dir,
+                "recorded_at": dt.datetime.now(dt.timezone.utc)}])
+    return Spend(dataset=dataset, epsilon=float(epsilon), spent_before=before, budget=float(budget))
