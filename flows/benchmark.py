@@ -24,7 +24,13 @@ from stages.attributes import default_model as attribute_model
 from stages.compose import compose_faces
 from stages.faces import align_face, detect_faces, face_descriptor
 from stages.identity import check_identity_leaks
-from stages.imageio import ImageRejected, decode_bytes, encode_clean, load_rgb, output_format_for
+from stages.imageio import (
+    ImageRejected,
+    decode_bytes,
+    encode_clean,
+    load_rgb,
+    output_format_for,
+)
 from stages.ingest import discover_folder
 from stages.obfuscate import obfuscate
 

@@ -11,8 +11,8 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import click

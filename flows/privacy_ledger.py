@@ -46,7 +46,7 @@ def _locked(ledger_dir: Path):
     """Serialise check-and-record, so two releases started together cannot both pass."""
     folder = ledger_dir / lineage.LINEAGE_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".privacy.lock", "w") as handle:
+    with open(folder / ".privacy.lock", "a") as handle:  # "a": never truncates, mtime unchanged
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

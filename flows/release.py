@@ -32,12 +32,23 @@ from policy.loader import load_policy
 from policy.schema import Policy
 from stages.anonymize import AnonymizeSettings
 from stages.attributes import MODEL_FILES as ATTRIBUTE_MODEL_FILES
-from stages.attributes import attribute_drift, population_prevalence, predict_face_rows, shipped_population
+from stages.attributes import (
+    attribute_drift,
+    population_prevalence,
+    predict_face_rows,
+    shipped_population,
+)
 from stages.faces import detector_model_names
 from stages.imageio import write_atomic
 from stages.ingest import InputPhoto, discover_inputs
 from stages.pipeline import IngestSettings, anonymize_batch, ingest_batch
-from stages.ppas import Selection, build_selection, require_feasible, select_face_rows, t_closeness_of_rows
+from stages.ppas import (
+    Selection,
+    build_selection,
+    require_feasible,
+    select_face_rows,
+    t_closeness_of_rows,
+)
 
 
 def _ingest_settings(policy: Policy) -> IngestSettings:

@@ -79,8 +79,8 @@ def explain(loaded: LoadedPolicy, selection: Selection | None, closed_form: list
             + ("nothing is published (abort)." if privacy.on_violation == "abort"
                else "the photos concerned are held back, the rest is published (quarantine)."),
         ]
-    lines.append(f"- Every released face is checked: if the recogniser still matches it to the original person, it "
-                 f"is not published as is.")
+    lines.append("- Every released face is checked: if the recogniser still matches it to the original person, it "
+                 "is not published as is.")
     out = policy.output
     lines += ["", f"OUTPUT: {'same format as the input' if out.format == 'same' else out.format}, JPEG quality "
                   f"{out.jpeg_quality}; no metadata from the input (EXIF, GPS, XMP, ICC) is kept."]

@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stages.compose import compose_faces
-from stages.faces import ALIGNED_SIZE, AlignedFace, DetectedFace, align_face, face_descriptor
+from stages.faces import (
+    ALIGNED_SIZE,
+    AlignedFace,
+    DetectedFace,
+    align_face,
+    face_descriptor,
+)
 from stages.identity import check_identity_leaks
 from stages.imageio import decode_bytes, encode_clean, output_format_for
 from stages.obfuscate import obfuscate
-
 
 MAX_DISCOVERY_ROUNDS = 2
 

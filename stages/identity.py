@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.faces import SAME_FACE_OVERLAP, DetectedFace, box_overlap, detect_faces, face_descriptor
+from stages.faces import (
+    SAME_FACE_OVERLAP,
+    DetectedFace,
+    box_overlap,
+    detect_faces,
+    face_descriptor,
+)
 
 
 @dataclass

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from stages.anonymize import AnonymizeSettings, anonymize_photo
-from stages.faces import ALIGNED_SIZE, AlignedFace, DetectedFace, apply_affine, invert_affine
+from stages.faces import (
+    ALIGNED_SIZE,
+    AlignedFace,
+    DetectedFace,
+    apply_affine,
+    invert_affine,
+)
 from stages.imageio import ImageRejected, load_rgb
 from stages.ingest import InputPhoto, ingest_photo
 

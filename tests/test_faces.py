@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 
 from stages.compose import compose_face
-from stages.faces import (align_face, apply_affine, detect_faces, face_mask, invert_affine, mask_polygon,
-                          similarity_transform, template)
+from stages.faces import (
+    align_face,
+    apply_affine,
+    detect_faces,
+    face_mask,
+    invert_affine,
+    mask_polygon,
+    similarity_transform,
+    template,
+)
 
 
 @pytest.fixture(scope="module")

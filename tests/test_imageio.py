@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.imageio import (ImageRejected, decode_bytes, encode_clean, load_rgb, output_format_for,
-                            write_atomic)
+from stages.imageio import (
+    ImageRejected,
+    decode_bytes,
+    encode_clean,
+    load_rgb,
+    output_format_for,
+    write_atomic,
+)
 
 
 def _save(path, image, **kwargs):

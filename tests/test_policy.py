@@ -1,4 +1,4 @@
-"""Policy v0: the shipped policy loads; malformed policies get file:line errors that say what to do."""
+"""Policy v1: the shipped policy loads; malformed policies get file:line errors that say what to do."""
 import pytest
 from click.testing import CliRunner
 
@@ -36,6 +36,24 @@ def _problems(text):
     ("", "p.yaml:1:1", "empty"),
     ("version: 1\nname: t\nmask:\n  color: [1, 2, 300]\n", "p.yaml:3:1", "unknown key 'mask'"),
     ("version: 1\nname: t\nobfuscation:\n  mask:\n    color: [1, 2, 300]\n", "p.yaml:5:12", "between 0 and 255"),
+    # Policy language v1: attributes and privacy (issue 4).
+    ("version: 0\nname: t\n", "p.yaml:1:10", "set `version: 1`"),
+    ("version: 1\nname: t\nattributes:\n  obfuscate: [Male, Blond_Hiar]\n", "p.yaml:4:21",
+     "unknown attribute 'Blond_Hiar'; did you mean 'Blond_Hair'?"),
+    ("version: 1\nname: t\nattributes:\n  preserve: [smiling]\n", "p.yaml:4:14", "did you mean 'Smiling'?"),
+    ("version: 1\nname: t\nattributes:\n  preserve: [Smiling, Male]\n  obfuscate: [Young, Male]\n", "p.yaml:5:22",
+     "'Male' is both preserved and obfuscated; remove it from one of the lists"),
+    ("version: 1\nname: t\nprivacy:\n  epsilon: 0\n", "p.yaml:4:12", "epsilon must be a positive number"),
+    ("version: 1\nname: t\nprivacy:\n  epsilon: -1.5\n", "p.yaml:4:12", "greater than 0"),
+    ("version: 1\nname: t\nprivacy:\n  t: 0\n", "p.yaml:4:6", "t is a share between 0 and 1"),
+    ("version: 1\nname: t\nprivacy:\n  t: 1.2\n", "p.yaml:4:6", "less than or equal to 1"),
+    ("version: 1\nname: t\nprivacy:\n  epsilon: 4\n  budget: 3\n", "p.yaml:5:11",
+     "no release could ever run; raise budget or lower epsilon"),
+    ("version: 1\nname: t\nprivacy:\n  epsilon: lots\n", "p.yaml:4:12", "valid number"),
+    ("version: 1\nname: t\nprivacy:\n  mechanism: laplace\n", "p.yaml:4:14", "'exponential' or 'randomised_response'"),
+    ("version: 1\nname: t\nprivacy:\n  epsilonn: 1\n", "p.yaml:4:3", "unknown key 'epsilonn'"),
+    ("version: 1\nname: t\nattributes:\n  obfuscate: [Male, Young, Bald, Bangs, Big_Lips, Big_Nose, Black_Hair, "
+     "Blond_Hair, Brown_Hair, Gray_Hair, Wavy_Hair]\n", "p.yaml:4:14", "set mechanism: randomised_response"),
 ])
 def test_malformed_policies_name_file_line_and_fix(text, where, words):
     problems = _problems(text)

@@ -119,8 +119,20 @@ def test_lineage_schema_and_run_record(released):
     assert dict(run.models)["attributes_forests"] == registry.load_manifest()["attributes_forests"]["sha256"]
     drift = json.loads(run.attribute_drift)
     assert drift["faces"] == len(ingested) and not drift["assessed"]   # a handful of faces: too few to judge
+    # Stage II: 40 targets per face, preserved attributes as predicted, epsilon accounted.
+    targets = np.array(ingested.target_attributes.tolist())
+    assert targets.shape == (len(ingested), 40) and (ingested.epsilon_spent == 2.0).all()
+    smiling = ATTRIBUTE_COLUMNS.index("attr_Smiling")
+    assert np.array_equal(targets[:, smiling], probabilities[:, smiling] >= 0.5)
+    changed = ingested.changed_attributes.map(len).to_numpy()
+    assert np.array_equal(changed, (targets != (probabilities >= 0.5)).sum(axis=1))
+    assert run.epsilon_release == 2.0 and run.epsilon_spent_before == 0.0 and run.epsilon_budget == 10.0
+    assert len(json.loads(run.t_closeness)["attributes"]) == 10
+    ledger = lineage.read_table(output, "privacy")
+    assert list(ledger.run_id) == [run.run_id] and ledger.epsilon.iloc[0] == 2.0
     events = lineage.read_table(output, "events")
-    assert {"ingest", "gate:ingest", "attributes", "gate:attributes", "anonymize", "gate:publish", "publish", "gate:accounting"} <= set(events.stage)
+    assert {"ingest", "gate:ingest", "attributes", "gate:attributes", "select-attributes", "gate:ppas", "anonymize",
+            "gate:publish", "publish", "gate:accounting"} <= set(events.stage)
     assert events[events.stage.str.startswith("gate")].gate_passed.all()
 
 
@@ -129,6 +141,7 @@ def test_report_and_lineage_show(released):
     report = (output / "report.md").read_text()
     assert f"run {summary['run_id']}" in report and "identity leaks published" in report
     assert "bad/empty.jpg" in report and "## Attributes (Stage I)" in report
+    assert "## Attribute selection (Stage II)" in report and "epsilon 2 per face" in report
     result = CliRunner().invoke(main, ["lineage", "show", str(output)])
     assert result.exit_code == 0 and "leaks published: 0" in result.output and "bad/notes.txt" in result.output
 
