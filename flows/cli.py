@@ -7,6 +7,8 @@
     anonymousnet evaluate ...              privacy and quality protocol (EVALUATION.md)
     anonymousnet benchmark ...             faces per second per stage (--stage attributes: Stage I)
     anonymousnet train attributes          train Stage I (CNN + 40 forests) on CelebA
+    anonymousnet train identity            distil dlib's descriptor (Stage III's identity loss)
+    anonymousnet train generator           train Stage III's generator on CelebA
 """
 from __future__ import annotations
 
@@ -308,6 +310,65 @@ def train_attributes_command(celeba, run_dir, epochs, seed, limit, trees, max_le
                                max_leaf_nodes=max_leaf_nodes, install=install)
     click.echo(json.dumps({k: summary[k] for k in ("split_sizes", "test", "seconds")}, indent=2))
     click.echo(f"metrics: {Path(run_dir) / 'metrics.json'}; table: {Path(run_dir) / 'attributes_table.md'}")
+
+
+@train_group.command("identity")
+@click.option("--celeba", default="../shared/data/celeba", show_default=True, type=click.Path(file_okay=False),
+              help="CelebA folder with img_align_celeba_89x109/ and labels.csv.")
+@click.option("--run-dir", default=".data/train-identity/default", show_default=True,
+              help="Checkpoints and metrics.json go here; running again resumes.")
+@click.option("--epochs", default=40, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the split (as Stage I) and the network.")
+@click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
+@click.option("--install", is_flag=True, help="Copy the model into models/ and update the manifest.")
+def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
+    """Distil dlib's face descriptor into a small CNN (Stage III's identity loss)."""
+    from flows.train_identity import train_identity
+
+    root = Path(celeba)
+    needed = [root / "img_align_celeba_89x109", root / "labels.csv"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise click.UsageError(f"CelebA files not found: {', '.join(missing)}; pass --celeba pointing at "
+                               f"../shared/data/celeba")
+    summary = train_identity(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, epochs=epochs,
+                             seed=seed, limit=limit, install=install)
+    click.echo(json.dumps({k: summary[k] for k in ("split_sizes", "test", "seconds")}, indent=2))
+
+
+@train_group.command("generator")
+@click.option("--celeba", default="../shared/data/celeba", show_default=True, type=click.Path(file_okay=False),
+              help="CelebA folder with img_align_celeba_89x109/ and labels.csv.")
+@click.option("--run-dir", default=".data/train-generator/default", show_default=True,
+              help="Checkpoints, losses.jsonl and samples.png go here; running again resumes.")
+@click.option("--steps", default=20_000, show_default=True, help="Critic steps in total (the generator updates "
+                                                                 "every 5th).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--width", default=32, show_default=True, help="Generator and critic base width.")
+@click.option("--blocks", default=4, show_default=True, help="Residual blocks in the generator.")
+@click.option("--lambda-ver", default=1.0, show_default=True, help="Verification term (0: ablation without it).")
+@click.option("--lambda-ssim", default=1.0, show_default=True, help="SSIM term (0: ablation without it).")
+@click.option("--identity", default=None, help="A train-identity run's model/ folder (default: the shipped one).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
+@click.option("--install", is_flag=True, help="Copy the generator into models/ and update the manifest.")
+def train_generator_command(celeba, run_dir, steps, batch_size, width, blocks, lambda_ver, lambda_ssim, identity,
+                            seed, limit, install):
+    """Train Stage III's generator (StarGAN objective + verification and SSIM terms)."""
+    from flows.train_generator import train_generator
+    from stages.gan_training import GanSettings
+
+    root = Path(celeba)
+    needed = [root / "img_align_celeba_89x109", root / "labels.csv"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise click.UsageError(f"CelebA files not found: {', '.join(missing)}; pass --celeba pointing at "
+                               f"../shared/data/celeba")
+    settings = GanSettings(steps=steps, batch_size=batch_size, width=width, blocks=blocks, lambda_ver=lambda_ver,
+                           lambda_ssim=lambda_ssim)
+    summary = train_generator(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, settings=settings,
+                              seed=seed, limit=limit, identity=identity, install=install)
+    click.echo(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

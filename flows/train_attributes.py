@@ -51,15 +51,21 @@ POPULATION_FILE = "attribute_population.json"
 COMBINATIONS_FILE = "attribute_combinations.npz"
 
 
+def aligned_cache(run_dir: str | Path) -> Path:
+    """Where the aligned CelebA crops are cached: ``<runs>/aligned-cache`` beside the run
+    folders of this flow (``.data/train-attributes/aligned-cache`` by default)."""
+    return Path(run_dir).parent / "aligned-cache"
+
+
 def device_for_training() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @task(name="align-celeba", cache_policy=NO_CACHE)
-def align_task(images: str, labels: str, run_dir: str, limit: int | None, workers: int, progress: bool) -> str:
+def align_task(images: str, labels: str, cache_dir: str, limit: int | None, workers: int, progress: bool) -> str:
     rows = read_labels(Path(labels))[:limit]
     template_sha = load_manifest()["face_template_68"]["sha256"]
-    return str(build_aligned_dataset(Path(images), rows, Path(run_dir).parent / "aligned-cache", template_sha,
+    return str(build_aligned_dataset(Path(images), rows, Path(cache_dir), template_sha,
                                      workers=workers, progress=progress))
 
 
@@ -115,7 +121,7 @@ def train_attributes(images: str, labels: str, annotations: str, run_dir: str = 
     torch.manual_seed(seed)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    aligned = align_task(images, labels, run_dir, limit, workers, progress)
+    aligned = align_task(images, labels, str(aligned_cache(run_dir)), limit, workers, progress)
     data = split_rows(labels, aligned, seed, limit)
     sizes = {name: len(index) for name, index in data["splits"].items()}
     overlap = _identity_overlap(data)
