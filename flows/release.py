@@ -146,11 +146,12 @@ def publish_task(photo_rows: list[dict], release_dir: str) -> list[dict]:
     return published
 
 
-def _enforce(gate: gates.GateResult, photo_rows: list[dict], face_rows: list[dict], batch: int) -> None:
+def _enforce(gate: gates.GateResult, photo_rows: list[dict], face_rows: list[dict], batch: int | None) -> None:
     """Fail closed on a gate: a table-level failure stops the run; photos with failing rows
     are quarantined in place (their staged output dropped)."""
     if gate.table_failed:
-        raise RuntimeError(f"{gate.name} failed for batch {batch}: {gate.failures}")
+        where = "the whole release" if batch is None else f"batch {batch}"
+        raise RuntimeError(f"{gate.name} failed for {where}: {gate.failures}")
     why = f"failed {gate.name}: " + "; ".join(gate.failures)
     for row in photo_rows:
         if row["image_id"] in gate.failed_image_ids and row["status"] not in ("rejected", "quarantined"):
@@ -257,7 +258,7 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
                     faces_done += [face | {"status": "quarantined"} for face in face_rows]
                 raise RuntimeError(why)
             for photo_rows, face_rows in analysed:
-                _enforce(gate, photo_rows, face_rows, -1)
+                _enforce(gate, photo_rows, face_rows, None)
         with tqdm(total=len(inputs), unit="photo", desc="release", disable=not show_progress) as progress:
             for index, (photo_rows, face_rows) in enumerate(analysed):
                 t = time.time()
