@@ -284,6 +284,16 @@ def train_template(images, limit):
     click.echo(json.dumps(fit_alignment_template(Path(images), limit), indent=2))
 
 
+def _celeba_files(celeba: str, *names: str) -> list[Path]:
+    """The named files of the CelebA folder, or a usage error listing the missing ones."""
+    needed = [Path(celeba) / name for name in names]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise click.UsageError(f"CelebA files not found: {', '.join(missing)}; pass --celeba pointing at "
+                               f"../shared/data/celeba")
+    return needed
+
+
 @train_group.command("attributes")
 @click.option("--celeba", default="../shared/data/celeba", show_default=True, type=click.Path(file_okay=False),
               help="CelebA folder with img_align_celeba_89x109/, labels.csv and annotations_full.zip.")
@@ -299,12 +309,7 @@ def train_attributes_command(celeba, run_dir, epochs, seed, limit, trees, max_le
     """Train Stage I (CNN + 40 random forests) on CelebA aligned by our own aligner."""
     from flows.train_attributes import train_attributes
 
-    root = Path(celeba)
-    needed = [root / "img_align_celeba_89x109", root / "labels.csv", root / "annotations_full.zip"]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise click.UsageError(f"CelebA files not found: {', '.join(missing)}; pass --celeba pointing at "
-                               f"../shared/data/celeba")
+    needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv", "annotations_full.zip")
     summary = train_attributes(images=str(needed[0]), labels=str(needed[1]), annotations=str(needed[2]),
                                run_dir=run_dir, epochs=epochs, seed=seed, limit=limit, trees=trees,
                                max_leaf_nodes=max_leaf_nodes, install=install)
@@ -325,12 +330,7 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
     """Distil dlib's face descriptor into a small CNN (Stage III's identity loss)."""
     from flows.train_identity import train_identity
 
-    root = Path(celeba)
-    needed = [root / "img_align_celeba_89x109", root / "labels.csv"]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise click.UsageError(f"CelebA files not found: {', '.join(missing)}; pass --celeba pointing at "
-                               f"../shared/data/celeba")
+    needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv")
     summary = train_identity(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, epochs=epochs,
                              seed=seed, limit=limit, install=install)
     click.echo(json.dumps({k: summary[k] for k in ("split_sizes", "test", "seconds")}, indent=2))
@@ -358,12 +358,7 @@ def train_generator_command(celeba, run_dir, steps, batch_size, width, blocks, l
     from flows.train_generator import train_generator
     from stages.gan_training import GanSettings
 
-    root = Path(celeba)
-    needed = [root / "img_align_celeba_89x109", root / "labels.csv"]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise click.UsageError(f"CelebA files not found: {', '.join(missing)}; pass --celeba pointing at "
-                               f"../shared/data/celeba")
+    needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv")
     settings = GanSettings(steps=steps, batch_size=batch_size, width=width, blocks=blocks, lambda_ver=lambda_ver,
                            lambda_ssim=lambda_ssim)
     summary = train_generator(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, settings=settings,

@@ -30,10 +30,6 @@ class Spend:
     spent_before: float
     budget: float
 
-    @property
-    def remaining(self) -> float:
-        return self.budget - self.spent_before - self.epsilon
-
 
 def spent(ledger_dir: str | Path, dataset: str) -> list[float]:
     """The ε of every recorded release of ``dataset``."""

@@ -13,7 +13,6 @@ are refit.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.version import code_version
 from models import attributes as attribute_files
-from models.registry import MANIFEST_PATH, load_manifest, record_repo_model
+from models.registry import install_repo_model, load_manifest
 from stages.attribute_data import (
     ATTRIBUTES,
     SPLITS,
@@ -195,12 +194,9 @@ INSTALLED_FILES = {
 
 def install_model(model_dir: Path) -> dict[str, str]:
     """Copy a trained checkpoint into ``models/`` and record each file's sha256."""
-    digests = {}
-    for name, (file, description) in INSTALLED_FILES.items():
-        target = MANIFEST_PATH.parent / file
-        shutil.copyfile(model_dir / file, target)
-        digests[name] = record_repo_model(name, target, description + "; retrain with `anonymousnet train attributes`")
-    return digests
+    return {name: install_repo_model(name, model_dir / file, description + "; retrain with `anonymousnet train "
+                                                                           "attributes`")
+            for name, (file, description) in INSTALLED_FILES.items()}
 
 
 def attribute_table(metrics: dict) -> str:

@@ -23,7 +23,7 @@ from flows.train_identity import stage_one_cache
 from flows.version import code_version
 from models.generator import to_gan_input
 from models.identity_embedding import IdentityNet
-from models.registry import MANIFEST_PATH, record_repo_model, verified_path
+from models.registry import install_repo_model, verified_path
 from stages.attribute_names import ATTRIBUTES
 from stages.gan_training import GAN_ATTRIBUTES, GanSettings, train_gan
 
@@ -79,13 +79,8 @@ def train_generator(images: str, labels: str, run_dir: str = ".data/train-genera
     (model_dir / CONFIG_FILE).write_text(json.dumps({"config": generator.config} | summary, indent=1) + "\n")
     if install:
         summary["installed"] = {
-            name: record_repo_model(name, _copy(model_dir / file), what)
+            name: install_repo_model(name, model_dir / file, what)
             for name, file, what in (("generator", MODEL_FILE, "Stage III generator (torch state dict)"),
                                      ("generator_config", CONFIG_FILE, "its configuration and training run"))}
     return summary
 
-
-def _copy(source: Path) -> Path:
-    target = MANIFEST_PATH.parent / source.name
-    target.write_bytes(source.read_bytes())
-    return target

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.train_attributes import _identity_overlap, align_task, split_rows
 from flows.version import code_version
 from models.generator import to_gan_input
-from models.registry import MANIFEST_PATH, record_repo_model
+from models.registry import install_repo_model
 from stages.identity_distill import (
     StudentSettings,
     embed,
@@ -91,11 +91,7 @@ def train_identity(images: str, labels: str, run_dir: str = ".data/train-identit
 
 
 def install_identity(model_dir: Path) -> dict[str, str]:
-    digests = {}
-    for name, file, what in (("identity_embedding", MODEL_FILE, "Stage III identity model (dlib descriptor "
-                                                                 "distilled into a CNN; torch state dict)"),
-                             ("identity_embedding_config", CONFIG_FILE, "its configuration and test metrics")):
-        target = MANIFEST_PATH.parent / file
-        target.write_bytes((model_dir / file).read_bytes())
-        digests[name] = record_repo_model(name, target, what + "; retrain with `anonymousnet train identity`")
-    return digests
+    return {name: install_repo_model(name, model_dir / file, what + "; retrain with `anonymousnet train identity`")
+            for name, file, what in (("identity_embedding", MODEL_FILE, "Stage III identity model (dlib descriptor "
+                                                                         "distilled into a CNN; torch state dict)"),
+                                     ("identity_embedding_config", CONFIG_FILE, "its configuration and test metrics"))}

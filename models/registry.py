@@ -10,6 +10,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 MANIFEST_PATH = Path(__file__).with_name("manifest.json")
@@ -93,6 +94,13 @@ def model_hashes(names: list[str]) -> dict[str, str]:
             verified_path(name)
             hashes[name] = entry["sha256"]
     return hashes
+
+
+def install_repo_model(name: str, source: Path, description: str) -> str:
+    """Copy a trained file into ``models/`` under its own name and record its sha256."""
+    target = MANIFEST_PATH.parent / Path(source).name
+    shutil.copyfile(source, target)
+    return record_repo_model(name, target, description)
 
 
 def record_repo_model(name: str, path: Path, description: str) -> str:

@@ -12,17 +12,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import multiprocessing
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from stages.attribute_names import ATTRIBUTES
 from stages.faces import ALIGNED_SIZE, align_face, detect_faces
 from stages.imageio import ImageRejected, load_rgb
+from stages.parallel import map_with_progress
 
 SPLITS = ("train", "validation", "test")
 # Detection attempts in order: what a release does first, then stronger settings for the
@@ -83,26 +82,11 @@ def align_images(paths: list[Path], workers: int = 2, progress: bool = True) -> 
     image, how its face was found (``hog@1``, ``hog@2``, ``cnn@2``, ``missed`` or ``rejected: ...``)."""
     crops = np.zeros((len(paths), ALIGNED_SIZE, ALIGNED_SIZE, 3), dtype=np.uint8)
     found_by: list[str] = []
-    arguments = [str(p) for p in paths]
-    bar = tqdm(total=len(paths), desc="align CelebA", unit="image", disable=not progress)
-    if workers <= 1:
-        results = map(_align_one, arguments)
-        pool = None
-    else:
-        # spawn: dlib and Prefect threads make fork unsafe (it deadlocked in tests).
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-        results = pool.imap(_align_one, arguments, chunksize=32)
-    try:
-        for index, (crop, how) in enumerate(results):
-            if crop is not None:
-                crops[index] = crop
-            found_by.append(how)
-            bar.update()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
+    results = map_with_progress(_align_one, [str(p) for p in paths], workers, "align CelebA", "image", progress)
+    for index, (crop, how) in enumerate(results):
+        if crop is not None:
+            crops[index] = crop
+        found_by.append(how)
     return crops, found_by
 
 

@@ -170,7 +170,6 @@ def write_sample_grid(generator: Generator, preview: torch.Tensor, path: Path, d
 
     flips = [GAN_ATTRIBUTES.index(name) for name in ("Male", "Young", "Blond_Hair", "Smiling")]
     generator.eval()
-    rows = []
     with torch.no_grad():
         images, labels = preview
         images, labels = images.to(device), labels.float().to(device)
@@ -180,7 +179,6 @@ def write_sample_grid(generator: Generator, preview: torch.Tensor, path: Path, d
             target[:, attribute] = 1 - target[:, attribute]
             columns.append(generator(images, target))
         grid = torch.cat([torch.cat(list(column), dim=1) for column in columns], dim=2)   # 3 × H·n × W·cols
-        rows.append(grid)
     generator.train()
-    array = ((rows[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    array = ((grid.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
     Image.fromarray(array).save(path)

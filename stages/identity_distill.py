@@ -8,7 +8,6 @@ pairs: same-person pairs and different-person pairs of the held-out people.
 """
 from __future__ import annotations
 
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from models.generator import to_gan_input
 from models.identity_embedding import IdentityNet
+from stages.parallel import map_with_progress
 
 SAME_PERSON = 0.6   # dlib's threshold, as the release gate and EVALUATION.md use it
 
@@ -31,23 +31,10 @@ def _describe(crop: np.ndarray) -> np.ndarray:
 
 def teacher_descriptors(crops: np.ndarray, workers: int = 2, progress: bool = True) -> np.ndarray:
     """dlib descriptors (N×128 float32) of aligned crops (N×128×128×3 uint8)."""
-    bar = tqdm(total=len(crops), desc="dlib descriptors", unit="face", disable=not progress)
     out = np.zeros((len(crops), 128), dtype=np.float32)
-    if workers <= 1:
-        results = map(_describe, crops)
-        pool = None
-    else:
-        pool = multiprocessing.get_context("spawn").Pool(workers)   # fork deadlocks with dlib + Prefect threads
-        results = pool.imap(_describe, list(crops), chunksize=64)
-    try:
-        for index, descriptor in enumerate(results):
-            out[index] = descriptor
-            bar.update()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
+    results = map_with_progress(_describe, list(crops), workers, "dlib descriptors", "face", progress, chunksize=64)
+    for index, descriptor in enumerate(results):
+        out[index] = descriptor
     return out
 
 
