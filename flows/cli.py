@@ -151,6 +151,8 @@ def _load_policy_or_exit(file: str):
 def policy_check(files):
     """Validate FILES: schema, attribute names and whether t can be met with epsilon. Errors
     are printed as file:line:column; the exit code is 1 if any file is invalid."""
+    from policy.tools import unrendered_notes
+
     failed = False
     for file in files:
         try:
@@ -159,6 +161,8 @@ def policy_check(files):
             failed = True
             continue
         click.echo(f"{file}: ok (policy '{loaded.policy.name}', sha256 {loaded.sha256[:16]})")
+        for note in unrendered_notes(loaded.policy):
+            click.echo(f"{file}: note: {note}")
     if failed:
         sys.exit(1)
 
@@ -229,19 +233,30 @@ def policy_schema(write_to):
 @click.option("-p", "--policy", default=None, help="Policy whose detection and method settings are used.")
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N same-person pairs.")
 @click.option("--workers", default=2, show_default=True, help="Processes (dlib is single-threaded).")
+@click.option("--generator", default=None, help="For method gan: a train-generator run's model/ folder "
+                                                "(default: the shipped generator).")
+@click.option("--celeba", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Also measure attribute preservation on this CelebA folder's identity-disjoint test split.")
+@click.option("--celeba-limit", default=None, type=int, help="Use only the first N CelebA images (and their "
+                                                                "test-split share).")
 @click.option("-o", "--output", default=None, help="Write the results JSON here.")
-def evaluate_command(pairs, images, methods, policy, limit, workers, output):
+def evaluate_command(pairs, images, methods, policy, limit, workers, generator, celeba, celeba_limit, output):
     """De-identification, self de-identification, detection after, PSNR/SSIM/MS-SSIM and
-    seconds per face for each method on the same-person pairs (EVALUATION.md)."""
-    from flows.evaluate import evaluate, markdown_table
+    seconds per face for each method on the same-person pairs (EVALUATION.md); with
+    --celeba, Stage I's accuracy on the policy's preserved attributes before and after."""
+    from flows.evaluate import attribute_preservation, evaluate, markdown_table
     from policy.loader import PolicyError, load_policy
 
     try:
         loaded = load_policy(policy)
     except PolicyError as exc:
         raise click.ClickException(str(exc)) from None
-    results = evaluate(Path(pairs), Path(images), [m.strip() for m in methods.split(",") if m.strip()],
-                       loaded.policy, limit=limit, workers=workers, progress=True)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    results = evaluate(Path(pairs), Path(images), chosen, loaded.policy, limit=limit, workers=workers,
+                       progress=True, generator=generator)
+    if celeba:
+        results["attribute_preservation"] = attribute_preservation(Path(celeba), chosen, loaded.policy, generator,
+                                                                   limit=celeba_limit, progress=True)
     _emit(results, markdown_table(results), output)
 
 
@@ -250,15 +265,32 @@ def evaluate_command(pairs, images, methods, policy, limit, workers, output):
 @click.option("--repeats", default=3, show_default=True, help="Timed passes; medians are reported.")
 @click.option("--limit", default=None, type=int, help="Use only the first N photos.")
 @click.option("-p", "--policy", default=None, help="Policy whose detection and method settings are timed.")
-@click.option("--stage", type=click.Choice(["all", "attributes"]), default="all", show_default=True,
-              help="'attributes' times Stage I alone (CNN + forests) on the photos' aligned faces.")
-@click.option("--batch-size", default=256, show_default=True, help="Stage I batch size.")
+@click.option("--stage", type=click.Choice(["all", "attributes", "synthesis"]), default="all", show_default=True,
+              help="'attributes' times Stage I alone (CNN + forests), 'synthesis' Stage III alone (the "
+                   "generator), on the photos' aligned faces.")
+@click.option("--batch-size", default=None, type=int, help="Batch size of the stage timed alone "
+                                                            "[default: 256 for attributes, 64 for synthesis].")
+@click.option("--generator", default=None, help="For --stage synthesis: a train-generator run's model/ folder.")
 @click.option("-o", "--output", default=None, help="Write the results JSON here.")
-def benchmark_command(images, repeats, limit, policy, stage, batch_size, output):
+def benchmark_command(images, repeats, limit, policy, stage, batch_size, generator, output):
     """Faces per second per stage and end to end, blur baseline as the in-run reference."""
-    from flows.benchmark import benchmark, benchmark_attributes, markdown_table
+    from flows.benchmark import (
+        benchmark,
+        benchmark_attributes,
+        benchmark_synthesis,
+        markdown_table,
+    )
 
+    if stage == "synthesis":
+        batch_size = batch_size or 64
+        results = benchmark_synthesis(Path(images), batch_size=batch_size, repeats=repeats, limit=limit,
+                                      policy_path=policy, generator=generator)
+        table = (f"Stage III (generator), {results['faces']} faces, batch {batch_size}, {results['device']}, median "
+                 f"of {repeats}: **{results['faces_per_second_median']:.0f} faces/s** ({results['machine']})")
+        _emit(results, table, output)
+        return
     if stage == "attributes":
+        batch_size = batch_size or 256
         results = benchmark_attributes(Path(images), batch_size=batch_size, repeats=repeats, limit=limit)
         table = (f"Stage I (CNN + 40 forests), {results['faces']} faces, batch {batch_size}, median of {repeats}: "
                  f"**{results['faces_per_second_median']:.0f} faces/s** ({results['machine']})")
@@ -342,24 +374,27 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
 @click.option("--run-dir", default=".data/train-generator/default", show_default=True,
               help="Checkpoints, losses.jsonl and samples.png go here; running again resumes.")
 @click.option("--steps", default=20_000, show_default=True, help="Critic steps in total (the generator updates "
-                                                                 "every 5th).")
+                                                                 "every --critic-steps).")
+@click.option("--critic-steps", default=2, show_default=True, help="Critic updates per generator update.")
+@click.option("--learning-rate", default=2e-4, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--width", default=32, show_default=True, help="Generator and critic base width.")
-@click.option("--blocks", default=4, show_default=True, help="Residual blocks in the generator.")
+@click.option("--width", default=24, show_default=True, help="Generator and critic base width.")
+@click.option("--blocks", default=3, show_default=True, help="Residual blocks in the generator.")
 @click.option("--lambda-ver", default=1.0, show_default=True, help="Verification term (0: ablation without it).")
 @click.option("--lambda-ssim", default=1.0, show_default=True, help="SSIM term (0: ablation without it).")
 @click.option("--identity", default=None, help="A train-identity run's model/ folder (default: the shipped one).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
 @click.option("--install", is_flag=True, help="Copy the generator into models/ and update the manifest.")
-def train_generator_command(celeba, run_dir, steps, batch_size, width, blocks, lambda_ver, lambda_ssim, identity,
-                            seed, limit, install):
+def train_generator_command(celeba, run_dir, steps, critic_steps, learning_rate, batch_size, width, blocks,
+                            lambda_ver, lambda_ssim, identity, seed, limit, install):
     """Train Stage III's generator (StarGAN objective + verification and SSIM terms)."""
     from flows.train_generator import train_generator
     from stages.gan_training import GanSettings
 
     needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv")
-    settings = GanSettings(steps=steps, batch_size=batch_size, width=width, blocks=blocks, lambda_ver=lambda_ver,
+    settings = GanSettings(steps=steps, critic_steps=critic_steps, learning_rate=learning_rate,
+                           batch_size=batch_size, width=width, blocks=blocks, lambda_ver=lambda_ver,
                            lambda_ssim=lambda_ssim)
     summary = train_generator(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, settings=settings,
                               seed=seed, limit=limit, identity=identity, install=install)

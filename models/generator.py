@@ -47,7 +47,11 @@ class Generator(nn.Module):
             channels *= 2
         layers += [ResidualBlock(channels) for _ in range(blocks)]
         for _ in range(2):
-            layers += [nn.ConvTranspose2d(channels, channels // 2, 4, stride=2, padding=1, bias=False),
+            # Nearest up-sampling then a convolution, not a transposed convolution: the latter's
+            # uneven kernel overlap paints a checkerboard that a short CPU training run does
+            # not get rid of (Odena et al., "Deconvolution and checkerboard artifacts", 2016).
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                       nn.Conv2d(channels, channels // 2, 3, padding=1, bias=False),
                        nn.InstanceNorm2d(channels // 2, affine=True), nn.ReLU(inplace=True)]
             channels //= 2
         layers += [nn.Conv2d(channels, 3, 7, padding=3), nn.Tanh()]

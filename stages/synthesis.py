@@ -1,0 +1,143 @@
+"""Stage III: render each aligned face with its Stage II target attributes.
+
+What the generator sees. StarGAN edits attributes and keeps the identity, and PP-GAN's
+verification term can only push the output away from the input as far as a differentiable
+stand-in for the verifier tells it to. So the generator is never shown the identity in the
+first place: its input is the aligned crop with the inside of the face (the template's
+landmark hull, feathered) replaced by a strong Gaussian blur of itself (``face_context``).
+Hair, background, skin tone, lighting and the coarse layout of the face (pose, where the
+mouth opens) come through; the fine structure of eyes, nose, mouth and skin that dlib's
+verifier relies on does not, and the generator draws new ones. The same context is built
+in training and in a release, in torch, so the two can never drift apart.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from stages.faces import face_mask, template
+
+# Blur of the face interior, as a fraction of the crop width: the blur baseline's strength,
+# which alone defeats the verifier on 99.7% of LFW pairs (results/evaluation_lfw_devtrain_baselines.json).
+CONTEXT_BLUR_FRACTION = 0.08
+
+
+@lru_cache(maxsize=4)
+def template_mask(size: int) -> torch.Tensor:
+    """1×1×size×size feathered mask of the alignment template's face hull."""
+    mask = face_mask(template(size), (size, size), feather_fraction=0.06)
+    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of N×C×H×W images (reflected borders)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    coords = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    return F.conv2d(F.conv2d(padded, horizontal, groups=channels), vertical, groups=channels)
+
+
+def face_context(images: torch.Tensor, blur_fraction: float = CONTEXT_BLUR_FRACTION) -> torch.Tensor:
+    """The generator's input: ``images`` (N×3×S×S, aligned) with the face interior blurred."""
+    size = images.shape[-1]
+    mask = template_mask(size).to(images)
+    return images * (1 - mask) + gaussian_blur(images, blur_fraction * size) * mask
+
+
+def paste_face(generated: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``images`` with the face interior (template mask) taken from ``generated``."""
+    mask = template_mask(images.shape[-1]).to(images)
+    return images * (1 - mask) + generated * mask
+
+
+def synthesize_face(generator, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A new face inside the mask, the original outside: what the critic judges in training
+    and what the release pastes into the photo. The generator only has to paint the face;
+    hair and background, which the release keeps anyway, cost it nothing."""
+    return paste_face(generator(face_context(images), targets), images)
+
+
+class Synthesizer:
+    """The trained generator, applied to aligned crops in batches (GPU when present)."""
+
+    def __init__(self, generator, attributes: tuple[str, ...], device: str | None = None):
+        from stages.attribute_names import ATTRIBUTES
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.generator = generator.to(self.device).eval()
+        self.attributes = tuple(attributes)
+        unknown = [name for name in self.attributes if name not in ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"the generator is conditioned on unknown attribute(s) {unknown}")
+        self.columns = [ATTRIBUTES.index(name) for name in self.attributes]
+
+    def render(self, crops: np.ndarray, targets: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """N aligned uint8 crops (N×S×S×3) with their 40 target attributes (N×40, 0/1) ->
+        N synthesized crops of the same size."""
+        from models.generator import to_gan_input
+
+        crops = np.asarray(crops)
+        targets = np.asarray(targets, dtype=np.float32)
+        if len(crops) != len(targets):
+            raise ValueError(f"{len(crops)} crops but {len(targets)} target vectors")
+        out = np.empty_like(crops)
+        size = crops.shape[1] if crops.ndim == 4 else 0
+        with torch.inference_mode():
+            for start in range(0, len(crops), batch_size):
+                chunk = crops[start:start + batch_size]
+                images = to_gan_input(chunk, self.device)
+                condition = torch.as_tensor(targets[start:start + batch_size][:, self.columns], device=self.device)
+                fake = self.generator(face_context(images), condition)
+                if fake.shape[-1] != size:
+                    fake = F.interpolate(fake, size=(size, size), mode="bicubic", align_corners=False)
+                # Outside the mask, the original crop at full resolution (not the 64-px round trip).
+                original = torch.as_tensor(chunk, device=self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+                fake = paste_face(fake.clamp(-1, 1), original)
+                pixels = ((fake + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+                out[start:start + batch_size] = pixels.cpu().numpy()
+        return out
+
+
+def load_synthesizer(folder: str | None = None, device: str | None = None) -> Synthesizer:
+    """The generator of a training run's ``model/`` folder, or (``None``) the shipped one,
+    verified against ``models/manifest.json``."""
+    import json
+    from pathlib import Path
+
+    from models.generator import Generator
+    from models.registry import ModelFileError, load_manifest, verified_path
+
+    if folder:
+        weights, config_file = Path(folder) / "generator.pt", Path(folder) / "generator.json"
+        for path in (weights, config_file):
+            if not path.is_file():
+                raise ModelFileError(f"{path} not found: point to the model/ folder of an "
+                                     "`anonymousnet train generator` run")
+    else:
+        if "generator" not in load_manifest():
+            raise ModelFileError("no Stage III generator is installed: train one with `anonymousnet train generator "
+                                 "--install`, or choose obfuscation method blur, pixelate or mask in the policy")
+        weights, config_file = verified_path("generator"), verified_path("generator_config")
+    description = json.loads(config_file.read_text())
+    try:
+        generator = Generator(**description["config"])
+        generator.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise ModelFileError(f"the generator in {weights.parent} cannot be loaded ({error}); retrain it with "
+                             "`anonymousnet train generator --install` or restore models/ from git") from error
+    return Synthesizer(generator, tuple(description["attributes"]), device)
+
+
+@lru_cache(maxsize=2)
+def cached_synthesizer(folder: str | None = None) -> Synthesizer:
+    """One loaded generator per process (release workers, evaluation workers)."""
+    return load_synthesizer(folder)

@@ -1,0 +1,113 @@
+"""Stage III in a release: the generator's input hides the face, the synthesizer renders
+batches, compose colour-matches, and the leak gate still decides what is published."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.generator import GAN_SIZE, Generator
+from models.registry import ModelFileError
+from stages.anonymize import AnonymizeSettings, anonymize_photo
+from stages.attribute_names import ATTRIBUTES
+from stages.compose import match_colour
+from stages.faces import align_face, detect_faces
+from stages.gan_training import GAN_ATTRIBUTES
+from stages.synthesis import Synthesizer, face_context, load_synthesizer, template_mask
+
+
+def test_context_blurs_the_face_and_keeps_the_rest(astronaut):
+    faces = detect_faces(astronaut)
+    crop = align_face(astronaut, max(faces, key=lambda f: f.box[1]).landmarks).crop
+    images = torch.as_tensor(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
+    images = torch.nn.functional.interpolate(images, size=(GAN_SIZE, GAN_SIZE), mode="area")
+    context = face_context(images)
+    mask = template_mask(GAN_SIZE)
+    outside, inside = mask[0, 0] < 1e-3, mask[0, 0] > 0.99
+    assert torch.allclose(context[..., outside], images[..., outside], atol=0.005)
+    # The interior keeps its mean colour but loses its detail (eyes, nose, mouth edges).
+    assert (context[..., inside].mean() - images[..., inside].mean()).abs() < 0.05
+    detail = lambda x: (x[..., 1:, :] - x[..., :-1, :]).abs()[..., inside[1:]].mean()
+    assert detail(context) < 0.35 * detail(images)
+
+
+def _tiny_synthesizer(seed=0) -> Synthesizer:
+    torch.manual_seed(seed)
+    return Synthesizer(Generator(len(GAN_ATTRIBUTES), width=8, blocks=1), GAN_ATTRIBUTES, "cpu")
+
+
+def test_synthesizer_renders_batches_at_the_crop_size():
+    synthesizer = _tiny_synthesizer()
+    crops = np.random.default_rng(0).integers(0, 256, (5, 128, 128, 3), dtype=np.uint8)
+    targets = np.zeros((5, len(ATTRIBUTES)))
+    out = synthesizer.render(crops, targets, batch_size=2)
+    assert out.shape == crops.shape and out.dtype == np.uint8
+    # Only the face is new: outside the mask the crop is the original, at full resolution.
+    outside = template_mask(128)[0, 0].numpy() < 1e-3
+    assert np.abs(out[:, outside].astype(int) - crops[:, outside]).max() <= 1
+    assert np.abs(out[:, ~outside].astype(int) - crops[:, ~outside]).mean() > 10
+    # Batching does not change the result (up to float rounding); the targets do.
+    assert np.abs(out.astype(int) - synthesizer.render(crops, targets, batch_size=5)).max() <= 1
+    flipped = targets.copy()
+    flipped[:, ATTRIBUTES.index("Male")] = 1
+    assert not np.array_equal(out, synthesizer.render(crops, flipped))
+    with pytest.raises(ValueError, match="5 crops but 4 target"):
+        synthesizer.render(crops, targets[:4])
+
+
+def test_load_synthesizer_from_a_run_folder_and_clear_errors(tmp_path):
+    generator = Generator(len(GAN_ATTRIBUTES), width=8, blocks=1)
+    with pytest.raises(ModelFileError, match="train generator"):
+        load_synthesizer(str(tmp_path))
+    torch.save(generator.state_dict(), tmp_path / "generator.pt")
+    (tmp_path / "generator.json").write_text(json.dumps({"config": generator.config,
+                                                         "attributes": list(GAN_ATTRIBUTES)}))
+    loaded = load_synthesizer(str(tmp_path), device="cpu")
+    assert loaded.attributes == GAN_ATTRIBUTES
+    (tmp_path / "generator.json").write_text(json.dumps({"config": generator.config | {"width": 16},
+                                                         "attributes": list(GAN_ATTRIBUTES)}))
+    with pytest.raises(ModelFileError, match="cannot be loaded"):
+        load_synthesizer(str(tmp_path))
+
+
+def test_colour_matching_moves_the_face_to_the_photo_colour():
+    rng = np.random.default_rng(0)
+    reference = np.clip(rng.normal((170, 120, 100), 12, (40, 40, 3)), 0, 255).astype(np.uint8)
+    source = np.clip(rng.normal((90, 110, 150), 25, (40, 40, 3)), 0, 255).astype(np.uint8)
+    region = np.zeros((40, 40), bool)
+    region[5:35, 5:35] = True
+    matched = match_colour(source, reference, region)
+    before = np.abs(source[region].mean(0) - reference[region].mean(0)).max()
+    after = np.abs(matched[region].mean(0).astype(float) - reference[region].mean(0)).max()
+    assert before > 40 and after < 4
+    assert np.array_equal(match_colour(source, reference, np.zeros((40, 40), bool)), source)
+
+
+def _settings(method, **overrides):
+    base = dict(method=method, method_params={}, fallback=["pixelate", "mask"], on_leak="fallback",
+                on_no_face="release", release_distance=0.65, feather_fraction=0.06, output_format="png")
+    return AnonymizeSettings(**(base | overrides))
+
+
+def test_gan_method_uses_the_rendered_face_and_the_gate_still_decides(astronaut):
+    faces = detect_faces(astronaut)
+    aligned = [align_face(astronaut, f.landmarks) for f in faces]
+    # A "rendering" that is the original face: the gate must catch it and fall back.
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), [a.crop for a in aligned])
+    real = max(range(len(faces)), key=lambda i: faces[i].box[1])
+    assert result.status == "released"
+    assert result.face_methods_tried[real][0] == "gan" and result.face_methods[real] in ("pixelate", "mask")
+    # A face with nothing rendered (no Stage II targets) goes straight to the fallback ...
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), [None] * len(faces))
+    assert result.status == "released" and all(m != "gan" for m in result.face_methods)
+    # ... and without a fallback the photo is held back, with the reason.
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan", on_leak="quarantine"),
+                             [None] * len(faces))
+    assert result.status == "quarantined" and "no Stage II target" in result.reason
+
+
+def test_uses_generator_follows_the_chain():
+    assert _settings("gan").uses_generator
+    assert _settings("blur", fallback=["gan", "mask"]).uses_generator
+    assert not _settings("blur", fallback=["gan"], on_leak="quarantine").uses_generator
+    assert not _settings("blur").uses_generator
