@@ -113,12 +113,8 @@ def time_attributes(crops: np.ndarray, batch_size: int) -> float:
     return time.perf_counter() - clock
 
 
-def benchmark_attributes(images: Path, batch_size: int = ATTRIBUTE_BATCH, repeats: int = 5,
-                         limit: int | None = None, progress: bool = True) -> dict:
-    """Stage I alone: faces/s of CNN + forests on the aligned faces of ``images`` (aligned
-    once, untimed), median over ``repeats`` passes, at ``batch_size``."""
-    import torch
-
+def _aligned_crops(images: Path, limit: int | None, progress: bool) -> tuple[int, np.ndarray]:
+    """(photos, every aligned face crop) of the photos under ``images`` (untimed set-up)."""
     paths = [p.path for p in discover_folder(images) if p.path is not None][:limit]
     crops = []
     for path in tqdm(paths, desc="align", unit="photo", disable=not progress):
@@ -129,15 +125,56 @@ def benchmark_attributes(images: Path, batch_size: int = ATTRIBUTE_BATCH, repeat
         crops += [align_face(rgb, f.landmarks).crop for f in detect_faces(rgb)]
     if not crops:
         raise ValueError(f"no faces found in {len(paths)} photos under {images}; nothing to time")
-    stacked = np.stack(crops)
-    time_attributes(stacked[:batch_size], batch_size)   # warm-up: model load and hashing
-    passes = [time_attributes(stacked, batch_size) for _ in range(repeats)]
-    return {"images": str(images), "photos": len(paths), "faces": len(crops), "batch_size": batch_size,
-            "repeats": repeats, "torch_threads": torch.get_num_threads(),
+    return len(paths), np.stack(crops)
+
+
+def _rates(images: Path, photos: int, faces: int, batch_size: int, passes: list[float]) -> dict:
+    import torch
+
+    return {"images": str(images), "photos": photos, "faces": faces, "batch_size": batch_size,
+            "repeats": len(passes), "torch_threads": torch.get_num_threads(),
+            "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "machine": f"{_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
             "seconds_per_pass": [round(s, 4) for s in passes],
-            "faces_per_second_median": len(crops) / statistics.median(passes),
-            "faces_per_second_min": len(crops) / max(passes), "faces_per_second_max": len(crops) / min(passes)}
+            "faces_per_second_median": faces / statistics.median(passes),
+            "faces_per_second_min": faces / max(passes), "faces_per_second_max": faces / min(passes)}
+
+
+def benchmark_attributes(images: Path, batch_size: int = ATTRIBUTE_BATCH, repeats: int = 5,
+                         limit: int | None = None, progress: bool = True) -> dict:
+    """Stage I alone: faces/s of CNN + forests on the aligned faces of ``images`` (aligned
+    once, untimed), median over ``repeats`` passes, at ``batch_size``."""
+    photos, crops = _aligned_crops(images, limit, progress)
+    time_attributes(crops[:batch_size], batch_size)   # warm-up: model load and hashing
+    passes = [time_attributes(crops, batch_size) for _ in range(repeats)]
+    return _rates(images, photos, len(crops), batch_size, passes)
+
+
+def benchmark_synthesis(images: Path, batch_size: int = 64, repeats: int = 5, limit: int | None = None,
+                        policy_path: str | None = None, generator: str | None = None, progress: bool = True) -> dict:
+    """Stage III alone: faces/s of the generator (face context, forward pass, upsampling to
+    the crop) on the aligned faces of ``images`` at ``batch_size``, with the targets Stage I
+    and the policy's Stage II give them (computed once, untimed); median over passes. On the
+    GPU when one is present."""
+    from flows.release import plan_selection
+    from stages.facetable import ATTRIBUTE_COLUMNS
+    from stages.ppas import select_face_rows
+    from stages.synthesis import load_synthesizer
+
+    policy = load_policy(policy_path).policy
+    photos, crops = _aligned_crops(images, limit, progress)
+    rows = [dict(zip(ATTRIBUTE_COLUMNS, map(float, p))) for p in attribute_model().predict(crops)]
+    targets = np.array([r["target_attributes"] for r in select_face_rows(rows, plan_selection(policy))])
+    synthesizer = load_synthesizer(generator)
+    synthesizer.render(crops[:batch_size], targets[:batch_size], batch_size)   # warm-up
+
+    def one_pass() -> float:
+        clock = time.perf_counter()
+        synthesizer.render(crops, targets, batch_size)
+        return time.perf_counter() - clock
+
+    passes = [one_pass() for _ in tqdm(range(repeats), desc="synthesis", unit="pass", disable=not progress)]
+    return _rates(images, photos, len(crops), batch_size, passes) | {"generator": generator or "shipped"}
 
 
 def benchmark(images: Path, repeats: int = 3, limit: int | None = None, policy_path: str | None = None,

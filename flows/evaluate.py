@@ -19,18 +19,24 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from flows.release import plan_selection
 from policy.schema import Policy
+from stages.attributes import default_model as attribute_model
 from stages.compose import compose_faces
 from stages.faces import align_face, detect_faces, face_descriptor
+from stages.facetable import ATTRIBUTE_COLUMNS
 from stages.imageio import ImageRejected, load_rgb
 from stages.obfuscate import obfuscate
+from stages.ppas import Selection, select_face_rows
 from stages.quality import ms_ssim, psnr, ssim
+from stages.synthesis import cached_synthesizer
 
 VERIFIER_THRESHOLD = 0.6   # dlib's documented same-person threshold (EVALUATION.md)
 VERIFIER_UPSAMPLE = 1
@@ -58,14 +64,40 @@ def find_and_align(rgb: np.ndarray, policy: Policy) -> list:
     return [align_face(rgb, face.landmarks) for face in faces]
 
 
-def deidentify(rgb: np.ndarray, aligned: list, method: str, policy: Policy) -> np.ndarray:
+@dataclass(frozen=True)
+class Synthesis:
+    """What the ``gan`` method needs besides the policy: Stage II's mechanism for the
+    policy and the generator (a run's ``model/`` folder, or None for the shipped one)."""
+    selection: Selection
+    generator: str | None = None
+
+
+def synthesize(aligned: list, synthesis: Synthesis, batch_size: int = 64) -> list[np.ndarray]:
+    """The release's Stage I -> Stage II -> Stage III on aligned faces: predicted attributes,
+    targets drawn by the policy's mechanism, the generator's rendering."""
+    if not aligned:
+        return []
+    crops = np.stack([a.crop for a in aligned])
+    rows = [dict(zip(ATTRIBUTE_COLUMNS, map(float, p))) for p in attribute_model().predict(crops)]
+    targets = np.array([row["target_attributes"] for row in select_face_rows(rows, synthesis.selection)])
+    return list(cached_synthesizer(synthesis.generator).render(crops, targets, batch_size))
+
+
+def deidentify(rgb: np.ndarray, aligned: list, method: str, policy: Policy,
+               synthesis: Synthesis | None = None) -> np.ndarray:
     """A': every aligned face obfuscated with ``method`` and composed back."""
-    edited = [obfuscate(a.crop, method, policy.obfuscation.params_for(method)) for a in aligned]
-    return compose_faces(rgb, aligned, edited, policy.obfuscation.feather_fraction)
+    if method == "gan":
+        if synthesis is None:
+            raise ValueError("method gan needs the policy's Stage II selection (Synthesis)")
+        edited = synthesize(aligned, synthesis, policy.obfuscation.gan.batch_size)
+    else:
+        edited = [obfuscate(a.crop, method, policy.obfuscation.params_for(method)) for a in aligned]
+    return compose_faces(rgb, aligned, edited, policy.obfuscation.feather_fraction,
+                         [method == "gan"] * len(aligned))
 
 
-def evaluate_pair(job: tuple[Path, Path, list[str], Policy]) -> list[dict]:
-    path_a, path_b, methods, policy = job
+def evaluate_pair(job: tuple[Path, Path, list[str], Policy, Synthesis | None]) -> list[dict]:
+    path_a, path_b, methods, policy, synthesis = job
     pair = {"rel_a": path_a.name, "rel_b": path_b.name}
     try:
         image_a, image_b = load_rgb(path_a).rgb, load_rgb(path_b).rgb
@@ -86,7 +118,7 @@ def evaluate_pair(job: tuple[Path, Path, list[str], Policy]) -> list[dict]:
         if method == "original":
             output, treated, seconds = image_a, 0, 0.0
         else:
-            output, treated = deidentify(image_a, aligned, method, policy), len(aligned)
+            output, treated = deidentify(image_a, aligned, method, policy, synthesis), len(aligned)
             seconds = detection_seconds + time.perf_counter() - started
         found = _all_descriptors(output)
         to_b = min((float(np.linalg.norm(d - descriptor_b)) for d in found), default=float("inf"))
@@ -123,7 +155,7 @@ def summarize(rows: pd.DataFrame) -> dict[str, dict]:
 
 
 def evaluate(pairs_csv: Path, images: Path, methods: list[str], policy: Policy, limit: int | None = None,
-             workers: int = 2, progress: bool = False) -> dict:
+             workers: int = 2, progress: bool = False, generator: str | None = None) -> dict:
     pairs = pd.read_csv(pairs_csv)
     missing = {"rel_a", "rel_b", "same"} - set(pairs.columns)
     if missing:
@@ -131,7 +163,11 @@ def evaluate(pairs_csv: Path, images: Path, methods: list[str], policy: Policy, 
     same = pairs[pairs["same"].astype(int) == 1]
     if limit:
         same = same.head(limit)
-    jobs = [(images / a, images / b, methods, policy) for a, b in zip(same["rel_a"], same["rel_b"])]
+    synthesis = None
+    if "gan" in methods:
+        synthesis = Synthesis(plan_selection(policy), generator)
+        cached_synthesizer(generator)          # a missing generator fails here, not in every worker
+    jobs = [(images / a, images / b, methods, policy, synthesis) for a, b in zip(same["rel_a"], same["rel_b"])]
     started = time.time()
     rows: list[dict] = []
     bar = tqdm(total=len(jobs), unit="pair", desc="evaluate", disable=not progress)
@@ -152,6 +188,7 @@ def evaluate(pairs_csv: Path, images: Path, methods: list[str], policy: Policy, 
                         f"HOG upsample {VERIFIER_UPSAMPLE}, threshold {VERIFIER_THRESHOLD}",
             "pairs_csv": str(pairs_csv), "images": str(images), "same_pairs": int(len(jobs)),
             "policy": policy.name, "wall_seconds": time.time() - started, "workers": workers,
+            "generator": (generator or "shipped") if synthesis else None,
             "methods": summarize(frame)}
 
 
@@ -171,4 +208,66 @@ def markdown_table(results: dict) -> str:
     first = next(iter(results["methods"].values()))
     lines.append(f"\nEvaluable pairs: {first['evaluable_pairs']} of {first['pairs']}; verification rate before: "
                  f"{fmt(first['verification_rate_before'], percent=True)}")
+    preservation = results.get("attribute_preservation")
+    if preservation:
+        names = preservation["preserved"]
+        lines += ["", f"Attribute preservation (Stage I accuracy on the preserved attributes, CelebA test split, "
+                      f"{preservation['faces']} faces):", "",
+                  "| faces | mean | ratio to original | " + " | ".join(names) + " |",
+                  "|---|---:|---:|" + "---:|" * len(names)]
+        rows = [("original", preservation["original"] | {"ratio_to_original": 1.0})]
+        rows += list(preservation["methods"].items())
+        for method, m in rows:
+            lines.append(f"| {method} | {fmt(m['mean'], percent=True)} | {fmt(m['ratio_to_original'], 3)} | "
+                         + " | ".join(fmt(m["per_attribute"][n], percent=True) for n in names) + " |")
     return "\n".join(lines)
+
+
+def attribute_preservation(celeba: Path, methods: list[str], policy: Policy, generator: str | None = None,
+                           limit: int | None = None, cache_dir: Path | None = None, seed: int = 0,
+                           progress: bool = False) -> dict:
+    """Stage I's accuracy, against CelebA's labels, on the policy's preserved attributes of
+    the identity-disjoint test split (the people Stage I never trained on): on the original
+    aligned faces and on the same faces de-identified by each method. ``limit``: use only
+    the first N labelled images (their test-split share).
+
+    The de-identified face is the method's crop pasted into the aligned original through
+    the release's own compose (feathered landmark mask at the alignment template, colour
+    matching for ``gan``), then judged by the release's Stage I, as a release would judge a
+    re-detected face."""
+    from flows.train_attributes import align_task, split_rows
+    from stages.faces import ALIGNED_SIZE, AlignedFace, template
+
+    images, labels = celeba / "img_align_celeba_89x109", celeba / "labels.csv"
+    # Stage I's training flow keeps its aligned crops here: the same alignment, done once.
+    cache = cache_dir or Path(".data/train-attributes/aligned-cache")
+    aligned_file = align_task(str(images), str(labels), str(cache), limit, 2, progress)
+    data = split_rows(str(labels), aligned_file, seed, limit)
+    test = data["splits"]["test"]
+    with np.load(aligned_file) as stored:
+        crops = stored["crops"][test]
+    preserved = list(policy.attributes.preserve)
+    columns = [ATTRIBUTE_COLUMNS.index(f"attr_{name}") for name in preserved]
+    truth = data["labels"][test][:, columns].astype(bool)
+    identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    faces = [AlignedFace(crop=c, matrix=identity, inverse=identity, landmarks=template(ALIGNED_SIZE)) for c in crops]
+    synthesis = Synthesis(plan_selection(policy), generator) if "gan" in methods else None
+
+    def accuracy(batch: np.ndarray) -> dict:
+        predicted = attribute_model().predict(batch)[:, columns] >= 0.5
+        per_attribute = (predicted == truth).mean(axis=0)
+        return {"mean": float(per_attribute.mean()),
+                "per_attribute": {name: float(v) for name, v in zip(preserved, per_attribute)}}
+
+    results = {"faces": int(len(test)), "preserved": preserved, "original": accuracy(crops), "methods": {}}
+    for method in methods:
+        if method == "gan":
+            edited = synthesize(faces, synthesis, policy.obfuscation.gan.batch_size)
+        else:
+            edited = [obfuscate(f.crop, method, policy.obfuscation.params_for(method)) for f in faces]
+        composed = np.stack([compose_faces(f.crop, [f], [e], policy.obfuscation.feather_fraction, [method == "gan"])
+                             for f, e in zip(faces, edited)])
+        scores = accuracy(composed)
+        scores["ratio_to_original"] = scores["mean"] / results["original"]["mean"]
+        results["methods"][method] = scores
+    return results

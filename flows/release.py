@@ -49,6 +49,7 @@ from stages.ppas import (
     select_face_rows,
     t_closeness_of_rows,
 )
+from stages.synthesis import cached_synthesizer
 
 
 def _ingest_settings(policy: Policy) -> IngestSettings:
@@ -67,7 +68,7 @@ def anonymize_settings(policy: Policy) -> AnonymizeSettings:
         # The leak check re-detects with EVALUATION.md's verifier: HOG at the policy's upsample.
         detector="hog", upsample=policy.detection.upsample,
         max_side=policy.detection.max_side, output_format=policy.output.format,
-        jpeg_quality=policy.output.jpeg_quality)
+        jpeg_quality=policy.output.jpeg_quality, synthesis_batch=obfuscation.gan.batch_size)
 
 
 # Reading photos can fail transiently on network storage: retry. Detection itself is
@@ -184,6 +185,9 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
     loaded = load_policy(policy)
     privacy = loaded.policy.privacy
     selection = plan_selection(loaded.policy)          # an infeasible policy stops here
+    uses_generator = anonymize_settings(loaded.policy).uses_generator
+    if uses_generator:
+        cached_synthesizer(None)                        # a missing or tampered generator stops here too
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
     release_dir = Path(output).resolve()
     started_at = dt.datetime.now(dt.timezone.utc)
@@ -210,7 +214,8 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
                "policy_sha256": loaded.sha256, "policy_text": loaded.text, "code_version": code_version(),
                "models": model_hashes(detector_model_names(loaded.policy.detection.detector)
                                       + list(ATTRIBUTE_MODEL_FILES) + ["attribute_population",
-                                                                        "attribute_combinations"]),
+                                                                        "attribute_combinations"]
+                                      + (["generator", "generator_config"] if uses_generator else [])),
                "n_inputs": len(inputs), "dataset": dataset, "ledger_dir": str(ledger_dir),
                "epsilon_release": spend.epsilon, "epsilon_spent_before": spend.spent_before,
                "epsilon_budget": spend.budget}

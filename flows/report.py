@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from policy.schema import Policy
+from policy.tools import unrendered_notes
 
 MAX_ROWS = 200
 
@@ -45,6 +46,7 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
         lines.append("")
     lines += _drift_section(run)
     lines += _selection_section(run, faces, policy)
+    lines += _synthesis_section(faces, policy)
     held = [p for p in photos if p["status"] != "released"]
     if held:
         lines += ["## Not released", "", "| photo | outcome | reason |", "|---|---|---|"]
@@ -93,6 +95,27 @@ def _drift_section(run: dict) -> list[str]:
     return lines + [""]
 
 
+def _synthesis_section(faces: list[dict], policy: Policy) -> list[str]:
+    """Stage III: how many faces the generator rendered and how many of those the leak gate
+    sent on to a fallback."""
+    rendered = [f for f in faces if (f.get("methods_tried") or [None])[0] == "gan"]
+    if policy.obfuscation.method != "gan" or not faces:
+        return []
+    kept = sum(f.get("method") == "gan" for f in rendered)
+    fallback = [f for f in rendered if f.get("method") != "gan"]
+    methods = {}
+    for face in fallback:
+        methods[face.get("method")] = methods.get(face.get("method"), 0) + 1
+    return ["## Face synthesis (Stage III)", "",
+            f"- {len(rendered)} of {len(faces)} face(s) rendered by the generator with their Stage II targets; "
+            f"{kept} published as rendered, {len(fallback)} still verified as their original (or could not be "
+            "rendered) and went to the fallback"
+            + (" (" + ", ".join(f"{m}: {n}" for m, n in sorted(methods.items())) + ")" if methods else ""),
+            f"- Faces without Stage II targets (found only by the leak check): "
+            f"{sum(1 for f in faces if f.get('target_attributes') is None)}"] + [
+            f"- Note: {note}" for note in unrendered_notes(policy)] + [""]
+
+
 def _selection_section(run: dict, faces: list[dict], policy: Policy) -> list[str]:
     """Stage II: what was re-selected, the privacy spent, and measured t-closeness."""
     privacy, attributes = policy.privacy, policy.attributes
@@ -104,8 +127,8 @@ def _selection_section(run: dict, faces: list[dict], policy: Policy) -> list[str
              f"- Privacy: epsilon {run['epsilon_release']:g} per face; dataset `{_cell(run.get('dataset'))}` had spent "
              f"{run['epsilon_spent_before']:g} of its budget {run['epsilon_budget']:g} before this release, "
              f"{run['epsilon_budget'] - run['epsilon_spent_before'] - run['epsilon_release']:g} remains",
-             "- Targets are rendered by Stage III; until it ships, the faces are obfuscated with the method below "
-             "and the targets are recorded in lineage (`target_attributes`).", ""]
+             "- Targets are recorded per face in lineage (`target_attributes`); method `gan` renders them "
+             "(Stage III below), the other methods only record them.", ""]
     selected = [f for f in faces if f.get("changed_attributes") is not None]
     if selected:
         mean_changed = sum(len(f["changed_attributes"]) for f in selected) / len(selected)

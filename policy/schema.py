@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from stages.attribute_names import ATTRIBUTES
 from stages.ppas import EXPONENTIAL_MAX_ATTRIBUTES
 
-ObfuscationName = Literal["blur", "pixelate", "mask"]
+ObfuscationName = Literal["gan", "blur", "pixelate", "mask"]
 
 
 class PolicyValueError(ValueError):
@@ -63,9 +63,16 @@ class MaskParams(_Strict):
         return self
 
 
+class GanParams(_Strict):
+    batch_size: int = Field(64, ge=1, le=1024, description="Faces the generator renders per pass (larger is faster "
+                                                           "on a GPU, costs memory).")
+
+
 class ObfuscationPolicy(_Strict):
-    method: ObfuscationName = Field("blur", description="How every detected face is obfuscated.")
+    method: ObfuscationName = Field("blur", description="How every detected face is obfuscated: gan synthesizes a new "
+                                                        "face with the Stage II target attributes (Stage III).")
     feather_fraction: float = Field(0.06, ge=0, le=0.3, description="Width of the mask's soft edge, as a fraction of face width.")
+    gan: GanParams = GanParams()
     blur: BlurParams = BlurParams()
     pixelate: PixelateParams = PixelateParams()
     mask: MaskParams = MaskParams()

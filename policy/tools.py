@@ -10,7 +10,8 @@ from policy.schema import Policy
 from stages.attribute_names import ATTRIBUTES
 from stages.ppas import Selection
 
-VERBS = {"blur": "blurred", "pixelate": "pixelated", "mask": "covered with a solid mask"}
+VERBS = {"gan": "replaced by a newly synthesized face that carries the Stage II target attributes",
+         "blur": "blurred", "pixelate": "pixelated", "mask": "covered with a solid mask"}
 DETECTORS = {"hog": "frontal faces only (fast)", "cnn": "frontal faces, profiles and faces looking down (slow)",
              "hog+cnn": "frontal faces, profiles and faces looking down"}
 
@@ -18,6 +19,39 @@ DETECTORS = {"hog": "frontal faces only (fast)", "cnn": "frontal faces, profiles
 def _names(names) -> str:
     names = [n.replace("_", " ") for n in names]
     return ", ".join(names) if names else "none"
+
+
+def rendered_attributes() -> tuple[str, ...] | None:
+    """The attributes the installed Stage III generator renders (None when none is installed)."""
+    import json
+
+    from models.registry import ModelFileError, load_manifest, verified_path
+
+    if "generator_config" not in load_manifest():
+        return None
+    try:
+        return tuple(json.loads(verified_path("generator_config").read_text())["attributes"])
+    except (ModelFileError, KeyError, ValueError):
+        return None
+
+
+def unrendered_notes(policy: Policy, rendered: tuple[str, ...] | None = None) -> list[str]:
+    """What a policy re-chooses but the published photo cannot show: with method gan, the
+    obfuscated attributes the generator does not render (hair lies outside the face mask the
+    release pastes back, so the photo keeps the original's). The guarantee then covers the
+    recorded targets, not those pixels; say so rather than let the policy promise it."""
+    if policy.obfuscation.method != "gan":
+        return []
+    rendered = rendered if rendered is not None else rendered_attributes()
+    if rendered is None:
+        return ["method gan needs the Stage III generator, which is not installed "
+                "(`anonymousnet train generator --install`)"]
+    missing = [a for a in policy.attributes.obfuscate if a not in rendered]
+    if not missing:
+        return []
+    return [f"attributes.obfuscate lists {_names(missing)}, which the generator does not render (it renders "
+            f"{_names(list(rendered))}); the published photo shows the original's {_names(missing)}, so the "
+            "privacy guarantee covers only the recorded targets for them. Move them to preserve, or accept this."]
 
 
 def explain(loaded: LoadedPolicy, selection: Selection | None, closed_form: list[float] | None = None) -> str:
@@ -58,6 +92,7 @@ def explain(loaded: LoadedPolicy, selection: Selection | None, closed_form: list
                          "(computed on the CelebA population).")
     else:
         lines.append("- No attribute is re-chosen (attributes.obfuscate is empty), so epsilon and t do not apply.")
+    lines += [f"- Note: {note}" for note in unrendered_notes(policy)]
     lines += ["", "WHAT THE NUMBERS GUARANTEE"]
     if attrs.obfuscate:
         odds = math.exp(privacy.epsilon)

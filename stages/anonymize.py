@@ -44,6 +44,12 @@ class AnonymizeSettings:
     max_side: int = 1600
     output_format: str = "same"
     jpeg_quality: int = 95
+    generator: str | None = None            # a train-generator run's model/ folder; None: the shipped one
+    synthesis_batch: int = 64
+
+    @property
+    def uses_generator(self) -> bool:
+        return self.method == "gan" or (self.on_leak == "fallback" and "gan" in self.fallback)
 
 
 @dataclass
@@ -62,22 +68,46 @@ class AnonymizeResult:
 
 
 def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFace],
-                    aligned: list[AlignedFace], settings: AnonymizeSettings) -> AnonymizeResult:
+                    aligned: list[AlignedFace], settings: AnonymizeSettings,
+                    rendered: list[np.ndarray | None] | None = None) -> AnonymizeResult:
+    """``rendered`` holds Stage III's synthesized crop per ingest face (``None`` where a face
+    has no Stage II targets); method ``gan`` uses it, and a face without one goes straight
+    to the next method of the chain."""
     fmt, suffix = output_format_for(source_format, settings.output_format)
     if not faces and settings.on_no_face == "quarantine":
         return AnonymizeResult("quarantined", "no face found and the policy quarantines such photos",
                                None, fmt, suffix)
     faces, aligned = list(faces), list(aligned)
+    rendered = list(rendered or [])
     ingest_count = len(faces)
     crop_size = aligned[0].crop.shape[0] if aligned else ALIGNED_SIZE
     chain = [settings.method] + (settings.fallback if settings.on_leak == "fallback" else [])
     originals = [face_descriptor(rgb, face.landmarks) for face in faces]
     chains = [chain for _ in faces]
     step = [0] * len(faces)
-    edited = [obfuscate(a.crop, settings.method, settings.method_params.get(settings.method)) for a in aligned]
+
+    def edit(i: int) -> np.ndarray | None:
+        """Face i edited with its chain's current method, skipping ``gan`` where nothing was
+        rendered; None when the chain runs out."""
+        while step[i] < len(chains[i]):
+            method = chains[i][step[i]]
+            if method != "gan":
+                return obfuscate(aligned[i].crop, method, settings.method_params.get(method))
+            if i < len(rendered) and rendered[i] is not None:
+                return rendered[i]
+            step[i] += 1
+        step[i] = len(chains[i]) - 1
+        return None
+
+    edited = [edit(i) for i in range(len(faces))]
     discovery_rounds = 0
     while True:
-        output = compose_faces(rgb, aligned, edited, settings.feather_fraction)
+        unrenderable = [i for i, crop in enumerate(edited) if crop is None]
+        if unrenderable:
+            return AnonymizeResult("quarantined", f"face {unrenderable[0]} has no Stage II target attributes for "
+                                   "the generator and the policy names no other method for it", None, fmt, suffix)
+        output = compose_faces(rgb, aligned, edited, settings.feather_fraction,
+                               [chains[i][step[i]] == "gan" for i in range(len(faces))])
         encoded = encode_clean(output, fmt, settings.jpeg_quality)
         report = check_identity_leaks(decode_bytes(encoded), faces, originals, settings.detector,
                                       settings.upsample, settings.max_side)
@@ -105,7 +135,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
                 originals.append(face_descriptor(rgb, face.landmarks))
                 chains.append(chain)
                 step.append(0)
-                edited.append(obfuscate(align.crop, settings.method, settings.method_params.get(settings.method)))
+                edited.append(edit(len(faces) - 1))
             continue
         if not leaking:
             return result
@@ -118,5 +148,4 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             return result
         for i in leaking:
             step[i] += 1
-            method = chains[i][step[i]]
-            edited[i] = obfuscate(aligned[i].crop, method, settings.method_params.get(method))
+            edited[i] = edit(i)

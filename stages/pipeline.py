@@ -97,16 +97,36 @@ def anonymize_batch(photo_rows: list[dict], face_rows: list[dict], sources: dict
     faces_by_image: dict[str, list[dict]] = {}
     for face in face_rows:
         faces_by_image.setdefault(face["image_id"], []).append(dict(face))
+    rendered = render_faces(face_rows, settings) if settings.uses_generator else {}
     out_photos, out_faces = [], []
     for row in photo_rows:
         faces = sorted(faces_by_image.get(row["image_id"], []), key=lambda f: f["face_index"])
-        out_photos.append(_anonymize_one(dict(row), faces, sources, settings, max_pixels, staging_dir))
+        out_photos.append(_anonymize_one(dict(row), faces, sources, settings, max_pixels, staging_dir, rendered))
         out_faces.extend(faces)
     return out_photos, out_faces
 
 
+def render_faces(face_rows: list[dict], settings: AnonymizeSettings) -> dict[tuple[str, int], np.ndarray]:
+    """Stage III for a batch: every face with Stage II targets synthesized in one batched
+    pass of the generator, keyed by (image_id, face_index)."""
+    from stages.synthesis import cached_synthesizer
+
+    wanted = [row for row in face_rows if row.get("target_attributes") is not None]
+    if not wanted:
+        return {}
+    crop_cache: dict[str, np.ndarray] = {}
+    for row in wanted:
+        if row["crop_file"] not in crop_cache:
+            with np.load(row["crop_file"]) as stored:
+                crop_cache[row["crop_file"]] = stored["crops"]
+    crops = np.stack([crop_cache[row["crop_file"]][row["crop_row"]] for row in wanted])
+    targets = np.array([row["target_attributes"] for row in wanted], dtype=np.float32)
+    synthesized = cached_synthesizer(settings.generator).render(crops, targets, settings.synthesis_batch)
+    return {(row["image_id"], row["face_index"]): crop for row, crop in zip(wanted, synthesized)}
+
+
 def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], settings: AnonymizeSettings,
-                   max_pixels: int, staging_dir: Path) -> dict:
+                   max_pixels: int, staging_dir: Path, rendered: dict[tuple[str, int], np.ndarray]) -> dict:
     """Anonymize one photo: updates ``faces`` in place (and appends faces the identity check
     found) and returns the photo row."""
     if row["status"] != "ingested":
@@ -119,7 +139,8 @@ def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], setti
     if image.sha256 != row["input_sha256"]:
         return row | {"status": "quarantined", "reason": "file changed between ingest and anonymize; run again"}
     detected, aligned = faces_from_rows(faces)
-    result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings)
+    result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings,
+                             [rendered.get((row["image_id"], face["face_index"])) for face in faces])
     for extra, extra_aligned in result.discovered:
         faces.append(face_row(row["image_id"], len(faces), extra, extra_aligned, row["width"], row["height"],
                               "identity-check"))

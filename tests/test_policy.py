@@ -95,3 +95,16 @@ def test_every_shipped_policy_validates():
     assert len(shipped) >= 2
     for path in shipped:
         assert load_policy(path).policy.name == path.stem
+
+
+def test_gan_policy_is_told_which_obfuscated_attributes_the_photo_cannot_show():
+    from policy.tools import unrendered_notes
+
+    text = ("version: 1\nname: gan-hair\nobfuscation:\n  method: gan\n"
+            "attributes:\n  preserve: [Smiling]\n  obfuscate: [Male, Blond_Hair]\n")
+    policy = parse_policy(text)
+    notes = unrendered_notes(policy, rendered=("Male", "Young", "Smiling"))
+    assert len(notes) == 1 and "Blond Hair" in notes[0] and "Male," not in notes[0].split("renders")[0]
+    assert unrendered_notes(policy, rendered=("Male", "Blond_Hair")) == []
+    blur = parse_policy(text.replace("method: gan", "method: blur"))
+    assert unrendered_notes(blur, rendered=("Male",)) == []
