@@ -41,3 +41,15 @@ def test_attribute_benchmark_times_stage_one(tmp_path):
     results = json.loads(out.read_text())
     assert results["faces"] >= 4 and len(results["seconds_per_pass"]) == 2
     assert results["faces_per_second_min"] <= results["faces_per_second_median"] <= results["faces_per_second_max"]
+
+
+def test_synthesis_benchmark_times_stage_three(tmp_path):
+    write_samples(tmp_path / "photos")
+    out = tmp_path / "synthesis.json"
+    result = CliRunner().invoke(main, ["benchmark", "--images", str(tmp_path / "photos"), "--stage", "synthesis",
+                                       "--repeats", "2", "--batch-size", "4", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert results["faces"] >= 4 and results["batch_size"] == 4 and results["generator"] == "shipped"
+    assert results["device"] == "cpu" or results["device"].startswith("cuda")
+    assert results["faces_per_second_min"] <= results["faces_per_second_median"] <= results["faces_per_second_max"]

@@ -2,6 +2,7 @@
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -160,12 +161,40 @@ def test_unchanged_faces_are_never_published(inputs, tmp_path, prefect_harness, 
     reason = lineage.read_table(tmp_path / "q", "photos").reason.iloc[0]
     assert "still verifies as its original" in reason
 
-    summary = release(input=str(photos_in), output=str(tmp_path / "f"))
+    blur_first = tmp_path / "blur-first.yaml"
+    blur_first.write_text("version: 1\nname: blur-first\nobfuscation:\n  method: blur\n")
+    summary = release(input=str(photos_in), output=str(tmp_path / "f"), policy=str(blur_first))
     faces = lineage.read_table(tmp_path / "f", "faces")
     assert summary["n_released"] == 1 and summary["n_faces_fallback"] >= 1
     leaked = faces[faces.methods_tried.map(lambda tried: tried[0] == "blur" and len(tried) > 1)]
     assert len(leaked) >= 1 and (leaked.method != "blur").all()
     assert (faces.leak_distance >= 0.6).all()
+
+
+def test_a_synthesized_face_that_still_verifies_goes_to_the_fallback(inputs, tmp_path, prefect_harness,
+                                                                     monkeypatch):
+    """policy/synthesize.yaml renders faces with the generator; one that "renders" the
+    original face back must be caught by the leak gate and published only after the fallback."""
+    from stages import synthesis
+
+    class Unchanged:
+        def render(self, crops, targets, batch_size=64):
+            return np.array(crops, copy=True)
+
+    monkeypatch.setattr(synthesis, "cached_synthesizer", lambda folder=None: Unchanged())
+    photos_in = tmp_path / "in"
+    photos_in.mkdir()
+    shutil.copy(inputs / "astronaut.jpg", photos_in / "astronaut.jpg")
+    summary = release(input=str(photos_in), output=str(tmp_path / "out"),
+                      policy=str(Path(__file__).parent.parent / "policy" / "synthesize.yaml"))
+    faces = lineage.read_table(tmp_path / "out", "faces")
+    assert summary["n_released"] == 1 and summary["n_leaks_published"] == 0
+    assert (faces.methods_tried.map(lambda tried: tried[0]) == "gan").all()
+    real = faces.loc[faces.box_top.idxmin()]                  # the astronaut, not the mission patch
+    assert real.method != "gan" and len(real.methods_tried) > 1
+    assert (faces.leak_distance >= 0.6).all()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Face synthesis (Stage III)" in report and "went to the fallback" in report
 
 
 def test_release_into_input_folder_is_refused(inputs, prefect_harness):

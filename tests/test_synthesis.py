@@ -18,7 +18,7 @@ from stages.synthesis import Synthesizer, face_context, load_synthesizer, templa
 
 def test_context_blurs_the_face_and_keeps_the_rest(astronaut):
     faces = detect_faces(astronaut)
-    crop = align_face(astronaut, max(faces, key=lambda f: f.box[1]).landmarks).crop
+    crop = align_face(astronaut, min(faces, key=lambda f: f.box[1]).landmarks).crop   # her face, not the patch
     images = torch.as_tensor(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
     images = torch.nn.functional.interpolate(images, size=(GAN_SIZE, GAN_SIZE), mode="area")
     context = face_context(images)
@@ -94,7 +94,7 @@ def test_gan_method_uses_the_rendered_face_and_the_gate_still_decides(astronaut)
     aligned = [align_face(astronaut, f.landmarks) for f in faces]
     # A "rendering" that is the original face: the gate must catch it and fall back.
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), [a.crop for a in aligned])
-    real = max(range(len(faces)), key=lambda i: faces[i].box[1])
+    real = min(range(len(faces)), key=lambda i: faces[i].box[1])   # her face, not the mission patch
     assert result.status == "released"
     assert result.face_methods_tried[real][0] == "gan" and result.face_methods[real] in ("pixelate", "mask")
     # A face with nothing rendered (no Stage II targets) goes straight to the fallback ...
