@@ -108,8 +108,8 @@ def _synthesis_section(faces: list[dict], policy: Policy) -> list[str]:
         methods[face.get("method")] = methods.get(face.get("method"), 0) + 1
     return ["## Face synthesis (Stage III)", "",
             f"- {len(rendered)} of {len(faces)} face(s) rendered by the generator with their Stage II targets; "
-            f"{kept} published as rendered, {len(fallback)} still verified as their original (or could not be "
-            "rendered) and went to the fallback"
+            f"{kept} published as rendered, {len(fallback)} were not yet far enough from their original for the "
+            "leak gate (or could not be rendered) and went to the fallback"
             + (" (" + ", ".join(f"{m}: {n}" for m, n in sorted(methods.items())) + ")" if methods else ""),
             f"- Faces without Stage II targets (found only by the leak check): "
             f"{sum(1 for f in faces if f.get('target_attributes') is None)}"] + [

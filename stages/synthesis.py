@@ -27,10 +27,17 @@ CONTEXT_BLUR_FRACTION = 0.08
 
 
 @lru_cache(maxsize=4)
+def _template_mask_array(size: int) -> np.ndarray:
+    mask = np.ascontiguousarray(face_mask(template(size), (size, size), feather_fraction=0.06), dtype=np.float32)
+    mask.setflags(write=False)
+    return mask
+
+
 def template_mask(size: int) -> torch.Tensor:
-    """1×1×size×size feathered mask of the alignment template's face hull."""
-    mask = face_mask(template(size), (size, size), feather_fraction=0.06)
-    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    """1×1×size×size feathered mask of the alignment template's face hull. A new tensor per
+    call: a cached one first made under ``torch.inference_mode`` (a release) could not take
+    part in autograd later in the same process (training)."""
+    return torch.tensor(_template_mask_array(size))[None, None]
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:

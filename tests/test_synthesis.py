@@ -1,6 +1,9 @@
 """Stage III in a release: the generator's input hides the face, the synthesizer renders
 batches, compose colour-matches, and the leak gate still decides what is published."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from stages.compose import match_colour
 from stages.faces import align_face, detect_faces
 from stages.gan_training import GAN_ATTRIBUTES
 from stages.synthesis import Synthesizer, face_context, load_synthesizer, template_mask
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_context_blurs_the_face_and_keeps_the_rest(astronaut):
@@ -111,3 +116,26 @@ def test_uses_generator_follows_the_chain():
     assert _settings("blur", fallback=["gan", "mask"]).uses_generator
     assert not _settings("blur", fallback=["gan"], on_leak="quarantine").uses_generator
     assert not _settings("blur").uses_generator
+
+
+def test_training_still_works_after_a_release_rendered_in_the_same_process(tmp_path):
+    """A release renders under torch.inference_mode; nothing it caches may poison autograd
+    for a training run later in the same process (a cached mask tensor once did). A fresh
+    process, so no earlier test has warmed a cache first."""
+    script = f"""
+import numpy as np, torch
+from pathlib import Path
+from models.generator import Generator
+from models.identity_embedding import IdentityNet
+from stages.gan_training import GAN_ATTRIBUTES, GanSettings, train_gan
+from stages.synthesis import Synthesizer
+Synthesizer(Generator(len(GAN_ATTRIBUTES), 8, 1), GAN_ATTRIBUTES, "cpu").render(
+    np.zeros((1, 128, 128, 3), np.uint8), np.zeros((1, 40)))
+images = torch.rand(4, 3, 64, 64) * 2 - 1
+labels = (torch.rand(4, len(GAN_ATTRIBUTES)) > 0.5).float()
+train_gan(images, labels, IdentityNet(channels=(4, 8, 8, 8), hidden=16),
+          GanSettings(steps=2, batch_size=2, width=8, blocks=1), Path({str(tmp_path)!r}), progress=False)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "gan_checkpoint.pt").is_file()
