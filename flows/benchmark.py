@@ -156,15 +156,13 @@ def benchmark_synthesis(images: Path, batch_size: int = 64, repeats: int = 5, li
     the crop) on the aligned faces of ``images`` at ``batch_size``, with the targets Stage I
     and the policy's Stage II give them (computed once, untimed); median over passes. On the
     GPU when one is present."""
+    from flows.evaluate import stage_two_targets
     from flows.release import plan_selection
-    from stages.facetable import ATTRIBUTE_COLUMNS
-    from stages.ppas import select_face_rows
     from stages.synthesis import load_synthesizer
 
     policy = load_policy(policy_path).policy
     photos, crops = _aligned_crops(images, limit, progress)
-    rows = [dict(zip(ATTRIBUTE_COLUMNS, map(float, p))) for p in attribute_model().predict(crops)]
-    targets = np.array([r["target_attributes"] for r in select_face_rows(rows, plan_selection(policy))])
+    targets = stage_two_targets(crops, plan_selection(policy))
     synthesizer = load_synthesizer(generator)
     synthesizer.render(crops[:batch_size], targets[:batch_size], batch_size)   # warm-up
 

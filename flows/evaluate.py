@@ -72,14 +72,19 @@ class Synthesis:
     generator: str | None = None
 
 
+def stage_two_targets(crops: np.ndarray, selection: Selection) -> np.ndarray:
+    """The release's Stage I -> Stage II on aligned crops: N×40 target attributes drawn by
+    the policy's mechanism from the predicted ones."""
+    rows = [dict(zip(ATTRIBUTE_COLUMNS, map(float, p))) for p in attribute_model().predict(crops)]
+    return np.array([row["target_attributes"] for row in select_face_rows(rows, selection)])
+
+
 def synthesize(aligned: list, synthesis: Synthesis, batch_size: int = 64) -> list[np.ndarray]:
-    """The release's Stage I -> Stage II -> Stage III on aligned faces: predicted attributes,
-    targets drawn by the policy's mechanism, the generator's rendering."""
+    """The release's Stage I -> Stage II -> Stage III on aligned faces."""
     if not aligned:
         return []
     crops = np.stack([a.crop for a in aligned])
-    rows = [dict(zip(ATTRIBUTE_COLUMNS, map(float, p))) for p in attribute_model().predict(crops)]
-    targets = np.array([row["target_attributes"] for row in select_face_rows(rows, synthesis.selection)])
+    targets = stage_two_targets(crops, synthesis.selection)
     return list(cached_synthesizer(synthesis.generator).render(crops, targets, batch_size))
 
 

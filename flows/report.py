@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from policy.schema import Policy
 from policy.tools import unrendered_notes
@@ -98,14 +99,12 @@ def _drift_section(run: dict) -> list[str]:
 def _synthesis_section(faces: list[dict], policy: Policy) -> list[str]:
     """Stage III: how many faces the generator rendered and how many of those the leak gate
     sent on to a fallback."""
-    rendered = [f for f in faces if (f.get("methods_tried") or [None])[0] == "gan"]
     if policy.obfuscation.method != "gan" or not faces:
         return []
+    rendered = [f for f in faces if (f.get("methods_tried") or [None])[0] == "gan"]
     kept = sum(f.get("method") == "gan" for f in rendered)
     fallback = [f for f in rendered if f.get("method") != "gan"]
-    methods = {}
-    for face in fallback:
-        methods[face.get("method")] = methods.get(face.get("method"), 0) + 1
+    methods = Counter(f.get("method") for f in fallback)
     return ["## Face synthesis (Stage III)", "",
             f"- {len(rendered)} of {len(faces)} face(s) rendered by the generator with their Stage II targets; "
             f"{kept} published as rendered, {len(fallback)} were not yet far enough from their original for the "

@@ -83,14 +83,14 @@ class Discriminator(nn.Module):
         return self.source(features), self.classify(features).flatten(1)
 
 
-def to_gan_input(crops, device: torch.device | str = "cpu") -> torch.Tensor:
-    """N×128×128×3 uint8 aligned crops -> N×3×64×64 in [-1, 1]."""
+def to_gan_input(crops, device: torch.device | str = "cpu", size: int | None = GAN_SIZE) -> torch.Tensor:
+    """N×128×128×3 uint8 aligned crops -> N×3×size×size in [-1, 1] (``size`` None: as they are)."""
     tensor = torch.as_tensor(crops, device=device)
     if tensor.ndim != 4 or tensor.shape[-1] != 3:
         raise ValueError(f"expected N x H x W x 3 crops, got shape {tuple(tensor.shape)}")
     tensor = tensor.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    if tensor.shape[-1] != GAN_SIZE:
-        tensor = F.interpolate(tensor, size=(GAN_SIZE, GAN_SIZE), mode="area")
+    if size is not None and tensor.shape[-1] != size:
+        tensor = F.interpolate(tensor, size=(size, size), mode="area")
     return tensor
 
 

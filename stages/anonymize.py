@@ -44,7 +44,6 @@ class AnonymizeSettings:
     max_side: int = 1600
     output_format: str = "same"
     jpeg_quality: int = 95
-    generator: str | None = None            # a train-generator run's model/ folder; None: the shipped one
     synthesis_batch: int = 64
 
     @property

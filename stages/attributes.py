@@ -14,7 +14,7 @@ import numpy as np
 
 from models.registry import ModelFileError, verified_path
 from stages.attribute_names import ATTRIBUTES
-from stages.facetable import ATTRIBUTE_COLUMNS
+from stages.facetable import ATTRIBUTE_COLUMNS, load_crops
 
 MODEL_FILES = ("attributes_cnn", "attributes_forests", "attributes_config")
 
@@ -47,14 +47,7 @@ def predict_face_rows(face_rows: list[dict], model=None, batch_size: int = 256) 
     if not face_rows:
         return face_rows
     model = model or default_model()
-    crops = []
-    cache: dict[str, np.ndarray] = {}
-    for row in face_rows:
-        if row["crop_file"] not in cache:
-            with np.load(row["crop_file"]) as stored:
-                cache[row["crop_file"]] = stored["crops"]
-        crops.append(cache[row["crop_file"]][row["crop_row"]])
-    probabilities = model.predict(np.stack(crops), batch_size=batch_size)
+    probabilities = model.predict(np.stack(load_crops(face_rows)), batch_size=batch_size)
     return [row | dict(zip(ATTRIBUTE_COLUMNS, map(float, values))) for row, values in zip(face_rows, probabilities)]
 
 

@@ -8,6 +8,7 @@ Pixel data never lives here: aligned crops sit in the run's work folder, referen
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from stages.attribute_names import ATTRIBUTES
@@ -46,3 +47,16 @@ FACE_SCHEMA = pa.schema([
 # Columns only meaningful inside a run (they point into the deleted work folder).
 WORK_ONLY_COLUMNS = ("crop_file", "crop_row")
 
+
+
+def load_crops(face_rows: list[dict]) -> list[np.ndarray]:
+    """The aligned crop of each face row, from the run's work folder (``crop_file``,
+    ``crop_row``); each crops file is read once."""
+    files: dict[str, np.ndarray] = {}
+    crops = []
+    for row in face_rows:
+        if row["crop_file"] not in files:
+            with np.load(row["crop_file"]) as stored:
+                files[row["crop_file"]] = stored["crops"]
+        crops.append(files[row["crop_file"]][row["crop_row"]])
+    return crops

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from models.generator import Discriminator, Generator, gradient_penalty
-from stages.synthesis import face_context, synthesize_face
+from stages.synthesis import face_context, gaussian_kernel, synthesize_face
 
 # Attributes the generator is conditioned on: those of the example policies that show inside
 # the face mask the release pastes back (gender, age, beard, make-up, expression, glasses).
@@ -55,9 +55,7 @@ class GanSettings:
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float32) - size // 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
+    g = gaussian_kernel(sigma, size // 2)
     return (g[:, None] * g[None, :])[None, None]
 
 

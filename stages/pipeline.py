@@ -22,6 +22,7 @@ from stages.faces import (
     apply_affine,
     invert_affine,
 )
+from stages.facetable import load_crops
 from stages.imageio import ImageRejected, load_rgb
 from stages.ingest import InputPhoto, ingest_photo
 
@@ -72,20 +73,16 @@ def face_row(image_id: str, index: int, face: DetectedFace, align: AlignedFace, 
     }
 
 
-def faces_from_rows(face_rows: list[dict]) -> tuple[list[DetectedFace], list[AlignedFace]]:
-    """Rebuild detection and alignment objects from face-table rows (crops from the work folder)."""
+def faces_from_rows(face_rows: list[dict], crops: list[np.ndarray]) -> tuple[list[DetectedFace], list[AlignedFace]]:
+    """Rebuild detection and alignment objects from face-table rows and their aligned crops."""
     detected, aligned = [], []
-    crop_cache: dict[str, np.ndarray] = {}
-    for row in face_rows:
+    for row, crop in zip(face_rows, crops, strict=True):
         landmarks = np.asarray(row["landmarks"], dtype=np.float64).reshape(68, 2)
         matrix = np.asarray(row["align_matrix"], dtype=np.float64).reshape(2, 3)
-        if row["crop_file"] not in crop_cache:
-            with np.load(row["crop_file"]) as stored:
-                crop_cache[row["crop_file"]] = stored["crops"]
         detected.append(DetectedFace(box=(row["box_left"], row["box_top"], row["box_right"], row["box_bottom"]),
                                      score=row["detector_score"], landmarks=landmarks))
-        aligned.append(AlignedFace(crop=crop_cache[row["crop_file"]][row["crop_row"]], matrix=matrix,
-                                   inverse=invert_affine(matrix), landmarks=apply_affine(matrix, landmarks)))
+        aligned.append(AlignedFace(crop=crop, matrix=matrix, inverse=invert_affine(matrix),
+                                   landmarks=apply_affine(matrix, landmarks)))
     return detected, aligned
 
 
@@ -97,36 +94,36 @@ def anonymize_batch(photo_rows: list[dict], face_rows: list[dict], sources: dict
     faces_by_image: dict[str, list[dict]] = {}
     for face in face_rows:
         faces_by_image.setdefault(face["image_id"], []).append(dict(face))
-    rendered = render_faces(face_rows, settings) if settings.uses_generator else {}
+    # The batch's crops are read once, for Stage III and for every photo's compose.
+    crops = {(row["image_id"], row["face_index"]): crop for row, crop in zip(face_rows, load_crops(face_rows))}
+    rendered = render_faces(face_rows, crops, settings.synthesis_batch) if settings.uses_generator else {}
     out_photos, out_faces = [], []
     for row in photo_rows:
         faces = sorted(faces_by_image.get(row["image_id"], []), key=lambda f: f["face_index"])
-        out_photos.append(_anonymize_one(dict(row), faces, sources, settings, max_pixels, staging_dir, rendered))
+        out_photos.append(_anonymize_one(dict(row), faces, sources, settings, max_pixels, staging_dir, crops,
+                                         rendered))
         out_faces.extend(faces)
     return out_photos, out_faces
 
 
-def render_faces(face_rows: list[dict], settings: AnonymizeSettings) -> dict[tuple[str, int], np.ndarray]:
+def render_faces(face_rows: list[dict], crops: dict[tuple[str, int], np.ndarray],
+                 batch_size: int) -> dict[tuple[str, int], np.ndarray]:
     """Stage III for a batch: every face with Stage II targets synthesized in one batched
     pass of the generator, keyed by (image_id, face_index)."""
     from stages.synthesis import cached_synthesizer
 
-    wanted = [row for row in face_rows if row.get("target_attributes") is not None]
+    wanted = [(row["image_id"], row["face_index"]) for row in face_rows if row.get("target_attributes") is not None]
     if not wanted:
         return {}
-    crop_cache: dict[str, np.ndarray] = {}
-    for row in wanted:
-        if row["crop_file"] not in crop_cache:
-            with np.load(row["crop_file"]) as stored:
-                crop_cache[row["crop_file"]] = stored["crops"]
-    crops = np.stack([crop_cache[row["crop_file"]][row["crop_row"]] for row in wanted])
-    targets = np.array([row["target_attributes"] for row in wanted], dtype=np.float32)
-    synthesized = cached_synthesizer(settings.generator).render(crops, targets, settings.synthesis_batch)
-    return {(row["image_id"], row["face_index"]): crop for row, crop in zip(wanted, synthesized)}
+    targets = np.array([row["target_attributes"] for row in face_rows if row.get("target_attributes") is not None],
+                       dtype=np.float32)
+    synthesized = cached_synthesizer().render(np.stack([crops[key] for key in wanted]), targets, batch_size)
+    return dict(zip(wanted, synthesized))
 
 
 def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], settings: AnonymizeSettings,
-                   max_pixels: int, staging_dir: Path, rendered: dict[tuple[str, int], np.ndarray]) -> dict:
+                   max_pixels: int, staging_dir: Path, crops: dict[tuple[str, int], np.ndarray],
+                   rendered: dict[tuple[str, int], np.ndarray]) -> dict:
     """Anonymize one photo: updates ``faces`` in place (and appends faces the identity check
     found) and returns the photo row."""
     if row["status"] != "ingested":
@@ -138,7 +135,7 @@ def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], setti
         return row | {"status": "rejected", "reason": f"unreadable at anonymize: {exc}"}
     if image.sha256 != row["input_sha256"]:
         return row | {"status": "quarantined", "reason": "file changed between ingest and anonymize; run again"}
-    detected, aligned = faces_from_rows(faces)
+    detected, aligned = faces_from_rows(faces, [crops[(face["image_id"], face["face_index"])] for face in faces])
     result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings,
                              [rendered.get((row["image_id"], face["face_index"])) for face in faces])
     for extra, extra_aligned in result.discovered:

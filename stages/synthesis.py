@@ -12,13 +12,18 @@ in training and in a release, in torch, so the two can never drift apart.
 """
 from __future__ import annotations
 
+import json
 import math
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from models.generator import GAN_SIZE, Generator, to_gan_input
+from models.registry import ModelFileError, load_manifest, verified_path
+from stages.attribute_names import ATTRIBUTES
 from stages.faces import face_mask, template
 
 # Blur of the face interior, as a fraction of the crop width: the blur baseline's strength,
@@ -40,12 +45,17 @@ def template_mask(size: int) -> torch.Tensor:
     return torch.tensor(_template_mask_array(size))[None, None]
 
 
+def gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian of 2·radius + 1 taps."""
+    coords = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    return kernel / kernel.sum()
+
+
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of N×C×H×W images (reflected borders)."""
     radius = max(1, int(math.ceil(3 * sigma)))
-    coords = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
+    kernel = gaussian_kernel(sigma, radius).to(images)
     channels = images.shape[1]
     horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
     vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
@@ -77,8 +87,6 @@ class Synthesizer:
     """The trained generator, applied to aligned crops in batches (GPU when present)."""
 
     def __init__(self, generator, attributes: tuple[str, ...], device: str | None = None):
-        from stages.attribute_names import ATTRIBUTES
-
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.generator = generator.to(self.device).eval()
         self.attributes = tuple(attributes)
@@ -90,24 +98,21 @@ class Synthesizer:
     def render(self, crops: np.ndarray, targets: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """N aligned uint8 crops (N×S×S×3) with their 40 target attributes (N×40, 0/1) ->
         N synthesized crops of the same size."""
-        from models.generator import to_gan_input
-
         crops = np.asarray(crops)
         targets = np.asarray(targets, dtype=np.float32)
         if len(crops) != len(targets):
             raise ValueError(f"{len(crops)} crops but {len(targets)} target vectors")
         out = np.empty_like(crops)
-        size = crops.shape[1] if crops.ndim == 4 else 0
         with torch.inference_mode():
             for start in range(0, len(crops), batch_size):
-                chunk = crops[start:start + batch_size]
-                images = to_gan_input(chunk, self.device)
+                # Outside the mask, the original crop at full resolution (not the 64-px round trip).
+                original = to_gan_input(crops[start:start + batch_size], self.device, size=None)
+                size = original.shape[-1]
+                images = F.interpolate(original, size=(GAN_SIZE, GAN_SIZE), mode="area")
                 condition = torch.as_tensor(targets[start:start + batch_size][:, self.columns], device=self.device)
                 fake = self.generator(face_context(images), condition)
                 if fake.shape[-1] != size:
                     fake = F.interpolate(fake, size=(size, size), mode="bicubic", align_corners=False)
-                # Outside the mask, the original crop at full resolution (not the 64-px round trip).
-                original = torch.as_tensor(chunk, device=self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
                 fake = paste_face(fake.clamp(-1, 1), original)
                 pixels = ((fake + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
                 out[start:start + batch_size] = pixels.cpu().numpy()
@@ -117,12 +122,6 @@ class Synthesizer:
 def load_synthesizer(folder: str | None = None, device: str | None = None) -> Synthesizer:
     """The generator of a training run's ``model/`` folder, or (``None``) the shipped one,
     verified against ``models/manifest.json``."""
-    import json
-    from pathlib import Path
-
-    from models.generator import Generator
-    from models.registry import ModelFileError, load_manifest, verified_path
-
     if folder:
         weights, config_file = Path(folder) / "generator.pt", Path(folder) / "generator.json"
         for path in (weights, config_file):
