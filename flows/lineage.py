@@ -193,6 +193,12 @@ def summarize(release_dir: str | Path) -> str:
         lines.append(f"Faces in run {latest}: methods {methods}; "
                      + (f"closest verifier distance {finite.min():.3f}" if len(finite) else
                         "no face was found again in any output"))
+        if len(finite):
+            unmeasured = latest_faces[~(latest_faces.leak_distance < float("inf"))]
+            lines.append(f"  verifier found {len(finite)} face(s) again (median distance {finite.median():.3f}); "
+                         f"{len(unmeasured)} without a measurable distance: methods "
+                         f"{unmeasured.method.value_counts().to_dict()}, detectors "
+                         f"{unmeasured.detector.value_counts().to_dict()}")
     return "\n".join(lines)
 
 
