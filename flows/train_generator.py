@@ -23,7 +23,7 @@ from flows.train_identity import stage_one_cache
 from flows.version import code_version
 from models.generator import to_gan_input
 from models.identity_embedding import IdentityNet
-from models.registry import install_repo_model, verified_path
+from models.registry import install_repo_model, sha256_of_file, verified_path
 from stages.attribute_names import ATTRIBUTES
 from stages.gan_training import GAN_ATTRIBUTES, GanSettings, train_gan
 
@@ -31,15 +31,19 @@ MODEL_FILE = "generator.pt"
 CONFIG_FILE = "generator.json"
 
 
-def load_identity_model(path: str | None = None) -> IdentityNet:
-    """The distilled identity model: ``path`` (a run's ``model/`` folder) or the shipped one."""
+def identity_model_files(path: str | None = None) -> tuple[Path, Path]:
+    """(weights, config) of the distilled identity model: ``path`` (a run's ``model/``
+    folder) or the shipped one (verified against the manifest)."""
     if path:
         folder = Path(path)
-        config = json.loads((folder / "identity_embedding.json").read_text())["config"]
-        weights = folder / "identity_embedding.pt"
-    else:
-        config = json.loads(verified_path("identity_embedding_config").read_text())["config"]
-        weights = verified_path("identity_embedding")
+        return folder / "identity_embedding.pt", folder / "identity_embedding.json"
+    return verified_path("identity_embedding"), verified_path("identity_embedding_config")
+
+
+def load_identity_model(path: str | None = None) -> IdentityNet:
+    """The distilled identity model the verification term trains against."""
+    weights, config_file = identity_model_files(path)
+    config = json.loads(config_file.read_text())["config"]
     net = IdentityNet(tuple(config["channels"]), config["hidden"])
     net.load_state_dict(torch.load(weights, weights_only=True))
     return net.eval()
@@ -75,6 +79,8 @@ def train_generator(images: str, labels: str, run_dir: str = ".data/train-genera
     torch.save({k: v.cpu() for k, v in generator.state_dict().items()}, model_dir / MODEL_FILE)
     summary = {"code_version": code_version(), "seed": seed, "device": device, "settings": asdict(settings),
                "attributes": list(GAN_ATTRIBUTES), "train_faces": len(train),
+               # Which identity model the verification term pushed away from (reproducibility).
+               "identity_model_sha256": sha256_of_file(identity_model_files(identity)[0]),
                "seconds_this_run": round(time.perf_counter() - started, 1)}
     (model_dir / CONFIG_FILE).write_text(json.dumps({"config": generator.config} | summary, indent=1) + "\n")
     if install:

@@ -140,6 +140,7 @@ def test_identity_and_generator_flows_on_a_tiny_subset(shared_data, tmp_path, pr
     leave loadable models; the generator trains against the identity model just distilled."""
     from flows.train_generator import MODEL_FILE, load_identity_model, train_generator
     from flows.train_identity import train_identity
+    from models.registry import sha256_of_file
 
     celeba = shared_data / "celeba"
     images, labels = str(celeba / "img_align_celeba_89x109"), str(celeba / "labels.csv")
@@ -155,4 +156,5 @@ def test_identity_and_generator_flows_on_a_tiny_subset(shared_data, tmp_path, pr
     generator = Generator(len(GAN_ATTRIBUTES), width=8, blocks=1)
     generator.load_state_dict(weights)
     assert result["attributes"] == list(GAN_ATTRIBUTES)
+    assert result["identity_model_sha256"] == sha256_of_file(identity_dir / "identity_embedding.pt")
     assert (tmp_path / "train-generator" / "tiny" / "samples.png").exists()
