@@ -199,6 +199,10 @@ def summarize(release_dir: str | Path) -> str:
                          f"{len(unmeasured)} without a measurable distance: methods "
                          f"{unmeasured.method.value_counts().to_dict()}, detectors "
                          f"{unmeasured.detector.value_counts().to_dict()}")
+        views = latest_faces.render_view.dropna()
+        if len(views):
+            lines.append(f"  synthesized faces published, by the view they were rendered from: "
+                         f"{views.value_counts().to_dict()}")
     return "\n".join(lines)
 
 

@@ -68,7 +68,8 @@ def anonymize_settings(policy: Policy) -> AnonymizeSettings:
         # The leak check re-detects with EVALUATION.md's verifier: HOG at the policy's upsample.
         detector="hog", upsample=policy.detection.upsample,
         max_side=policy.detection.max_side, output_format=policy.output.format,
-        jpeg_quality=policy.output.jpeg_quality, synthesis_batch=obfuscation.gan.batch_size)
+        jpeg_quality=policy.output.jpeg_quality, synthesis_batch=obfuscation.gan.batch_size,
+        rerender_views=obfuscation.gan.rerender_views)
 
 
 # Reading photos can fail transiently on network storage: retry. Detection itself is

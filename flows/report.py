@@ -110,6 +110,9 @@ def _synthesis_section(faces: list[dict], policy: Policy) -> list[str]:
             f"{kept} published as rendered, {len(fallback)} were not yet far enough from their original for the "
             "leak gate (or could not be rendered) and went to the fallback"
             + (" (" + ", ".join(f"{m}: {n}" for m, n in sorted(methods.items())) + ")" if methods else ""),
+            f"- {sum(1 for f in rendered if f.get('render_view') not in (None, 'aligned'))} face(s) published "
+            "from another view of their crop (mirrored, zoomed or shifted) because the verifier did not find the "
+            "first rendering again",
             f"- Faces without Stage II targets (found only by the leak check): "
             f"{sum(1 for f in faces if f.get('target_attributes') is None)}"] + [
             f"- Note: {note}" for note in unrendered_notes(policy)] + [""]

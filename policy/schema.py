@@ -66,6 +66,9 @@ class MaskParams(_Strict):
 class GanParams(_Strict):
     batch_size: int = Field(64, ge=1, le=1024, description="Faces the generator renders per pass (larger is faster "
                                                            "on a GPU, costs memory).")
+    rerender_views: int = Field(4, ge=0, le=4, description="When dlib no longer finds a rendered face in the photo, "
+                                "render it again from up to this many other views of its crop (mirrored, zoomed, "
+                                "shifted left, shifted right); 0: publish the first rendering as it is.")
 
 
 class ObfuscationPolicy(_Strict):

@@ -7,10 +7,14 @@ fallback methods, strongest last, each re-checked; when they are exhausted, or t
 says so, the photo is quarantined and nothing of it is published. A face the check finds
 in the output that ingest missed (a borderline detection that re-encoding tips over) is
 taken in and obfuscated like the others; if faces keep appearing after
-``MAX_DISCOVERY_ROUNDS``, the photo is quarantined.
+``MAX_DISCOVERY_ROUNDS``, the photo is quarantined. A synthesized face the check does not
+find again at all is rendered again from the next view of its crop (Stage III's
+``RENDER_VIEWS``, at most ``rerender_views`` more), so that what is published is a face
+dlib still sees, and whose distance to the original the gate has therefore measured.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +49,7 @@ class AnonymizeSettings:
     output_format: str = "same"
     jpeg_quality: int = 95
     synthesis_batch: int = 64
+    rerender_views: int = 4                 # further views tried for a rendered face the check lost
 
     @property
     def uses_generator(self) -> bool:
@@ -62,16 +67,19 @@ class AnonymizeResult:
     face_methods_tried: list[list[str]] = field(default_factory=list)
     face_distances: list[float] = field(default_factory=list)
     face_status: list[str] = field(default_factory=list)
+    # Per face: index into Stage III's RENDER_VIEWS of the render used (None: not rendered).
+    face_render_views: list[int | None] = field(default_factory=list)
     # Faces found by the identity check that ingest had missed (appended after the ingest faces).
     discovered: list[tuple[DetectedFace, AlignedFace]] = field(default_factory=list)
 
 
 def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFace],
                     aligned: list[AlignedFace], settings: AnonymizeSettings,
-                    rendered: list[np.ndarray | None] | None = None) -> AnonymizeResult:
-    """``rendered`` holds Stage III's synthesized crop per ingest face (``None`` where a face
-    has no Stage II targets); method ``gan`` uses it, and a face without one goes straight
-    to the next method of the chain."""
+                    rendered: list[Sequence[np.ndarray] | None] | None = None) -> AnonymizeResult:
+    """``rendered`` holds Stage III's renders per ingest face, one per view of its crop
+    (``stages.synthesis.FaceRenders``; ``None`` where a face has no Stage II targets);
+    method ``gan`` uses the first and the next ones when the check loses the face, and a
+    face without renders goes straight to the next method of the chain."""
     fmt, suffix = output_format_for(source_format, settings.output_format)
     if not faces and settings.on_no_face == "quarantine":
         return AnonymizeResult("quarantined", "no face found and the policy quarantines such photos",
@@ -84,6 +92,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
     originals = [face_descriptor(rgb, face.landmarks) for face in faces]
     chains = [chain for _ in faces]
     step = [0] * len(faces)
+    view = [0] * len(faces)
 
     def edit(i: int) -> np.ndarray | None:
         """Face i edited with its chain's current method, skipping ``gan`` where nothing was
@@ -93,7 +102,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             if method != "gan":
                 return obfuscate(aligned[i].crop, method, settings.method_params.get(method))
             if i < len(rendered) and rendered[i] is not None:
-                return rendered[i]
+                return rendered[i][view[i]]
             step[i] += 1
         step[i] = len(chains[i]) - 1
         return None
@@ -117,6 +126,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             face_methods_tried=[chain[: i + 1] for chain, i in zip(chains, step)],
             face_distances=report.distances,
             face_status=["leaking" if i in leaking else "anonymized" for i in range(len(faces))],
+            face_render_views=[view[i] if chains[i][step[i]] == "gan" else None for i in range(len(faces))],
             discovered=list(zip(faces[ingest_count:], aligned[ingest_count:])),
         )
         if report.unprocessed_faces:
@@ -134,7 +144,16 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
                 originals.append(face_descriptor(rgb, face.landmarks))
                 chains.append(chain)
                 step.append(0)
+                view.append(0)
                 edited.append(edit(len(faces) - 1))
+            continue
+        lost = [i for i, distance in enumerate(report.distances)
+                if distance == float("inf") and chains[i][step[i]] == "gan"
+                and view[i] < min(settings.rerender_views, len(rendered[i]) - 1)]
+        if lost:
+            for i in lost:
+                view[i] += 1
+                edited[i] = edit(i)
             continue
         if not leaking:
             return result

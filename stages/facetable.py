@@ -41,6 +41,9 @@ FACE_SCHEMA = pa.schema([
     pa.field("method", pa.string()),
     pa.field("methods_tried", pa.list_(pa.string())),
     pa.field("leak_distance", pa.float64()),
+    # Stage III: the view of the crop the published rendering was drawn from (RENDER_VIEWS:
+    # "aligned" unless the verifier lost the first rendering); null when not rendered.
+    pa.field("render_view", pa.string()),
     pa.field("status", pa.string()),
 ])
 

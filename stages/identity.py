@@ -39,6 +39,11 @@ class LeakReport:
         return [i for i, d in enumerate(self.distances) if d < release_distance]
 
 
+def same_face_as(face: DetectedFace, original_faces: list[DetectedFace]) -> list[int]:
+    """Indices of the original faces whose box ``face``'s box overlaps: the same face."""
+    return [i for i, original in enumerate(original_faces) if box_overlap(face.box, original.box) > SAME_FACE_OVERLAP]
+
+
 def check_identity_leaks(output_rgb: np.ndarray, original_faces: list[DetectedFace],
                          original_descriptors: list[np.ndarray], detector: str = "hog",
                          upsample: int = 1, max_side: int = 1600) -> LeakReport:
@@ -46,7 +51,7 @@ def check_identity_leaks(output_rgb: np.ndarray, original_faces: list[DetectedFa
     distances = [float("inf")] * len(original_faces)
     unprocessed = []
     for face in found:
-        matches = [i for i, original in enumerate(original_faces) if box_overlap(face.box, original.box) > SAME_FACE_OVERLAP]
+        matches = same_face_as(face, original_faces)
         if not matches:
             unprocessed.append(face)
             continue

@@ -11,6 +11,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from stages.faces import (
 from stages.facetable import load_crops
 from stages.imageio import ImageRejected, load_rgb
 from stages.ingest import InputPhoto, ingest_photo
+
+if TYPE_CHECKING:  # the generator (torch) is imported only by releases that use it
+    from stages.synthesis import FaceRenders
 
 
 @dataclass(frozen=True)
@@ -107,9 +111,9 @@ def anonymize_batch(photo_rows: list[dict], face_rows: list[dict], sources: dict
 
 
 def render_faces(face_rows: list[dict], crops: dict[tuple[str, int], np.ndarray],
-                 batch_size: int) -> dict[tuple[str, int], np.ndarray]:
+                 batch_size: int) -> dict[tuple[str, int], FaceRenders]:
     """Stage III for a batch: every face with Stage II targets synthesized in one batched
-    pass of the generator, keyed by (image_id, face_index)."""
+    pass of the generator (its further views on demand), keyed by (image_id, face_index)."""
     from stages.synthesis import cached_synthesizer
 
     wanted = [(row["image_id"], row["face_index"]) for row in face_rows if row.get("target_attributes") is not None]
@@ -117,13 +121,21 @@ def render_faces(face_rows: list[dict], crops: dict[tuple[str, int], np.ndarray]
         return {}
     targets = np.array([row["target_attributes"] for row in face_rows if row.get("target_attributes") is not None],
                        dtype=np.float32)
-    synthesized = cached_synthesizer().render(np.stack([crops[key] for key in wanted]), targets, batch_size)
+    synthesized = cached_synthesizer().renders(np.stack([crops[key] for key in wanted]), targets, batch_size)
     return dict(zip(wanted, synthesized))
+
+
+def render_view_name(index: int) -> str:
+    from stages.synthesis import (
+        RENDER_VIEWS,  # only reached when the generator rendered the face
+    )
+
+    return RENDER_VIEWS[index].name
 
 
 def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], settings: AnonymizeSettings,
                    max_pixels: int, staging_dir: Path, crops: dict[tuple[str, int], np.ndarray],
-                   rendered: dict[tuple[str, int], np.ndarray]) -> dict:
+                   rendered: dict[tuple[str, int], FaceRenders]) -> dict:
     """Anonymize one photo: updates ``faces`` in place (and appends faces the identity check
     found) and returns the photo row."""
     if row["status"] != "ingested":
@@ -141,9 +153,12 @@ def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], setti
     for extra, extra_aligned in result.discovered:
         faces.append(face_row(row["image_id"], len(faces), extra, extra_aligned, row["width"], row["height"],
                               "identity-check"))
-    for face, method, tried, distance, status in zip(faces, result.face_methods, result.face_methods_tried,
-                                                     result.face_distances, result.face_status):
+    views = [None if view is None else render_view_name(view) for view in result.face_render_views]
+    for face, method, tried, distance, status, view in zip(faces, result.face_methods, result.face_methods_tried,
+                                                           result.face_distances, result.face_status,
+                                                           views):
         face.update(method=method, methods_tried=tried, leak_distance=distance,
+                    render_view=view,
                     status=status if result.status == "released" else "quarantined")
     row.update(status=result.status, reason=result.reason, output_format=result.output_format,
                output_suffix=result.suffix, n_faces=len(faces))

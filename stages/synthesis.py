@@ -9,11 +9,20 @@ Hair, background, skin tone, lighting and the coarse layout of the face (pose, w
 mouth opens) come through; the fine structure of eyes, nose, mouth and skin that dlib's
 verifier relies on does not, and the generator draws new ones. The same context is built
 in training and in a release, in torch, so the two can never drift apart.
+
+Re-rendering. A rendered face that dlib's detector no longer finds in the photo is not the
+"still a face" the release promises, and the leak gate cannot measure it. The generator
+is deterministic, so asking again with the same input gives the same face; a slightly
+different view of the same crop (mirrored, zoomed in 5 %, shifted 3 px) gives a different
+drawing of the same targets, mapped back onto the original geometry. ``FaceRenders``
+holds a face's renders in that order and renders the later ones only when asked.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -70,10 +79,45 @@ def face_context(images: torch.Tensor, blur_fraction: float = CONTEXT_BLUR_FRACT
     return images * (1 - mask) + gaussian_blur(images, blur_fraction * size) * mask
 
 
-def paste_face(generated: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """``images`` with the face interior (template mask) taken from ``generated``."""
-    mask = template_mask(images.shape[-1]).to(images)
+def paste_face(generated: torch.Tensor, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``images`` with the face interior (``mask``, by default the template's) taken from ``generated``."""
+    mask = template_mask(images.shape[-1]).to(images) if mask is None else mask
     return images * (1 - mask) + generated * mask
+
+
+@dataclass(frozen=True)
+class RenderView:
+    """A view of the aligned crop the generator renders from: an affine map of the crop's
+    normalised coordinates ([-1, 1]², ``torch.nn.functional.affine_grid``'s convention),
+    undone on the rendered face before it is pasted back."""
+    name: str
+    mirrored: bool = False
+    zoom: float = 1.0        # > 1: the face fills more of the view
+    shift: float = 0.0       # of the crop width; > 0 moves the face right in the view
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.mirrored and self.zoom == 1.0 and self.shift == 0.0
+
+    def sampling(self, inverse: bool = False) -> torch.Tensor:
+        """2×3 matrix: view pixel -> where to sample the crop (``inverse``: crop -> view)."""
+        flip = -1.0 if self.mirrored else 1.0
+        # view = zoom * flip(crop) + 2 * shift  =>  crop = flip((view - 2 * shift) / zoom)
+        scale, offset = flip / self.zoom, -flip * 2 * self.shift / self.zoom
+        if inverse:
+            scale, offset = flip * self.zoom, 2 * self.shift
+        return torch.tensor([[scale, 0.0, offset], [0.0, abs(scale), 0.0]])
+
+    def warp(self, images: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        theta = self.sampling(inverse).to(images).expand(images.shape[0], 2, 3)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+# The order in which Stage III tries views of a face that dlib lost: the crop as aligned,
+# then lossless mirroring, then small geometric jitter (5 % zoom, 3 px of 128 either way).
+RENDER_VIEWS = (RenderView("aligned"), RenderView("mirrored", mirrored=True), RenderView("zoomed", zoom=1.05),
+                RenderView("shifted-left", shift=-3 / 128), RenderView("shifted-right", shift=3 / 128))
 
 
 def synthesize_face(generator, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -95,9 +139,10 @@ class Synthesizer:
             raise ValueError(f"the generator is conditioned on unknown attribute(s) {unknown}")
         self.columns = [ATTRIBUTES.index(name) for name in self.attributes]
 
-    def render(self, crops: np.ndarray, targets: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def render(self, crops: np.ndarray, targets: np.ndarray, batch_size: int = 64,
+               view: RenderView = RENDER_VIEWS[0]) -> np.ndarray:
         """N aligned uint8 crops (N×S×S×3) with their 40 target attributes (N×40, 0/1) ->
-        N synthesized crops of the same size."""
+        N synthesized crops of the same size, rendered from ``view`` of each crop."""
         crops = np.asarray(crops)
         targets = np.asarray(targets, dtype=np.float32)
         if len(crops) != len(targets):
@@ -108,15 +153,48 @@ class Synthesizer:
                 # Outside the mask, the original crop at full resolution (not the 64-px round trip).
                 original = to_gan_input(crops[start:start + batch_size], self.device, size=None)
                 size = original.shape[-1]
-                images = F.interpolate(original, size=(GAN_SIZE, GAN_SIZE), mode="area")
+                seen = original if view.is_identity else view.warp(original)
+                images = F.interpolate(seen, size=(GAN_SIZE, GAN_SIZE), mode="area")
                 condition = torch.as_tensor(targets[start:start + batch_size][:, self.columns], device=self.device)
                 fake = self.generator(face_context(images), condition)
                 if fake.shape[-1] != size:
                     fake = F.interpolate(fake, size=(size, size), mode="bicubic", align_corners=False)
-                fake = paste_face(fake.clamp(-1, 1), original)
+                fake = fake.clamp(-1, 1)
+                if view.is_identity:
+                    fake = paste_face(fake, original)
+                else:
+                    # Back onto the crop's geometry: the face and the mask it was drawn in.
+                    mask = view.warp(template_mask(size).to(original), inverse=True)
+                    fake = paste_face(view.warp(fake, inverse=True), original, mask)
                 pixels = ((fake + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
                 out[start:start + batch_size] = pixels.cpu().numpy()
         return out
+
+    def renders(self, crops: np.ndarray, targets: np.ndarray, batch_size: int = 64) -> list[FaceRenders]:
+        """Each face's renders (:class:`FaceRenders`), the first view of all of them rendered
+        now in batches."""
+        first = self.render(crops, targets, batch_size)
+        return [FaceRenders(self, crop, target, face) for crop, target, face in zip(crops, targets, first)]
+
+
+class FaceRenders(Sequence):
+    """One face rendered from each of ``RENDER_VIEWS`` in turn; a view is rendered the
+    first time it is asked for."""
+
+    def __init__(self, synthesizer: Synthesizer, crop: np.ndarray, target: np.ndarray, first: np.ndarray):
+        self.synthesizer, self.crop, self.target = synthesizer, crop, np.asarray(target, dtype=np.float32)
+        self._rendered: dict[int, np.ndarray] = {0: first}
+
+    def __len__(self) -> int:
+        return len(RENDER_VIEWS)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < len(RENDER_VIEWS):
+            raise IndexError(index)
+        if index not in self._rendered:
+            self._rendered[index] = self.synthesizer.render(self.crop[None], self.target[None], 1,
+                                                            RENDER_VIEWS[index])[0]
+        return self._rendered[index]
 
 
 def load_synthesizer(folder: str | None = None, device: str | None = None) -> Synthesizer:

@@ -12,7 +12,7 @@ def test_default_policy_loads():
     loaded = load_policy()
     assert loaded.path == DEFAULT_POLICY.resolve() and len(loaded.sha256) == 64
     assert loaded.policy.identity_check.threshold == 0.6
-    assert loaded.policy.obfuscation.method == "blur"
+    assert loaded.policy.obfuscation.method == "gan"
 
 
 def _problems(text):

@@ -28,7 +28,7 @@ from stages.ppas import (
     select_face_rows,
 )
 
-EXAMPLES = ["default", "research-share", "strict", "frontal-fast", "synthesize"]
+EXAMPLES = ["default", "research-share", "strict", "frontal-fast"]
 SIMULATED = 100_000
 
 

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -14,6 +15,7 @@ from flows import lineage
 from flows.cli import main
 from flows.release import release
 from models import registry
+from policy.loader import load_policy
 from stages import obfuscate
 from stages.faces import detect_faces, face_descriptor
 from stages.facetable import ATTRIBUTE_COLUMNS
@@ -128,7 +130,7 @@ def test_lineage_schema_and_run_record(released):
     changed = ingested.changed_attributes.map(len).to_numpy()
     assert np.array_equal(changed, (targets != (probabilities >= 0.5)).sum(axis=1))
     assert run.epsilon_release == 2.0 and run.epsilon_spent_before == 0.0 and run.epsilon_budget == 10.0
-    assert len(json.loads(run.t_closeness)["attributes"]) == 10
+    assert len(json.loads(run.t_closeness)["attributes"]) == len(load_policy().policy.attributes.obfuscate)
     ledger = lineage.read_table(output, "privacy")
     assert list(ledger.run_id) == [run.run_id] and ledger.epsilon.iloc[0] == 2.0
     events = lineage.read_table(output, "events")
@@ -145,6 +147,9 @@ def test_report_and_lineage_show(released):
     assert "## Attribute selection (Stage II)" in report and "epsilon 2 per face" in report
     result = CliRunner().invoke(main, ["lineage", "show", str(output)])
     assert result.exit_code == 0 and "leaks published: 0" in result.output and "bad/notes.txt" in result.output
+    # The default policy synthesizes: the report and lineage say how, view by view.
+    assert "## Face synthesis (Stage III)" in report and "published from another view" in report
+    assert "by the view they were rendered from" in result.output
 
 
 def test_unchanged_faces_are_never_published(inputs, tmp_path, prefect_harness, monkeypatch):
@@ -173,28 +178,31 @@ def test_unchanged_faces_are_never_published(inputs, tmp_path, prefect_harness, 
 
 def test_a_synthesized_face_that_still_verifies_goes_to_the_fallback(inputs, tmp_path, prefect_harness,
                                                                      monkeypatch):
-    """policy/synthesize.yaml renders faces with the generator; one that "renders" the
+    """policy/default.yaml renders faces with the generator; one that "renders" the
     original face back must be caught by the leak gate and published only after the fallback."""
     from stages import synthesis
 
     class Unchanged:
-        def render(self, crops, targets, batch_size=64):
-            return np.array(crops, copy=True)
+        def renders(self, crops, targets, batch_size=64):
+            return [[np.array(crop, copy=True)] for crop in crops]     # one view per face
 
     monkeypatch.setattr(synthesis, "cached_synthesizer", lambda folder=None: Unchanged())
     photos_in = tmp_path / "in"
     photos_in.mkdir()
     shutil.copy(inputs / "astronaut.jpg", photos_in / "astronaut.jpg")
     summary = release(input=str(photos_in), output=str(tmp_path / "out"),
-                      policy=str(Path(__file__).parent.parent / "policy" / "synthesize.yaml"))
+                      policy=str(Path(__file__).parent.parent / "policy" / "default.yaml"))
     faces = lineage.read_table(tmp_path / "out", "faces")
     assert summary["n_released"] == 1 and summary["n_leaks_published"] == 0
     assert (faces.methods_tried.map(lambda tried: tried[0]) == "gan").all()
     real = faces.loc[faces.box_top.idxmin()]                  # the astronaut, not the mission patch
     assert real.method != "gan" and len(real.methods_tried) > 1
+    assert pd.isna(real.render_view)         # published with a fallback method, not a rendering
+    assert (faces[faces.method == "gan"].render_view == "aligned").all()   # one view only: no re-render
     assert (faces.leak_distance >= 0.6).all()
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Face synthesis (Stage III)" in report and "went to the fallback" in report
+    assert "0 face(s) published from another view" in report
 
 
 def test_release_into_input_folder_is_refused(inputs, prefect_harness):

@@ -114,6 +114,8 @@ def test_gan_on_lfw_pairs_and_attribute_preservation_on_celeba(shared_data, tmp_
     gan = results["methods"]["gan"]
     assert gan["evaluable_pairs"] == 8 and results["generator"] == "shipped"
     assert 0.5 < gan["ssim"] < 1.0 and 10 < gan["psnr"] < 50 and gan["seconds_per_face"] > 0
+    # Re-rendering a lost face can only add detections, never remove them.
+    assert gan["detection_rate_first_render"] <= gan["detection_rate_after"] and gan["faces_rerendered"] >= 0
     preservation = attribute_preservation(shared_data / "celeba", ["gan", "mask"], policy, limit=240,
                                           cache_dir=tmp_path)
     assert preservation["faces"] >= 20 and preservation["preserved"] == list(policy.attributes.preserve)

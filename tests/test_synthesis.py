@@ -16,7 +16,14 @@ from stages.attribute_names import ATTRIBUTES
 from stages.compose import match_colour
 from stages.faces import align_face, detect_faces
 from stages.gan_training import GAN_ATTRIBUTES
-from stages.synthesis import Synthesizer, face_context, load_synthesizer, template_mask
+from stages.synthesis import (
+    RENDER_VIEWS,
+    RenderView,
+    Synthesizer,
+    face_context,
+    load_synthesizer,
+    template_mask,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,6 +67,121 @@ def test_synthesizer_renders_batches_at_the_crop_size():
         synthesizer.render(crops, targets[:4])
 
 
+def test_render_views_map_the_face_back_onto_the_crop():
+    synthesizer = _tiny_synthesizer()
+    crops = np.random.default_rng(1).integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
+    targets = np.zeros((3, len(ATTRIBUTES)))
+    first = synthesizer.render(crops, targets)
+    assert RENDER_VIEWS[0].is_identity and len({view.name for view in RENDER_VIEWS}) == len(RENDER_VIEWS)
+    # Mirrored: the generator renders the mirrored crop, and the face is mirrored back.
+    mirrored = synthesizer.render(crops, targets, view=RenderView("m", mirrored=True))
+    by_hand = synthesizer.render(crops[:, :, ::-1].copy(), targets)[:, :, ::-1]
+    assert np.abs(mirrored.astype(int) - by_hand).max() <= 1
+    for view in RENDER_VIEWS[1:]:
+        out = synthesizer.render(crops, targets, view=view)
+        # A different drawing inside the face; outside it the crop is untouched.
+        inside = template_mask(128)[0, 0].numpy() > 0.99
+        assert np.abs(out[:, inside].astype(int) - first[:, inside]).mean() > 1, view.name
+        mask = view.warp(template_mask(128), inverse=True)[0, 0].numpy()
+        assert np.abs(out[:, mask < 1e-3].astype(int) - crops[:, mask < 1e-3]).max() <= 1, view.name
+    # A view and its inverse cancel (away from the border the reflection fills).
+    # A smooth image, so that interpolation itself costs little and a wrong map shows.
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8), size=(64, 64), mode="bilinear")
+    for view in RENDER_VIEWS:
+        back = view.warp(view.warp(image), inverse=True)
+        assert (back - image)[..., 8:-8, 8:-8].abs().mean() < 0.01, view.name
+        if not view.is_identity:
+            assert (view.warp(image) - image)[..., 8:-8, 8:-8].abs().mean() > 0.01, view.name
+
+
+def test_the_policy_allows_as_many_rerenders_as_there_are_other_views():
+    from pydantic import ValidationError
+
+    from policy.schema import GanParams
+
+    assert GanParams().rerender_views == len(RENDER_VIEWS) - 1
+    with pytest.raises(ValidationError):
+        GanParams(rerender_views=len(RENDER_VIEWS))
+
+
+def test_face_renders_render_later_views_only_when_asked():
+    synthesizer = _tiny_synthesizer()
+    calls = []
+    original_render = synthesizer.render
+    synthesizer.render = lambda *args, **kwargs: calls.append(kwargs.get("view", args[3] if len(args) > 3 else None)) \
+        or original_render(*args, **kwargs)
+    crops = np.random.default_rng(2).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    renders = Synthesizer.renders(synthesizer, crops, np.zeros((2, len(ATTRIBUTES))))
+    assert len(calls) == 1 and len(renders) == 2 and len(renders[0]) == len(RENDER_VIEWS)
+    assert renders[1][0].shape == (128, 128, 3) and len(calls) == 1          # the first view: already there
+    second = renders[1][1]
+    assert calls[-1] is RENDER_VIEWS[1] and len(calls) == 2
+    assert renders[1][1] is second and len(calls) == 2                         # rendered once
+    with pytest.raises(IndexError):
+        renders[0][len(RENDER_VIEWS)]
+
+
+class RecordingViews:
+    """A face's renders that record which views the release asked for."""
+
+    def __init__(self, views):
+        self.views, self.asked = views, []
+
+    def __len__(self):
+        return len(self.views)
+
+    def __getitem__(self, index):
+        self.asked.append(index)
+        return self.views[index]
+
+
+def test_a_rendered_face_the_verifier_loses_is_rendered_from_the_next_view(astronaut):
+    faces = detect_faces(astronaut)
+    aligned = [align_face(astronaut, f.landmarks) for f in faces]
+    real = min(range(len(faces)), key=lambda i: faces[i].box[1])
+    grey = np.full_like(aligned[real].crop, 128)              # no face for dlib to find
+    others = [[a.crop] for a in aligned]
+
+    # Lost in the first view, found in the second: that one is checked (and here, being the
+    # original face, caught by the gate and sent to the fallback).
+    views = RecordingViews([grey, aligned[real].crop, grey])
+    renders = others[:real] + [views] + others[real + 1:]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), renders)
+    assert views.asked[:2] == [0, 1] and result.face_methods_tried[real][:2] == ["gan", "pixelate"]
+    assert result.face_distances[real] >= 0.65 and result.face_render_views[real] is None
+
+    # Lost in every view: each allowed view is tried once, the last one is published.
+    views = RecordingViews([grey] * len(RENDER_VIEWS))
+    renders = others[:real] + [views] + others[real + 1:]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan", rerender_views=2), renders)
+    assert sorted(set(views.asked)) == [0, 1, 2]
+    assert result.face_methods[real] == "gan" and result.face_render_views[real] == 2
+    assert result.face_distances[real] == float("inf")
+
+    # rerender_views 0: the first rendering is published as it is.
+    views = RecordingViews([grey, aligned[real].crop])
+    renders = others[:real] + [views] + others[real + 1:]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan", rerender_views=0), renders)
+    assert set(views.asked) == {0} and result.face_render_views[real] == 0
+
+
+def test_evaluation_re_renders_like_the_release(astronaut):
+    from flows.evaluate import compose_detectable
+    from policy.loader import load_policy
+
+    policy = load_policy(REPO / "policy" / "default.yaml").policy
+    faces = detect_faces(astronaut)
+    aligned = [align_face(astronaut, f.landmarks) for f in faces]
+    grey = [np.full_like(a.crop, 128) for a in aligned]
+    renders = [[g, a.crop] for g, a in zip(grey, aligned)]
+    output, first_found, rerendered = compose_detectable(astronaut, faces, aligned, renders, policy)
+    assert not first_found and rerendered == len(faces)
+    assert detect_faces(output)                                 # the second view: a face again
+    lost_for_good = [[g, g] for g in grey]
+    output, first_found, rerendered = compose_detectable(astronaut, faces, aligned, lost_for_good, policy)
+    assert not first_found and rerendered == len(faces) and not detect_faces(output)
+
+
 def test_load_synthesizer_from_a_run_folder_and_clear_errors(tmp_path):
     generator = Generator(len(GAN_ATTRIBUTES), width=8, blocks=1)
     with pytest.raises(ModelFileError, match="train generator"):
@@ -98,7 +220,7 @@ def test_gan_method_uses_the_rendered_face_and_the_gate_still_decides(astronaut)
     faces = detect_faces(astronaut)
     aligned = [align_face(astronaut, f.landmarks) for f in faces]
     # A "rendering" that is the original face: the gate must catch it and fall back.
-    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), [a.crop for a in aligned])
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), [[a.crop] for a in aligned])
     real = min(range(len(faces)), key=lambda i: faces[i].box[1])   # her face, not the mission patch
     assert result.status == "released"
     assert result.face_methods_tried[real][0] == "gan" and result.face_methods[real] in ("pixelate", "mask")
