@@ -9,6 +9,7 @@
     anonymousnet train attributes          train Stage I (CNN + 40 forests) on CelebA
     anonymousnet train identity            distil dlib's descriptor (Stage III's identity loss)
     anonymousnet train generator           train Stage III's generator on CelebA
+    anonymousnet train perturbation        compute Stage IV's universal perturbation on CelebA
 """
 from __future__ import annotations
 
@@ -398,6 +399,50 @@ def train_generator_command(celeba, run_dir, steps, critic_steps, learning_rate,
                            lambda_ssim=lambda_ssim)
     summary = train_generator(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, settings=settings,
                               seed=seed, limit=limit, identity=identity, install=install)
+    click.echo(json.dumps(summary, indent=2))
+
+
+
+def _fraction(text: str) -> float:
+    """ξ as a number or a fraction of 255 levels (``8/255``)."""
+    try:
+        numerator, _, denominator = text.partition("/")
+        value = float(numerator) / float(denominator or 1)
+    except (ValueError, ZeroDivisionError):
+        raise click.BadParameter(f"{text!r} is not a number such as 0.03 or 8/255") from None
+    if not 0 < value < 1:
+        raise click.BadParameter(f"{text} must lie between 0 and 1 (pixel values are in [0, 1])")
+    return value
+
+
+@train_group.command("perturbation")
+@click.option("--celeba", default="../shared/data/celeba", show_default=True, type=click.Path(file_okay=False),
+              help="CelebA folder with img_align_celeba_89x109/ and labels.csv.")
+@click.option("--run-dir", default=".data/train-perturbation/default", show_default=True,
+              help="perturbation.npz, perturbation.json and the unseen profiler go here.")
+@click.option("--attributes", default="Male,Young", show_default=True,
+              help="Comma-separated CelebA attributes the profiler reads (the white-box target).")
+@click.option("--xi", default="8/255", show_default=True, help="Radius of the perturbation (l-inf: per pixel).")
+@click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True)
+@click.option("--delta", default=0.2, show_default=True, help="Stop at a training fooling rate of 1 - delta.")
+@click.option("--max-passes", default=10, show_default=True)
+@click.option("--train-faces", default=2000, show_default=True, help="Training faces the perturbation is computed on.")
+@click.option("--unseen-epochs", default=8, show_default=True,
+              help="Epochs of the independently trained profiler used to measure transfer (0: skip).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
+@click.option("--install", is_flag=True, help="Copy the perturbation into models/ and update the manifest.")
+def train_perturbation_command(celeba, run_dir, attributes, xi, norm, delta, max_passes, train_faces, unseen_epochs,
+                               seed, limit, install):
+    """Compute Stage IV's universal adversarial perturbation against Stage I's CNN."""
+    from flows.train_perturbation import train_perturbation
+
+    needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv")
+    names = tuple(name.strip() for name in attributes.split(",") if name.strip())
+    summary = train_perturbation(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, attributes=names,
+                                 xi=_fraction(xi), norm=norm, delta=delta, max_passes=max_passes,
+                                 train_faces=train_faces, unseen_epochs=unseen_epochs, seed=seed, limit=limit,
+                                 install=install)
     click.echo(json.dumps(summary, indent=2))
 
 
