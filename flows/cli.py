@@ -429,11 +429,15 @@ def _fraction(text: str) -> float:
 @click.option("--train-faces", default=2000, show_default=True, help="Training faces the perturbation is computed on.")
 @click.option("--unseen-epochs", default=8, show_default=True,
               help="Epochs of the independently trained profiler used to measure transfer (0: skip).")
+@click.option("--synthesized", is_flag=True, help="Compute and measure on the faces as Stage III renders them "
+                                                 "(the release's input to Stage IV), not the original faces.")
+@click.option("--inside-mask", is_flag=True, help="Confine the perturbation to the face mask (where the release "
+                                                  "replaces the face).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
 @click.option("--install", is_flag=True, help="Copy the perturbation into models/ and update the manifest.")
 def train_perturbation_command(celeba, run_dir, attributes, xi, norm, delta, max_passes, train_faces, unseen_epochs,
-                               seed, limit, install):
+                               synthesized, inside_mask, seed, limit, install):
     """Compute Stage IV's universal adversarial perturbation against Stage I's CNN."""
     from flows.train_perturbation import train_perturbation
 
@@ -441,8 +445,8 @@ def train_perturbation_command(celeba, run_dir, attributes, xi, norm, delta, max
     names = tuple(name.strip() for name in attributes.split(",") if name.strip())
     summary = train_perturbation(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, attributes=names,
                                  xi=_fraction(xi), norm=norm, delta=delta, max_passes=max_passes,
-                                 train_faces=train_faces, unseen_epochs=unseen_epochs, seed=seed, limit=limit,
-                                 install=install)
+                                 train_faces=train_faces, unseen_epochs=unseen_epochs, synthesized=synthesized,
+                                 inside_mask=inside_mask, seed=seed, limit=limit, install=install)
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -30,9 +30,22 @@ from stages.attribute_names import ATTRIBUTES
 from stages.attribute_training import CnnSettings, downscale, train_cnn
 from stages.attributes import default_model
 from stages.quality import psnr
+from stages.synthesis import template_mask
 
 PERTURBATION_FILE = "perturbation.npz"
 CONFIG_FILE = "perturbation.json"
+
+
+def render_as_released(crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Aligned crops as a release with the default policy publishes them before Stage IV:
+    Stage I -> Stage II targets -> Stage III's first rendering."""
+    from flows.evaluate import stage_two_targets
+    from flows.release import plan_selection
+    from policy.loader import load_policy
+    from stages.synthesis import cached_synthesizer
+
+    selection = plan_selection(load_policy().policy)
+    return cached_synthesizer().render(crops, stage_two_targets(crops, selection), batch_size)
 
 
 def attribute_profiler(net: AttributeNet, attributes: list[str]):
@@ -74,8 +87,9 @@ def stage_one_forest_fooling(crops: np.ndarray, perturbed: np.ndarray, attribute
 def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-perturbation/default",
                        attributes: tuple[str, ...] = ("Male", "Young"), xi: float = 8 / 255, norm: str = "inf",
                        delta: float = 0.2, max_passes: int = 10, train_faces: int = 2000, batch_size: int = 64,
-                       seed: int = 0, limit: int | None = None, unseen_epochs: int = 8, install: bool = False,
-                       workers: int = 2, progress: bool = True) -> dict:
+                       seed: int = 0, limit: int | None = None, unseen_epochs: int = 8, synthesized: bool = False,
+                       inside_mask: bool = False, install: bool = False, workers: int = 2,
+                       progress: bool = True) -> dict:
     logger = get_run_logger()
     unknown = [name for name in attributes if name not in ATTRIBUTES]
     if unknown:
@@ -91,12 +105,20 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
     train_split = data["splits"]["train"]
     chosen = np.sort(rng.choice(train_split, min(train_faces, len(train_split)), replace=False))
     test = data["splits"]["test"]
+    if synthesized:
+        # What the release perturbs: each face as Stage III renders it with its Stage II targets.
+        logger.info("rendering %d training and %d test faces with the shipped generator", len(chosen), len(test))
+        crops = crops.copy()
+        for indices in (chosen, test):
+            crops[indices] = render_as_released(crops[indices])
+    support = template_mask(crops.shape[1])[0] if inside_mask else None
     profiler = attribute_profiler(default_model().net, list(attributes))
     logger.info("universal perturbation against Stage I's CNN (%s) on %d training faces, xi %.4f (l%s)",
                 ", ".join(attributes), len(chosen), xi, norm)
     compute_started = time.perf_counter()
     result = universal_perturbation(profiler, to_unit_images(crops[chosen]), radius=xi, norm=norm, delta=delta,
-                                    max_passes=max_passes, batch_size=batch_size, seed=seed, progress=progress)
+                                    max_passes=max_passes, batch_size=batch_size, support=support, seed=seed,
+                                    progress=progress)
     compute_seconds = time.perf_counter() - compute_started
     test_images = to_unit_images(crops[test])
     perturbed = to_crops(test_images + result.perturbation)
@@ -115,6 +137,7 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
     np.savez(run / PERTURBATION_FILE, perturbation=perturbation)
     summary = {
         "code_version": code_version(), "seed": seed, "attributes": list(attributes), "xi": xi, "norm": norm,
+        "faces": "synthesized by Stage III" if synthesized else "original", "inside_mask": inside_mask,
         "delta": delta, "passes": result.passes, "history": result.history, "train_faces": int(len(chosen)),
         "train_fooling_rate": result.fooling_rate, "test_faces": int(len(test)), "test": metrics,
         "compute_seconds": round(compute_seconds, 1), "torch_threads": torch.get_num_threads(),

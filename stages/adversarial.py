@@ -137,7 +137,8 @@ def _batches(count: int, batch_size: int, generator: torch.Generator) -> Iterato
 def universal_perturbation(classifier: Classifier, images: torch.Tensor, radius: float, norm: str = "inf",
                            delta: float = 0.2, max_passes: int = 10, batch_size: int = 64,
                            overshoot: float = 0.02, deepfool_iterations: int = 50, step_scale: float = 0.25,
-                           step_norm: str = "2", seed: int = 0, progress: bool = False) -> UapResult:
+                           step_norm: str = "2", support: torch.Tensor | None = None, seed: int = 0,
+                           progress: bool = False) -> UapResult:
     """Moosavi-Dezfooli et al.'s universal perturbation, batched.
 
     A pass visits the training ``images`` in shuffled batches. For the images of a batch
@@ -153,7 +154,9 @@ def universal_perturbation(classifier: Classifier, images: torch.Tensor, radius:
     so summing steps of many faces keeps the pixels they agree on, where sign (ℓ∞) steps
     would add every pixel's noise at full size. Stops when the fooling rate on the training images reaches ``1 - delta``
     or after ``max_passes``, and returns the ``v`` of the pass with the highest rate (later
-    passes, chasing the faces that are hardest to move, can lose more than they gain)."""
+    passes, chasing the faces that are hardest to move, can lose more than they gain).
+    ``support`` (broadcastable to one image, values in [0, 1]) confines ``v`` to where it may
+    be applied, e.g. the face mask: every step is multiplied by it before it is added."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if radius <= 0:
@@ -174,6 +177,8 @@ def universal_perturbation(classifier: Classifier, images: torch.Tensor, radius:
             if not unchanged.any():
                 continue
             extra, _ = deepfool(classifier, attacked[unchanged], step_norm, overshoot, deepfool_iterations)
+            if support is not None:
+                extra = extra * support
             for step in extra:
                 perturbation = project(perturbation + step_scale * step, radius, norm)
         rate = fooling_rate(classifier, images, perturbation)["fooling_rate"]

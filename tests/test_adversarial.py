@@ -148,23 +148,29 @@ def test_comparable_to_the_adversarial_robustness_toolbox():
 
 @pytest.mark.shared_data
 def test_perturbation_flow_on_a_tiny_subset(shared_data, tmp_path, prefect_harness):
-    """`anonymousnet train perturbation` end to end on 300 CelebA images: a perturbation in
-    the ℓ∞ ball, measured on the test people's faces against the white-box CNN, Stage I's
-    forests and a freshly trained unseen profiler; a bad attribute name is refused."""
+    """`anonymousnet train perturbation` end to end on 300 CelebA images, on the faces as
+    Stage III renders them and inside the face mask: a perturbation in the ℓ∞ ball and the
+    mask, measured on the test people's faces against the white-box CNN, Stage I's forests
+    and a freshly trained unseen profiler; a bad attribute name is refused."""
     import json
 
     import numpy as np
 
     from flows.train_perturbation import PERTURBATION_FILE, train_perturbation
+    from stages.synthesis import template_mask
 
     celeba = shared_data / "celeba"
     images, labels = str(celeba / "img_align_celeba_89x109"), str(celeba / "labels.csv")
     run = tmp_path / "uap"
     summary = train_perturbation(images=images, labels=labels, run_dir=str(run), xi=8 / 255, max_passes=2,
-                                 train_faces=60, unseen_epochs=1, limit=300, progress=False)
+                                 train_faces=60, unseen_epochs=1, limit=300, synthesized=True, inside_mask=True,
+                                 progress=False)
     with np.load(run / PERTURBATION_FILE, allow_pickle=False) as stored:
         v = stored["perturbation"]
     assert v.shape == (3, 128, 128) and np.abs(v).max() <= 8 / 255 + 1e-6 and np.abs(v).max() > 0
+    outside = template_mask(128)[0, 0].numpy() == 0
+    assert np.abs(v[:, outside]).max() == 0 and summary["inside_mask"]
+    assert summary["faces"] == "synthesized by Stage III"
     test = summary["test"]
     assert {"white_box", "stage_one_forests", "unseen_profiler", "psnr_db"} <= set(test)
     assert 0 <= test["white_box"]["fooling_rate"] <= 1 and test["white_box"]["images"] == summary["test_faces"] > 0
@@ -184,3 +190,14 @@ def test_xi_is_read_as_a_number_or_a_fraction_of_255():
     for bad in ("eight", "8/0", "300/255", "0"):
         with pytest.raises(click.BadParameter):
             _fraction(bad)
+
+
+def test_a_support_mask_confines_the_perturbation(images):
+    torch.manual_seed(7)
+    w = torch.randn(1, 48)
+    classifier = linear(w, -(images.flatten(1) @ w.T).median().reshape(1))
+    support = torch.zeros(1, 4, 4)
+    support[:, 1:3, 1:3] = 1.0                       # only the centre may change
+    result = universal_perturbation(classifier, images, radius=0.2, max_passes=2, batch_size=16, support=support)
+    assert result.perturbation[:, support[0] == 0].abs().max() == 0
+    assert result.perturbation[:, support[0] == 1].abs().max() > 0
