@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from prefect import flow, get_run_logger
-from torch.nn import functional as F
 
 from flows.train_attributes import align_task, device_for_training, split_rows
 from flows.train_identity import stage_one_cache
 from flows.version import code_version
-from models.attributes import PIXEL_MEAN, PIXEL_STD, AttributeNet
+from models.attributes import AttributeNet, normalise_unit_images
 from models.registry import install_repo_model, sha256_of_file, verified_path
 from stages.adversarial import fooling_rate, universal_perturbation
 from stages.attribute_names import ATTRIBUTES
@@ -50,13 +49,12 @@ def render_as_released(crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
 def attribute_profiler(net: AttributeNet, attributes: list[str]):
     """Logits of ``attributes`` from an attribute CNN, as a differentiable function of N×3×S×S
-    aligned crops in [0, 1] (the network's own 2×2 pooling to 64 px and normalisation)."""
+    aligned crops in [0, 1] (Stage I's own pooling to 64 px and normalisation)."""
     columns = [ATTRIBUTES.index(name) for name in attributes]
     net = net.eval()
 
     def logits(images: torch.Tensor) -> torch.Tensor:
-        small = F.interpolate(images, size=(64, 64), mode="area") if images.shape[-1] != 64 else images
-        return net((small - PIXEL_MEAN) / PIXEL_STD)[:, columns]
+        return net(normalise_unit_images(images))[:, columns]
 
     return logits
 
@@ -123,7 +121,8 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
     test_images = to_unit_images(crops[test])
     perturbed = to_crops(test_images + result.perturbation)
     # Measured on what a released file holds: the perturbed crop rounded to uint8.
-    white_box = fooling_rate(profiler, test_images, to_unit_images(perturbed) - test_images)
+    as_released = to_unit_images(perturbed) - test_images
+    white_box = fooling_rate(profiler, test_images, as_released)
     metrics = {
         "white_box": white_box,
         "stage_one_forests": stage_one_forest_fooling(crops[test], perturbed, list(attributes)),
@@ -132,7 +131,7 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
     if unseen_epochs:
         unseen = unseen_profiler_net(crops, data, run / "unseen-profiler", unseen_epochs, seed + 1, progress)
         metrics["unseen_profiler"] = fooling_rate(attribute_profiler(unseen, list(attributes)), test_images,
-                                                  to_unit_images(perturbed) - test_images)
+                                                  as_released)
     perturbation = result.perturbation.numpy().astype(np.float32)
     np.savez(run / PERTURBATION_FILE, perturbation=perturbation)
     summary = {

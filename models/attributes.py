@@ -85,10 +85,15 @@ def to_network_input(crops: np.ndarray | torch.Tensor, device: torch.device | st
     tensor = torch.as_tensor(crops, device=device)
     if tensor.ndim != 4 or tensor.shape[-1] != 3:
         raise ValueError(f"expected N x H x W x 3 crops, got shape {tuple(tensor.shape)}")
-    tensor = tensor.permute(0, 3, 1, 2).float().div_(255.0)
-    if tensor.shape[-1] != INPUT_SIZE:
-        tensor = F.interpolate(tensor, size=(INPUT_SIZE, INPUT_SIZE), mode="area")
-    return tensor.sub_(PIXEL_MEAN).div_(PIXEL_STD)
+    return normalise_unit_images(tensor.permute(0, 3, 1, 2).float().div_(255.0))
+
+
+def normalise_unit_images(images: torch.Tensor) -> torch.Tensor:
+    """N x 3 x S x S images in [0, 1] -> the network's input (area-pooled to 64 px, normalised);
+    differentiable, so an attack can work in pixel space."""
+    if images.shape[-1] != INPUT_SIZE:
+        images = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="area")
+    return (images - PIXEL_MEAN) / PIXEL_STD
 
 
 @dataclass

@@ -152,8 +152,8 @@ def universal_perturbation(classifier: Classifier, images: torch.Tensor, radius:
     faces agree. The DeepFool steps are ℓ2 steps by default whatever the ball (``step_norm``),
     as in the paper's own implementation: an ℓ2 step weights each pixel by its gradient,
     so summing steps of many faces keeps the pixels they agree on, where sign (ℓ∞) steps
-    would add every pixel's noise at full size. Stops when the fooling rate on the training images reaches ``1 - delta``
-    or after ``max_passes``, and returns the ``v`` of the pass with the highest rate (later
+    would add every pixel's noise at full size. Stops when the fooling rate on the training
+    images reaches ``1 - delta`` or after ``max_passes``, and returns the ``v`` of the pass with the highest rate (later
     passes, chasing the faces that are hardest to move, can lose more than they gain).
     ``support`` (broadcastable to one image, values in [0, 1]) confines ``v`` to where it may
     be applied, e.g. the face mask: every step is multiplied by it before it is added."""

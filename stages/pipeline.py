@@ -126,9 +126,9 @@ def render_faces(face_rows: list[dict], crops: dict[tuple[str, int], np.ndarray]
 
 
 def render_view_name(index: int) -> str:
-    from stages.synthesis import (
-        RENDER_VIEWS,  # only reached when the generator rendered the face
-    )
+    """The name of Stage III's view ``index``; only called for faces the generator rendered,
+    so torch is already imported then."""
+    from stages.synthesis import RENDER_VIEWS
 
     return RENDER_VIEWS[index].name
 
