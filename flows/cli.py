@@ -31,6 +31,7 @@ def main():
 def _run_release(input_location: str, output: str, policy: str | None, batch_size: int,
                  manifest_root: str | None, dataset: str | None = None, ledger: str | None = None) -> dict:
     from flows.privacy_ledger import PrivacyBudgetExceeded
+    from models.registry import ModelFileError
     from policy.loader import PolicyError, load_policy
     from stages.ingest import InputError
     from stages.ppas import PolicyInfeasible
@@ -38,14 +39,15 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
     try:
         loaded = load_policy(policy)  # fail fast, before Prefect starts, with file:line errors
         _check_feasible(loaded)
-    except PolicyError as exc:
+        _check_perturbation(loaded)
+    except (PolicyError, ModelFileError) as exc:
         raise click.ClickException(str(exc)) from None
     from flows.release import release
 
     try:
         return release(input=input_location, output=output, policy=policy, batch_size=batch_size,
                        manifest_root=manifest_root, show_progress=True, dataset=dataset, ledger=ledger)
-    except (InputError, PrivacyBudgetExceeded, PolicyInfeasible) as exc:
+    except (InputError, PrivacyBudgetExceeded, PolicyInfeasible, ModelFileError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -61,6 +63,22 @@ def _check_feasible(loaded) -> None:
         line, column = key_position(loaded.text, ("privacy", "t")) or key_position(loaded.text, ("privacy",)) \
             or (1, 1)
         raise PolicyError([f"{loaded.path}:{line}:{column}: the policy cannot be met: {exc}"]) from None
+
+
+def _check_perturbation(loaded) -> None:
+    """Stage IV's installed perturbation at the policy's xi (loaded and verified), reported
+    like a policy error at perturbation.xi when the policy asks for what it cannot give."""
+    from policy.loader import PolicyError, key_position
+    from stages.perturbation import PerturbationMismatch, installed_perturbation
+
+    settings = loaded.policy.perturbation
+    if not settings.enabled:
+        return
+    try:
+        installed_perturbation(settings.xi, settings.min_psnr_db, tuple(loaded.policy.attributes.preserve))
+    except PerturbationMismatch as exc:
+        line, column = key_position(loaded.text, exc.at) or (1, 1)
+        raise PolicyError([f"{loaded.path}:{line}:{column}: {exc}"]) from None
 
 
 def _print_summary(summary: dict) -> None:
@@ -227,10 +245,15 @@ def policy_schema(write_to):
         click.echo(text, nl=False)
 
 
+EVALUATION_METHODS = ("blur", "pixelate", "mask", "gan", "gan+perturbation")
+
+
 @main.command("evaluate")
 @click.option("--pairs", required=True, type=click.Path(exists=True, dir_okay=False), help="CSV with rel_a, rel_b, same.")
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder the pair paths are relative to.")
-@click.option("--methods", default="blur,pixelate,mask", show_default=True, help="Comma-separated methods to evaluate.")
+@click.option("--methods", default="blur,pixelate,mask", show_default=True,
+              help="Comma-separated methods to evaluate: blur, pixelate, mask, gan, gan+perturbation (gan with "
+                   "Stage IV's perturbation at the policy's xi).")
 @click.option("-p", "--policy", default=None, help="Policy whose detection and method settings are used.")
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N same-person pairs.")
 @click.option("--workers", default=2, show_default=True, help="Processes (dlib is single-threaded).")
@@ -246,13 +269,20 @@ def evaluate_command(pairs, images, methods, policy, limit, workers, generator, 
     seconds per face for each method on the same-person pairs (EVALUATION.md); with
     --celeba, Stage I's accuracy on the policy's preserved attributes before and after."""
     from flows.evaluate import attribute_preservation, evaluate, markdown_table
+    from models.registry import ModelFileError
     from policy.loader import PolicyError, load_policy
 
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in EVALUATION_METHODS]
+    if unknown:
+        raise click.BadParameter(f"unknown method(s) {unknown}; choose from {', '.join(EVALUATION_METHODS)}",
+                                 param_hint="--methods")
     try:
         loaded = load_policy(policy)
-    except PolicyError as exc:
+        if "gan+perturbation" in chosen:
+            _check_perturbation(loaded)
+    except (PolicyError, ModelFileError) as exc:
         raise click.ClickException(str(exc)) from None
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
     results = evaluate(Path(pairs), Path(images), chosen, loaded.policy, limit=limit, workers=workers,
                        progress=True, generator=generator)
     if celeba:
@@ -433,20 +463,24 @@ def _fraction(text: str) -> float:
                                                  "(the release's input to Stage IV), not the original faces.")
 @click.option("--inside-mask", is_flag=True, help="Confine the perturbation to the face mask (where the release "
                                                   "replaces the face).")
+@click.option("--keep", default=None, help="Comma-separated attributes the perturbation must not change (every "
+                                          "step is made orthogonal to them) [default: what policy/default.yaml "
+                                          "preserves; 'none': nothing].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
 @click.option("--install", is_flag=True, help="Copy the perturbation into models/ and update the manifest.")
 def train_perturbation_command(celeba, run_dir, attributes, xi, norm, delta, max_passes, train_faces, unseen_epochs,
-                               synthesized, inside_mask, seed, limit, install):
+                               synthesized, inside_mask, keep, seed, limit, install):
     """Compute Stage IV's universal adversarial perturbation against Stage I's CNN."""
     from flows.train_perturbation import train_perturbation
 
     needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv")
     names = tuple(name.strip() for name in attributes.split(",") if name.strip())
+    kept = None if keep is None else tuple(n.strip() for n in keep.split(",") if n.strip() and n.strip() != "none")
     summary = train_perturbation(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, attributes=names,
                                  xi=_fraction(xi), norm=norm, delta=delta, max_passes=max_passes,
                                  train_faces=train_faces, unseen_epochs=unseen_epochs, synthesized=synthesized,
-                                 inside_mask=inside_mask, seed=seed, limit=limit, install=install)
+                                 inside_mask=inside_mask, keep=kept, seed=seed, limit=limit, install=install)
     click.echo(json.dumps(summary, indent=2))
 
 

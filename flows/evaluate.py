@@ -14,6 +14,9 @@ Reported per method: de-identification rate = 1 - fraction of pairs where A' ver
 (over all evaluable pairs, and over the pairs that verified before), self
 de-identification rate, detection rate after, PSNR / SSIM / MS-SSIM of A' against A (whole
 image), and seconds per face of the de-identification. The row ``original`` is A' = A.
+Method ``gan+perturbation`` is ``gan`` with Stage IV's universal perturbation added as the
+release adds it (policy's ξ, inside the face mask, before re-detection), on the *same*
+renders as the ``gan`` row of the pair, so the two rows differ by the perturbation alone.
 """
 from __future__ import annotations
 
@@ -41,12 +44,18 @@ from stages.facetable import ATTRIBUTE_COLUMNS
 from stages.identity import same_face_as
 from stages.imageio import ImageRejected, load_rgb
 from stages.obfuscate import obfuscate
+from stages.perturbation import (
+    ReleasePerturbation,
+    apply_perturbation,
+    installed_perturbation,
+)
 from stages.ppas import Selection, select_face_rows
 from stages.quality import ms_ssim, psnr, ssim
 from stages.synthesis import FaceRenders, cached_synthesizer
 
 VERIFIER_THRESHOLD = 0.6   # dlib's documented same-person threshold (EVALUATION.md)
 VERIFIER_UPSAMPLE = 1
+GAN_METHODS = ("gan", "gan+perturbation")     # methods that synthesize (Stage III, and Stage IV for the second)
 
 
 def _subject_descriptor(rgb: np.ndarray) -> np.ndarray | None:
@@ -74,9 +83,24 @@ def find_and_align(rgb: np.ndarray, policy: Policy) -> tuple[list[DetectedFace],
 @dataclass(frozen=True)
 class Synthesis:
     """What the ``gan`` method needs besides the policy: Stage II's mechanism for the
-    policy and the generator (a run's ``model/`` folder, or None for the shipped one)."""
+    policy and the generator (a run's ``model/`` folder, or None for the shipped one), and
+    for ``gan+perturbation`` Stage IV's perturbation at the policy's ξ."""
     selection: Selection
     generator: str | None = None
+    perturbation: ReleasePerturbation | None = None
+
+
+def plan_synthesis(methods: list[str], policy: Policy, generator: str | None = None) -> Synthesis | None:
+    """What the chosen methods need besides the policy, loaded (and verified) once, here:
+    a missing generator or perturbation fails before any pair is read."""
+    if not any(method in GAN_METHODS for method in methods):
+        return None
+    perturbation = None
+    if "gan+perturbation" in methods:
+        perturbation = installed_perturbation(policy.perturbation.xi, policy.perturbation.min_psnr_db,
+                                              tuple(policy.attributes.preserve))
+    cached_synthesizer(generator)
+    return Synthesis(plan_selection(policy), generator, perturbation)
 
 
 def stage_two_targets(crops: np.ndarray, selection: Selection) -> np.ndarray:
@@ -97,16 +121,19 @@ def synthesize(aligned: list[AlignedFace], synthesis: Synthesis, batch_size: int
 
 
 def compose_detectable(rgb: np.ndarray, faces: list[DetectedFace], aligned: list[AlignedFace],
-                       renders: list[FaceRenders], policy: Policy) -> tuple[np.ndarray, bool, int]:
-    """The release's Stage III compose before the leak gate's fallback: a rendered face that
-    the verifier's detector does not find again is rendered from the next view of its crop
-    (``policy.obfuscation.gan.rerender_views`` at most; ``stages.anonymize``). Returns the
-    photo, whether the detector found any face in the first composition, and how many
-    faces were rendered again."""
+                       renders: list[FaceRenders], policy: Policy,
+                       perturbation: ReleasePerturbation | None = None) -> tuple[np.ndarray, bool, int]:
+    """The release's Stage III compose (and Stage IV's perturbation, when given) before the
+    leak gate's fallback: a rendered face that the verifier's detector does not find again is
+    rendered from the next view of its crop (``policy.obfuscation.gan.rerender_views`` at
+    most; ``stages.anonymize``). Returns the photo, whether the detector found any face in
+    the first composition, and how many faces were rendered again."""
     views, first_found, limit = [0] * len(faces), None, policy.obfuscation.gan.rerender_views
+    feather = policy.obfuscation.feather_fraction
     while True:
-        output = compose_faces(rgb, aligned, [r[v] for r, v in zip(renders, views)],
-                               policy.obfuscation.feather_fraction, [True] * len(aligned))
+        output = compose_faces(rgb, aligned, [r[v] for r, v in zip(renders, views)], feather, [True] * len(aligned))
+        if perturbation is not None:
+            output = apply_perturbation(output, aligned, [True] * len(aligned), perturbation, feather)
         found = detect_faces(output, detector="hog", upsample=policy.detection.upsample,
                              max_side=policy.detection.max_side)
         first_found = bool(found) if first_found is None else first_found
@@ -119,14 +146,17 @@ def compose_detectable(rgb: np.ndarray, faces: list[DetectedFace], aligned: list
 
 
 def deidentify(rgb: np.ndarray, faces: list[DetectedFace], aligned: list[AlignedFace], method: str, policy: Policy,
-               synthesis: Synthesis | None = None) -> tuple[np.ndarray, dict]:
+               synthesis: Synthesis | None = None, renders: list[FaceRenders] | None = None) -> tuple[np.ndarray, dict]:
     """A': every face obfuscated with ``method`` and composed back; with what ``gan`` did
-    besides (whether its first composition was detected, faces rendered again)."""
-    if method == "gan":
-        if synthesis is None:
-            raise ValueError("method gan needs the policy's Stage II selection (Synthesis)")
-        renders = synthesize(aligned, synthesis, policy.obfuscation.gan.batch_size)
-        output, first_found, rerendered = compose_detectable(rgb, faces, aligned, renders, policy)
+    besides (whether its first composition was detected, faces rendered again). ``renders``:
+    Stage III's renders of ``aligned`` when already made (shared by the gan methods)."""
+    if method in GAN_METHODS:
+        if synthesis is None or (method == "gan+perturbation" and synthesis.perturbation is None):
+            raise ValueError(f"method {method} needs the policy's Stage II selection (Synthesis, plan_synthesis)")
+        if renders is None:
+            renders = synthesize(aligned, synthesis, policy.obfuscation.gan.batch_size)
+        perturbation = synthesis.perturbation if method == "gan+perturbation" else None
+        output, first_found, rerendered = compose_detectable(rgb, faces, aligned, renders, policy, perturbation)
         return output, {"detected_first_render": first_found, "faces_rerendered": rerendered}
     edited = [obfuscate(a.crop, method, policy.obfuscation.params_for(method)) for a in aligned]
     return compose_faces(rgb, aligned, edited, policy.obfuscation.feather_fraction), {}
@@ -148,6 +178,12 @@ def evaluate_pair(job: tuple[Path, Path, list[str], Policy, Synthesis | None]) -
     started = time.perf_counter()
     faces, aligned = find_and_align(image_a, policy)
     detection_seconds = time.perf_counter() - started
+    renders, render_seconds = None, 0.0
+    if synthesis is not None and any(method in GAN_METHODS for method in methods):
+        # One Stage II draw and one rendering per pair, shared by the gan methods (and charged to each).
+        started = time.perf_counter()
+        renders = synthesize(aligned, synthesis, policy.obfuscation.gan.batch_size)
+        render_seconds = time.perf_counter() - started
     rows = []
     for method in ["original", *methods]:
         started = time.perf_counter()
@@ -155,8 +191,10 @@ def evaluate_pair(job: tuple[Path, Path, list[str], Policy, Synthesis | None]) -
         if method == "original":
             output, treated, seconds = image_a, 0, 0.0
         else:
-            (output, extra), treated = deidentify(image_a, faces, aligned, method, policy, synthesis), len(aligned)
+            output, extra = deidentify(image_a, faces, aligned, method, policy, synthesis, renders)
+            treated = len(aligned)
             seconds = detection_seconds + time.perf_counter() - started
+            seconds += render_seconds if method in GAN_METHODS else 0.0
         found = _all_descriptors(output)
         to_b = min((float(np.linalg.norm(d - descriptor_b)) for d in found), default=float("inf"))
         to_a = min((float(np.linalg.norm(d - descriptor_a)) for d in found), default=float("inf"))
@@ -204,10 +242,7 @@ def evaluate(pairs_csv: Path, images: Path, methods: list[str], policy: Policy, 
     same = pairs[pairs["same"].astype(int) == 1]
     if limit:
         same = same.head(limit)
-    synthesis = None
-    if "gan" in methods:
-        synthesis = Synthesis(plan_selection(policy), generator)
-        cached_synthesizer(generator)          # a missing generator fails here, not in every worker
+    synthesis = plan_synthesis(methods, policy, generator)
     jobs = [(images / a, images / b, methods, policy, synthesis) for a, b in zip(same["rel_a"], same["rel_b"])]
     started = time.time()
     rows: list[dict] = []
@@ -296,7 +331,7 @@ def attribute_preservation(celeba: Path, methods: list[str], policy: Policy, gen
     truth = data["labels"][test][:, columns].astype(bool)
     identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
     faces = [AlignedFace(crop=c, matrix=identity, inverse=identity, landmarks=template(ALIGNED_SIZE)) for c in crops]
-    synthesis = Synthesis(plan_selection(policy), generator) if "gan" in methods else None
+    synthesis = plan_synthesis(methods, policy, generator)
 
     def accuracy(batch: np.ndarray) -> dict:
         predicted = attribute_model().predict(batch)[:, columns] >= 0.5
@@ -305,14 +340,23 @@ def attribute_preservation(celeba: Path, methods: list[str], policy: Policy, gen
                 "per_attribute": {name: float(v) for name, v in zip(preserved, per_attribute)}}
 
     results = {"faces": int(len(test)), "preserved": preserved, "original": accuracy(crops), "methods": {}}
+    rendered = None
+    feather = policy.obfuscation.feather_fraction
     for method in methods:
-        if method == "gan":
-            # Aligned crops have no photo around them to re-detect in: the first view.
-            edited = [renders[0] for renders in synthesize(faces, synthesis, policy.obfuscation.gan.batch_size)]
+        if method in GAN_METHODS:
+            # Aligned crops have no photo around them to re-detect in: the first view, one
+            # rendering shared by the gan methods.
+            rendered = rendered or [renders[0] for renders in synthesize(faces, synthesis,
+                                                                         policy.obfuscation.gan.batch_size)]
+            edited = rendered
         else:
             edited = [obfuscate(f.crop, method, policy.obfuscation.params_for(method)) for f in faces]
-        composed = np.stack([compose_faces(f.crop, [f], [e], policy.obfuscation.feather_fraction, [method == "gan"])
-                             for f, e in zip(faces, edited)])
+        synthesized = method in GAN_METHODS
+        composed = [compose_faces(f.crop, [f], [e], feather, [synthesized]) for f, e in zip(faces, edited)]
+        if method == "gan+perturbation":
+            composed = [apply_perturbation(c, [f], [True], synthesis.perturbation, feather)
+                        for f, c in zip(faces, composed)]
+        composed = np.stack(composed)
         scores = accuracy(composed)
         scores["ratio_to_original"] = scores["mean"] / results["original"]["mean"]
         results["methods"][method] = scores

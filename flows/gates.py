@@ -23,10 +23,12 @@ class GateResult:
     failures: list[str] = field(default_factory=list)          # human-readable, one per failed expectation
     failed_image_ids: set[str] = field(default_factory=set)   # rows to quarantine
     table_failed: bool = False                                 # a failure not tied to rows
+    observed: dict = field(default_factory=dict)               # measurements the gate records (not judged)
 
     def details(self) -> str:
         return json.dumps({"checks": self.checks, "failures": self.failures,
-                           "failed_image_ids": sorted(self.failed_image_ids)[:50]})
+                           "failed_image_ids": sorted(self.failed_image_ids)[:50]}
+                          | ({"observed": self.observed} if self.observed else {}))
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,6 +202,40 @@ def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, release_distance: fl
         gxe.ExpectColumnValuesToNotBeNull(column="method"),
     ])
     return _merge("gate:publish", photo_result, face_result)
+
+
+def perturbation_gate(photos: pd.DataFrame, faces: pd.DataFrame, min_psnr_db: float) -> GateResult:
+    """After anonymize with Stage IV on: every face of a released photo that is published as
+    synthesized carries the perturbation, and its measured PSNR cost is within the policy's
+    bound (a face without a measurement fails: fail closed). Records the white-box fooling
+    rate over the perturbed faces (reported, not judged: it is a property of the profiler)."""
+    import great_expectations.expectations as gxe
+
+    released_ids = set(photos.loc[photos["status"] == "released", "image_id"])
+    frame = faces[faces["image_id"].isin(released_ids) & (faces["method"] == "gan")] if not faces.empty else faces
+    if frame.empty:
+        return GateResult(name="gate:perturbation", passed=True, checks=0, observed={"faces_perturbed": 0})
+    frame = pd.DataFrame({
+        "image_id": frame["image_id"].to_numpy(),
+        "perturbed": frame["perturbed"].fillna(False).astype(bool).to_numpy(),
+        "perturbation_psnr_db": frame["perturbation_psnr_db"].astype(float).to_numpy(),
+        "profiler_measured": frame["profiler_fooled"].notna().to_numpy(),
+    })
+    result = validate("gate:perturbation", frame, [
+        gxe.ExpectColumnValuesToBeInSet(column="perturbed", value_set=[True]),
+        gxe.ExpectColumnValuesToNotBeNull(column="perturbation_psnr_db"),
+        gxe.ExpectColumnValuesToBeBetween(column="perturbation_psnr_db", min_value=min_psnr_db),
+        gxe.ExpectColumnValuesToBeInSet(column="profiler_measured", value_set=[True]),
+    ])
+    fooled = faces.loc[faces["image_id"].isin(released_ids) & (faces["method"] == "gan"), "profiler_fooled"]
+    measured = fooled.dropna().astype(bool)
+    costs = frame["perturbation_psnr_db"].dropna()
+    result.observed = {"faces_perturbed": int(frame["perturbed"].sum()), "faces_measured": int(len(measured)),
+                       "faces_fooled": int(measured.sum()),
+                       "fooling_rate": float(measured.mean()) if len(measured) else None,
+                       "median_psnr_db": float(costs.median()) if len(costs) else None,
+                       "min_psnr_db": float(costs.min()) if len(costs) else None}
+    return result
 
 
 def accounting_gate(photos: pd.DataFrame, expected_ids: list[str]) -> GateResult:

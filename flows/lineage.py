@@ -84,6 +84,7 @@ PHOTO_SCHEMA = pa.schema([
     pa.field("output_format", pa.string()),
     pa.field("output_sha256", pa.string()),
     pa.field("seconds", pa.float64()),
+    pa.field("perturbation_seconds", pa.float64()),      # of which Stage IV (apply and measure)
 ])
 
 FACE_LINEAGE_SCHEMA = pa.schema(
@@ -203,6 +204,14 @@ def summarize(release_dir: str | Path) -> str:
         if len(views):
             lines.append(f"  synthesized faces published, by the view they were rendered from: "
                          f"{views.value_counts().to_dict()}")
+        perturbed = latest_faces[latest_faces.perturbed.fillna(False).astype(bool)
+                                 & latest_faces.profiler_fooled.notna()]
+        if len(perturbed):
+            changed = sum(len(names) > 0 for names in perturbed.preserved_changed if names is not None)
+            lines.append(f"  Stage IV perturbation on {len(perturbed)} face(s): white-box profiler fooled on "
+                         f"{int(perturbed.profiler_fooled.astype(bool).sum())}; PSNR cost median "
+                         f"{perturbed.perturbation_psnr_db.median():.1f} dB, lowest "
+                         f"{perturbed.perturbation_psnr_db.min():.1f} dB; a preserved attribute changed on {changed}")
     return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ from stages.attributes import (
 from stages.faces import detector_model_names
 from stages.imageio import write_atomic
 from stages.ingest import InputPhoto, discover_inputs
+from stages.perturbation import installed_perturbation
 from stages.pipeline import IngestSettings, anonymize_batch, ingest_batch
 from stages.ppas import (
     Selection,
@@ -69,7 +70,10 @@ def anonymize_settings(policy: Policy) -> AnonymizeSettings:
         detector="hog", upsample=policy.detection.upsample,
         max_side=policy.detection.max_side, output_format=policy.output.format,
         jpeg_quality=policy.output.jpeg_quality, synthesis_batch=obfuscation.gan.batch_size,
-        rerender_views=obfuscation.gan.rerender_views)
+        rerender_views=obfuscation.gan.rerender_views,
+        perturbation=(installed_perturbation(policy.perturbation.xi, policy.perturbation.min_psnr_db,
+                                             tuple(policy.attributes.preserve))
+                      if policy.perturbation.enabled else None))
 
 
 # Reading photos can fail transiently on network storage: retry. Detection itself is
@@ -118,6 +122,11 @@ def plan_selection(policy: Policy) -> Selection:
 def anonymize_task(photo_rows, face_rows, sources: dict[str, Path], policy: Policy, staging_dir: str):
     return anonymize_batch(photo_rows, face_rows, sources, anonymize_settings(policy),
                            policy.input.max_pixels, Path(staging_dir))
+
+
+@task(name="gate-perturbation", cache_policy=NO_CACHE)
+def perturbation_gate_task(photo_rows: list[dict], face_rows: list[dict], min_psnr_db: float) -> gates.GateResult:
+    return gates.perturbation_gate(pd.DataFrame(photo_rows), pd.DataFrame(face_rows), min_psnr_db)
 
 
 @task(name="gate-publish", cache_policy=NO_CACHE)
@@ -216,7 +225,9 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
                "models": model_hashes(detector_model_names(loaded.policy.detection.detector)
                                       + list(ATTRIBUTE_MODEL_FILES) + ["attribute_population",
                                                                         "attribute_combinations"]
-                                      + (["generator", "generator_config"] if uses_generator else [])),
+                                      + (["generator", "generator_config"] if uses_generator else [])
+                                      + (["perturbation", "perturbation_config"]
+                                         if loaded.policy.perturbation.enabled else [])),
                "n_inputs": len(inputs), "dataset": dataset, "ledger_dir": str(ledger_dir),
                "epsilon_release": spend.epsilon, "epsilon_spent_before": spend.spent_before,
                "epsilon_budget": spend.budget}
@@ -271,6 +282,11 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
                 photo_rows, face_rows = anonymize_task(photo_rows, face_rows, sources, loaded.policy,
                                                        str(work_dir / "staged"))
                 events.append(_event(run_id, "anonymize", index, t, len(photo_rows)))
+                if loaded.policy.perturbation.enabled:
+                    t = time.time()
+                    gate = perturbation_gate_task(photo_rows, face_rows, loaded.policy.perturbation.min_psnr_db)
+                    events.append(_event(run_id, gate.name, index, t, len(face_rows), gate))
+                    _enforce(gate, photo_rows, face_rows, index)
                 t = time.time()
                 gate = publish_gate_task(photo_rows, face_rows, check.release_distance)
                 events.append(_event(run_id, gate.name, index, t, len(photo_rows), gate))

@@ -48,6 +48,7 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
     lines += _drift_section(run)
     lines += _selection_section(run, faces, policy)
     lines += _synthesis_section(faces, policy)
+    lines += _perturbation_section(run, photos, faces, policy)
     held = [p for p in photos if p["status"] != "released"]
     if held:
         lines += ["## Not released", "", "| photo | outcome | reason |", "|---|---|---|"]
@@ -116,6 +117,40 @@ def _synthesis_section(faces: list[dict], policy: Policy) -> list[str]:
             f"- Faces without Stage II targets (found only by the leak check): "
             f"{sum(1 for f in faces if f.get('target_attributes') is None)}"] + [
             f"- Note: {note}" for note in unrendered_notes(policy)] + [""]
+
+
+def _perturbation_section(run: dict, photos: list[dict], faces: list[dict], policy: Policy) -> list[str]:
+    """Stage IV: how many published faces carry the perturbation, what it cost and how often
+    the white-box profiler was fooled, and the time it added to the release."""
+    settings = policy.perturbation
+    if not settings.enabled:
+        return []
+    released = {p["image_id"] for p in photos if p["status"] == "released"}
+    perturbed = [f for f in faces if f["image_id"] in released and f.get("perturbed")]
+    lines = ["## Adversarial perturbation (Stage IV)", "",
+             f"- Policy: xi {settings.xi:g} grey levels (l-inf), inside the face mask of synthesized faces; "
+             f"gate: PSNR ≥ {settings.min_psnr_db:g} dB per face"]
+    measured = [f for f in perturbed if f.get("profiler_fooled") is not None]
+    if measured:
+        costs = sorted(f["perturbation_psnr_db"] for f in perturbed if f.get("perturbation_psnr_db") is not None)
+        fooled = sum(bool(f["profiler_fooled"]) for f in measured)
+        lines += [f"- {len(perturbed)} published face(s) carry it; the white-box profiler (Stage I's CNN on the "
+                  f"perturbation's attributes) changed its verdict on {fooled} of {len(measured)} "
+                  f"({fooled / len(measured):.1%})",
+                  f"- Cost: PSNR of each face region against the photo without it, median "
+                  f"{costs[len(costs) // 2]:.1f} dB, lowest {costs[0]:.1f} dB",
+                  f"- Preserved attributes ({', '.join(policy.attributes.preserve) or 'none'}): the profiler's "
+                  f"verdict on one of them changed on "
+                  f"{sum(bool(f.get('preserved_changed')) for f in measured)} of {len(measured)} face(s)"]
+    else:
+        lines.append("- No published face carries it (no face was published as synthesized)")
+    spent = sum(p.get("perturbation_seconds") or 0.0 for p in photos)
+    if run.get("finished_at") is not None and run.get("started_at") is not None:
+        total = (run["finished_at"] - run["started_at"]).total_seconds()
+        if total > 0:
+            lines.append(f"- Time: {spent:.1f} s of the release's {total:.0f} s ({spent / total:.1%}), applying and "
+                         "measuring it")
+    return lines + [""]
 
 
 def _selection_section(run: dict, faces: list[dict], policy: Policy) -> list[str]:

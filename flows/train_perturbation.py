@@ -6,7 +6,9 @@ shipped Stage I CNN's own head, white-box -> the universal perturbation (DeepFoo
 ``stages.adversarial``) on training faces -> measured on the test people's faces (never
 used to compute it): white-box fooling rate, transfer to Stage I as the release runs it
 (the CNN's features through the 40 random forests) and to an unseen profiler when one is
-given, PSNR cost -> ``perturbation.npz`` + ``perturbation.json`` in the run folder, and with
+given, PSNR cost, and how often the attributes it must keep (``keep``: by default what the
+default policy preserves; every DeepFool step is made orthogonal to their gradients) change
+-> ``perturbation.npz`` + ``perturbation.json`` in the run folder, and with
 ``--install`` into ``models/`` (sha256 in the manifest).
 """
 from __future__ import annotations
@@ -81,17 +83,27 @@ def stage_one_forest_fooling(crops: np.ndarray, perturbed: np.ndarray, attribute
             "images": int(len(crops))}
 
 
+def default_keep() -> tuple[str, ...]:
+    """The attributes the default policy preserves (what a release must not change)."""
+    from policy.loader import load_policy
+
+    return tuple(load_policy().policy.attributes.preserve)
+
+
 @flow(name="train-perturbation")
 def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-perturbation/default",
                        attributes: tuple[str, ...] = ("Male", "Young"), xi: float = 8 / 255, norm: str = "inf",
                        delta: float = 0.2, max_passes: int = 10, train_faces: int = 2000, batch_size: int = 64,
                        seed: int = 0, limit: int | None = None, unseen_epochs: int = 8, synthesized: bool = False,
-                       inside_mask: bool = False, install: bool = False, workers: int = 2,
-                       progress: bool = True) -> dict:
+                       inside_mask: bool = False, keep: tuple[str, ...] | None = None, install: bool = False,
+                       workers: int = 2, progress: bool = True) -> dict:
     logger = get_run_logger()
-    unknown = [name for name in attributes if name not in ATTRIBUTES]
+    keep = default_keep() if keep is None else tuple(keep)
+    unknown = [name for name in (*attributes, *keep) if name not in ATTRIBUTES]
     if unknown:
         raise ValueError(f"unknown attribute(s) {unknown}; use CelebA names such as Male, Young")
+    if set(keep) & set(attributes):
+        raise ValueError(f"{sorted(set(keep) & set(attributes))} both attacked and kept; remove them from one list")
     started = time.perf_counter()
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -111,12 +123,13 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
             crops[indices] = render_as_released(crops[indices])
     support = template_mask(crops.shape[1])[0] if inside_mask else None
     profiler = attribute_profiler(default_model().net, list(attributes))
-    logger.info("universal perturbation against Stage I's CNN (%s) on %d training faces, xi %.4f (l%s)",
-                ", ".join(attributes), len(chosen), xi, norm)
+    kept = attribute_profiler(default_model().net, list(keep)) if keep else None
+    logger.info("universal perturbation against Stage I's CNN (%s; keeping %s) on %d training faces, xi %.4f (l%s)",
+                ", ".join(attributes), ", ".join(keep) or "nothing", len(chosen), xi, norm)
     compute_started = time.perf_counter()
     result = universal_perturbation(profiler, to_unit_images(crops[chosen]), radius=xi, norm=norm, delta=delta,
                                     max_passes=max_passes, batch_size=batch_size, support=support, seed=seed,
-                                    progress=progress)
+                                    keep=kept, progress=progress)
     compute_seconds = time.perf_counter() - compute_started
     test_images = to_unit_images(crops[test])
     perturbed = to_crops(test_images + result.perturbation)
@@ -128,6 +141,10 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
         "stage_one_forests": stage_one_forest_fooling(crops[test], perturbed, list(attributes)),
         "psnr_db": float(np.median([psnr(a, b) for a, b in zip(crops[test], perturbed)])),
     }
+    if keep:
+        # How often what must be kept changes: the white-box CNN head and Stage I's forests.
+        metrics["kept_white_box"] = fooling_rate(kept, test_images, as_released)
+        metrics["kept_stage_one_forests"] = stage_one_forest_fooling(crops[test], perturbed, list(keep))
     if unseen_epochs:
         unseen = unseen_profiler_net(crops, data, run / "unseen-profiler", unseen_epochs, seed + 1, progress)
         metrics["unseen_profiler"] = fooling_rate(attribute_profiler(unseen, list(attributes)), test_images,
@@ -135,7 +152,8 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
     perturbation = result.perturbation.numpy().astype(np.float32)
     np.savez(run / PERTURBATION_FILE, perturbation=perturbation)
     summary = {
-        "code_version": code_version(), "seed": seed, "attributes": list(attributes), "xi": xi, "norm": norm,
+        "code_version": code_version(), "seed": seed, "attributes": list(attributes), "keep": list(keep),
+        "xi": xi, "norm": norm,
         "faces": "synthesized by Stage III" if synthesized else "original", "inside_mask": inside_mask,
         "delta": delta, "passes": result.passes, "history": result.history, "train_faces": int(len(chosen)),
         "train_fooling_rate": result.fooling_rate, "test_faces": int(len(test)), "test": metrics,
@@ -144,8 +162,10 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
         "seconds": round(time.perf_counter() - started, 1),
     }
     (run / CONFIG_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-    logger.info("fooling rate on %d unseen test faces: %.3f white-box, %.3f Stage I forests; PSNR %.1f dB",
-                len(test), white_box["fooling_rate"], metrics["stage_one_forests"]["fooling_rate"], metrics["psnr_db"])
+    logger.info("fooling rate on %d unseen test faces: %.3f white-box, %.3f Stage I forests; PSNR %.1f dB; "
+                "kept attributes changed (Stage I forests): %s", len(test), white_box["fooling_rate"],
+                metrics["stage_one_forests"]["fooling_rate"], metrics["psnr_db"],
+                metrics.get("kept_stage_one_forests", {}).get("per_attribute"))
     if install:
         summary["installed"] = {
             name: install_repo_model(name, run / file, what)

@@ -84,6 +84,19 @@ class ObfuscationPolicy(_Strict):
         return getattr(self, method).model_dump()
 
 
+class PerturbationPolicy(_Strict):
+    """Stage IV: the universal adversarial perturbation added to synthesized faces."""
+
+    enabled: bool = Field(False, description="Add the shipped universal perturbation (`anonymousnet train perturbation`) "
+                                             "inside the mask of every face published as synthesized, so that "
+                                             "attribute-profiling classifiers misread it (Stage IV).")
+    xi: float = Field(8, gt=0, le=32, description="Largest change of any pixel, in grey levels of 255 (the l-inf radius "
+                                                 "xi; at most what the installed perturbation was computed for).")
+    min_psnr_db: float = Field(34.0, ge=20, le=60,
+                               description="Gate: a face whose region has a lower PSNR with the perturbation than "
+                                           "without it is held back with its photo (the perturbation's visible cost).")
+
+
 class IdentityCheckPolicy(_Strict):
     """How the released photos are checked for identity leaks (see stages/identity.py)."""
 
@@ -206,6 +219,7 @@ class Policy(_Strict):
     input: InputPolicy = InputPolicy()
     detection: DetectionPolicy = DetectionPolicy()
     obfuscation: ObfuscationPolicy = ObfuscationPolicy()
+    perturbation: PerturbationPolicy = PerturbationPolicy()
     identity_check: IdentityCheckPolicy = IdentityCheckPolicy()
     attributes: AttributesPolicy = AttributesPolicy()
     privacy: PrivacyPolicy = PrivacyPolicy()
@@ -217,6 +231,13 @@ class Policy(_Strict):
             raise PolicyValueError(f"the only fallback is the main method '{self.obfuscation.method}' itself: "
                                    "a face that leaks with it would leak again; name a stronger method such as mask",
                                    at=("identity_check", "fallback"))
+        synthesizes = self.obfuscation.method == "gan" or (self.identity_check.on_leak == "fallback"
+                                                          and "gan" in self.identity_check.fallback)
+        if self.perturbation.enabled and not synthesizes:
+            raise PolicyValueError(f"perturbation is enabled but no face is synthesized (method "
+                                   f"'{self.obfuscation.method}'): Stage IV perturbs the faces Stage III renders; "
+                                   "set obfuscation.method: gan or perturbation.enabled: false",
+                                   at=("perturbation", "enabled"))
         obfuscated = len(self.attributes.obfuscate)
         if self.privacy.mechanism == "exponential" and obfuscated > EXPONENTIAL_MAX_ATTRIBUTES:
             raise PolicyValueError(f"{obfuscated} obfuscated attributes, but the exponential mechanism takes at most "

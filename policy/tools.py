@@ -93,6 +93,11 @@ def explain(loaded: LoadedPolicy, selection: Selection | None, closed_form: list
     else:
         lines.append("- No attribute is re-chosen (attributes.obfuscate is empty), so epsilon and t do not apply.")
     lines += [f"- Note: {note}" for note in unrendered_notes(policy)]
+    if policy.perturbation.enabled:
+        lines.append(f"- Every synthesized face also gets a faint fixed pattern (at most {policy.perturbation.xi:g} "
+                     "grey levels of 255 per pixel, inside the face) meant to make classifiers that guess gender and age "
+                     "from faces misread many of them. A face the pattern would change visibly (PSNR below "
+                     f"{policy.perturbation.min_psnr_db:g} dB) is held back with its photo.")
     lines += ["", "WHAT THE NUMBERS GUARANTEE"]
     if attrs.obfuscate:
         odds = math.exp(privacy.epsilon)
@@ -130,11 +135,13 @@ _STRONGER_WHEN = {
     "identity_check.safety_margin": "higher", "detection.upsample": "higher",
     "obfuscation.blur.sigma_fraction": "higher", "obfuscation.pixelate.blocks": "lower",
     "input.max_pixels": None,
+    "perturbation.xi": "higher", "perturbation.min_psnr_db": None,
 }
 _STRONGER_CHOICE = {
     "identity_check.on_no_face": {"quarantine": 1, "release": 0},
     "privacy.on_violation": {"abort": 1, "quarantine": 0},
     "detection.detector": {"hog": 0, "cnn": 1, "hog+cnn": 2},
+    "perturbation.enabled": {False: 0, True: 1},
 }
 
 

@@ -51,8 +51,15 @@ def verdict(classifier: Classifier, images: torch.Tensor, batch_size: int = 256)
                           for start in range(0, max(len(images), 1), batch_size)])
 
 
+def _without_components_along(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``vectors`` (N×K×D) minus their orthogonal projection onto the span of ``basis``
+    (N×J×D), per image."""
+    q, _ = torch.linalg.qr(basis.transpose(1, 2))                   # N×D×J, orthonormal columns
+    return vectors - torch.einsum("ndj,nkj->nkd", q, torch.einsum("ndj,nkd->nkj", q, vectors))
+
+
 def deepfool(classifier: Classifier, images: torch.Tensor, norm: str = "inf", overshoot: float = 0.02,
-             max_iterations: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+             max_iterations: int = 50, keep: Classifier | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepFool for a K-attribute binary profiler: per image, the perturbation ``r`` (same
     shape as ``images``) that makes at least one attribute's decision flip, and whether it
     did within ``max_iterations`` (N bool).
@@ -60,9 +67,17 @@ def deepfool(classifier: Classifier, images: torch.Tensor, norm: str = "inf", ov
     Each attribute k's boundary is ``f_k(x) = 0``. Linearised at the current point, it lies
     ``|f_k| / ‖∇f_k‖_*`` away (dual norm); the step goes to the nearest boundary, and the
     accumulated perturbation is scaled by ``1 + overshoot`` so the point lands past it. The
-    clean verdict is kept fixed, so "flipped" always means "differs from the original"."""
+    clean verdict is kept fixed, so "flipped" always means "differs from the original".
+
+    ``keep`` (a second classifier, J logits) names decisions the perturbation must leave
+    alone (the attributes a release preserves): each gradient is first stripped of its
+    components along the J gradients of ``keep`` at the same point, so every step moves
+    along directions that, to first order, change none of those logits (ℓ2 steps only: the
+    sign of a projected gradient is no longer orthogonal to them)."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if keep is not None and norm != "2":
+        raise ValueError("keep needs l2 steps (norm '2')")
     images = images.detach()
     count = len(images)
     flat = images[0].numel() if count else 0
@@ -82,10 +97,10 @@ def deepfool(classifier: Classifier, images: torch.Tensor, norm: str = "inf", ov
         still = ~changed
         if not still.any():
             break
-        # One backward pass per attribute: the gradient of each logit for every image at once
-        # (the images are independent, so d(sum_i f_k(x_i))/dx_i = df_k(x_i)/dx_i).
-        gradients = torch.stack([torch.autograd.grad(logits[:, k].sum(), point, retain_graph=k + 1 < logits.shape[1])[0]
-                                 .reshape(len(active), flat) for k in range(logits.shape[1])], dim=1)
+        gradients = _logit_gradients(logits, point, flat)
+        if keep is not None:
+            held = _logit_gradients(keep(point), point, flat)
+            gradients = _without_components_along(gradients, held)
         logits, gradients = logits.detach()[still], gradients[still]
         # Distance to each boundary under the linearisation; pick the nearest.
         distances = logits.abs() / _dual_norm(gradients.reshape(-1, flat), norm).reshape(logits.shape).clamp_min(1e-12)
@@ -98,6 +113,13 @@ def deepfool(classifier: Classifier, images: torch.Tensor, norm: str = "inf", ov
         indices = active[still]
         total[indices] += step.reshape((-1, *images.shape[1:]))
     return ((1 + overshoot) * total).detach(), flipped
+
+
+def _logit_gradients(logits: torch.Tensor, point: torch.Tensor, flat: int) -> torch.Tensor:
+    """N×K×D: the gradient of each of the K logits for every image, one backward pass per
+    logit (the images are independent, so d(sum_i f_k(x_i))/dx_i = df_k(x_i)/dx_i)."""
+    return torch.stack([torch.autograd.grad(logits[:, k].sum(), point, retain_graph=True)[0].reshape(len(point), flat)
+                        for k in range(logits.shape[1])], dim=1)
 
 
 def project(perturbation: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
@@ -138,7 +160,7 @@ def universal_perturbation(classifier: Classifier, images: torch.Tensor, radius:
                            delta: float = 0.2, max_passes: int = 10, batch_size: int = 64,
                            overshoot: float = 0.02, deepfool_iterations: int = 50, step_scale: float = 0.25,
                            step_norm: str = "2", support: torch.Tensor | None = None, seed: int = 0,
-                           progress: bool = False) -> UapResult:
+                           keep: Classifier | None = None, progress: bool = False) -> UapResult:
     """Moosavi-Dezfooli et al.'s universal perturbation, batched.
 
     A pass visits the training ``images`` in shuffled batches. For the images of a batch
@@ -156,7 +178,8 @@ def universal_perturbation(classifier: Classifier, images: torch.Tensor, radius:
     images reaches ``1 - delta`` or after ``max_passes``, and returns the ``v`` of the pass with the highest rate (later
     passes, chasing the faces that are hardest to move, can lose more than they gain).
     ``support`` (broadcastable to one image, values in [0, 1]) confines ``v`` to where it may
-    be applied, e.g. the face mask: every step is multiplied by it before it is added."""
+    be applied, e.g. the face mask: every step is multiplied by it before it is added.
+    ``keep``: decisions every DeepFool step is made orthogonal to (see :func:`deepfool`)."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if radius <= 0:
@@ -176,7 +199,7 @@ def universal_perturbation(classifier: Classifier, images: torch.Tensor, radius:
             unchanged = (verdict(classifier, attacked) == clean[indices]).all(dim=1)
             if not unchanged.any():
                 continue
-            extra, _ = deepfool(classifier, attacked[unchanged], step_norm, overshoot, deepfool_iterations)
+            extra, _ = deepfool(classifier, attacked[unchanged], step_norm, overshoot, deepfool_iterations, keep)
             if support is not None:
                 extra = extra * support
             for step in extra:

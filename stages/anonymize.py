@@ -11,9 +11,16 @@ taken in and obfuscated like the others; if faces keep appearing after
 find again at all is rendered again from the next view of its crop (Stage III's
 ``RENDER_VIEWS``, at most ``rerender_views`` more), so that what is published is a face
 dlib still sees, and whose distance to the original the gate has therefore measured.
+
+With Stage IV on (``settings.perturbation``), every face published as synthesized carries
+the universal perturbation inside its mask (``stages.perturbation``), added after the
+compose and before encoding, so the identity check and re-detection judge the perturbed
+photo that is published; once the photo is settled, what the perturbation did to each face
+(PSNR cost, whether the white-box profiler was fooled) is measured on it.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +37,7 @@ from stages.faces import (
 from stages.identity import check_identity_leaks
 from stages.imageio import decode_bytes, encode_clean, output_format_for
 from stages.obfuscate import obfuscate
+from stages.perturbation import ReleasePerturbation, apply_perturbation, measure_effect
 
 MAX_DISCOVERY_ROUNDS = 2
 
@@ -50,6 +58,7 @@ class AnonymizeSettings:
     jpeg_quality: int = 95
     synthesis_batch: int = 64
     rerender_views: int = 4                 # further views tried for a rendered face the check lost
+    perturbation: ReleasePerturbation | None = None   # Stage IV on synthesized faces (None: off)
 
     @property
     def uses_generator(self) -> bool:
@@ -71,6 +80,13 @@ class AnonymizeResult:
     face_render_views: list[int | None] = field(default_factory=list)
     # Faces found by the identity check that ingest had missed (appended after the ingest faces).
     discovered: list[tuple[DetectedFace, AlignedFace]] = field(default_factory=list)
+    # Stage IV, per face: perturbed or not; for perturbed faces of a released photo, the
+    # region's PSNR against the photo without it and whether the white-box profiler was fooled.
+    face_perturbed: list[bool] = field(default_factory=list)
+    face_perturbation_psnr: list[float | None] = field(default_factory=list)
+    face_profiler_fooled: list[bool | None] = field(default_factory=list)
+    face_preserved_changed: list[list[str] | None] = field(default_factory=list)
+    perturbation_seconds: float = 0.0       # time Stage IV added to this photo (apply and measure)
 
 
 def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFace],
@@ -109,15 +125,22 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
 
     edited = [edit(i) for i in range(len(faces))]
     discovery_rounds = 0
+    stage_four_seconds = 0.0
     while True:
         unrenderable = [i for i, crop in enumerate(edited) if crop is None]
         if unrenderable:
             return AnonymizeResult("quarantined", f"face {unrenderable[0]} has no Stage II target attributes for "
                                    "the generator and the policy names no other method for it", None, fmt, suffix)
-        output = compose_faces(rgb, aligned, edited, settings.feather_fraction,
-                               [chains[i][step[i]] == "gan" for i in range(len(faces))])
+        synthesized = [chains[i][step[i]] == "gan" for i in range(len(faces))]
+        clean = compose_faces(rgb, aligned, edited, settings.feather_fraction, synthesized)
+        perturbed = synthesized if settings.perturbation is not None else [False] * len(faces)
+        started = time.perf_counter()
+        output = (apply_perturbation(clean, aligned, perturbed, settings.perturbation, settings.feather_fraction)
+                  if any(perturbed) else clean)
+        stage_four_seconds += time.perf_counter() - started
         encoded = encode_clean(output, fmt, settings.jpeg_quality)
-        report = check_identity_leaks(decode_bytes(encoded), faces, originals, settings.detector,
+        published = decode_bytes(encoded)
+        report = check_identity_leaks(published, faces, originals, settings.detector,
                                       settings.upsample, settings.max_side)
         leaking = report.leaking(settings.release_distance)
         result = AnonymizeResult(
@@ -128,6 +151,10 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             face_status=["leaking" if i in leaking else "anonymized" for i in range(len(faces))],
             face_render_views=[view[i] if chains[i][step[i]] == "gan" else None for i in range(len(faces))],
             discovered=list(zip(faces[ingest_count:], aligned[ingest_count:])),
+            face_perturbed=perturbed,
+            face_perturbation_psnr=[None] * len(faces), face_profiler_fooled=[None] * len(faces),
+            face_preserved_changed=[None] * len(faces),
+            perturbation_seconds=stage_four_seconds,
         )
         if report.unprocessed_faces:
             if discovery_rounds >= MAX_DISCOVERY_ROUNDS:
@@ -156,6 +183,14 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
                 edited[i] = edit(i)
             continue
         if not leaking:
+            if any(perturbed):
+                started = time.perf_counter()
+                chosen = [i for i, flag in enumerate(perturbed) if flag]
+                effect = measure_effect(clean, output, published, [aligned[i] for i in chosen], settings.perturbation)
+                for i, cost, fooled, changed in zip(chosen, effect.psnr_db, effect.fooled, effect.preserved_changed):
+                    result.face_perturbation_psnr[i], result.face_profiler_fooled[i] = cost, fooled
+                    result.face_preserved_changed[i] = changed
+                result.perturbation_seconds += time.perf_counter() - started
             return result
         exhausted = [i for i in leaking if step[i] + 1 >= len(chains[i])]
         if exhausted:

@@ -2,6 +2,8 @@
 feathered landmark mask."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -29,36 +31,65 @@ def match_colour(source: np.ndarray, reference: np.ndarray, region: np.ndarray,
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
-def compose_face(photo: np.ndarray, aligned: AlignedFace, edited_crop: np.ndarray,
-                 feather_fraction: float = 0.06, colour_match: bool = False) -> np.ndarray:
-    """``photo`` with the masked region of ``edited_crop`` warped back into place, with
-    ``colour_match`` first colour-matched to the face it replaces (:func:`match_colour`).
+@dataclass(frozen=True)
+class FaceRegion:
+    """Where an aligned crop lands in its photo: the bounding rectangle (clipped to the
+    photo), the crop -> rectangle transform, and the feathered landmark mask over it."""
+    left: int
+    top: int
+    right: int
+    bottom: int
+    to_roi: np.ndarray          # 2×3: aligned-crop pixels -> rectangle pixels
+    alpha: np.ndarray           # H×W×1 float32 in [0, 1]
 
-    Only the rectangle the crop maps onto is warped, so a face in a 40 MP photo costs what
-    the face's own size costs.
-    """
-    size = edited_crop.shape[0]
-    height, width = photo.shape[:2]
-    corners = apply_affine(aligned.inverse, np.array([[0, 0], [size, 0], [0, size], [size, size]], float))
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as OpenCV takes it."""
+        return self.right - self.left, self.bottom - self.top
+
+    def of(self, image: np.ndarray) -> np.ndarray:
+        return image[self.top:self.bottom, self.left:self.right]
+
+    def warp(self, crop: np.ndarray, border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
+        """``crop`` (aligned geometry) warped onto the rectangle."""
+        return cv2.warpAffine(crop, self.to_roi, self.size, flags=cv2.INTER_LINEAR, borderMode=border)
+
+
+def face_region(photo_shape: tuple[int, ...], aligned: AlignedFace, crop_size: int,
+                feather_fraction: float = 0.06) -> FaceRegion | None:
+    """The region of ``photo_shape`` that face ``aligned`` covers; None when it lies
+    outside the photo. Only this rectangle is ever warped, so a face in a 40 MP photo costs
+    what the face's own size costs."""
+    height, width = photo_shape[:2]
+    corners = apply_affine(aligned.inverse, np.array([[0, 0], [crop_size, 0], [0, crop_size],
+                                                      [crop_size, crop_size]], float))
     left, top = np.floor(corners.min(axis=0)).astype(int)
     right, bottom = np.ceil(corners.max(axis=0)).astype(int)
     left, top = max(left, 0), max(top, 0)
     right, bottom = min(right, width), min(bottom, height)
     if right <= left or bottom <= top:
-        return photo.copy()
+        return None
     # Crop -> region-of-interest transform: the inverse alignment shifted to the ROI origin.
     to_roi = aligned.inverse.copy()
     to_roi[:, 2] -= (left, top)
-    roi_size = (right - left, bottom - top)
-    warped = cv2.warpAffine(edited_crop, to_roi, roi_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     roi_landmarks = apply_affine(to_roi, aligned.landmarks)
-    alpha = face_mask(roi_landmarks, (roi_size[1], roi_size[0]), feather_fraction)[:, :, None]
+    alpha = face_mask(roi_landmarks, (bottom - top, right - left), feather_fraction)[:, :, None]
+    return FaceRegion(int(left), int(top), int(right), int(bottom), to_roi, alpha.astype(np.float32))
+
+
+def compose_face(photo: np.ndarray, aligned: AlignedFace, edited_crop: np.ndarray,
+                 feather_fraction: float = 0.06, colour_match: bool = False) -> np.ndarray:
+    """``photo`` with the masked region of ``edited_crop`` warped back into place, with
+    ``colour_match`` first colour-matched to the face it replaces (:func:`match_colour`)."""
+    region = face_region(photo.shape, aligned, edited_crop.shape[0], feather_fraction)
+    if region is None:
+        return photo.copy()
+    warped = region.warp(edited_crop)
     if colour_match:
-        warped = match_colour(warped, photo[top:bottom, left:right], alpha[:, :, 0] > 0.98)
+        warped = match_colour(warped, region.of(photo), region.alpha[:, :, 0] > 0.98)
     result = photo.copy()
-    region = result[top:bottom, left:right].astype(np.float32)
-    blended = region * (1.0 - alpha) + warped.astype(np.float32) * alpha
-    result[top:bottom, left:right] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    blended = region.of(result).astype(np.float32) * (1.0 - region.alpha) + warped.astype(np.float32) * region.alpha
+    result[region.top:region.bottom, region.left:region.right] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return result
 
 

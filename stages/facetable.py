@@ -44,6 +44,14 @@ FACE_SCHEMA = pa.schema([
     # Stage III: the view of the crop the published rendering was drawn from (RENDER_VIEWS:
     # "aligned" unless the verifier lost the first rendering); null when not rendered.
     pa.field("render_view", pa.string()),
+    # Stage IV: whether the universal perturbation was added (synthesized faces, when the
+    # policy enables it); for released ones, the face region's PSNR against the photo without
+    # it, whether the white-box profiler's verdict on the published face changed, and which
+    # preserved attributes' verdicts it changed (should be none).
+    pa.field("perturbed", pa.bool_()),
+    pa.field("perturbation_psnr_db", pa.float64()),
+    pa.field("profiler_fooled", pa.bool_()),
+    pa.field("preserved_changed", pa.list_(pa.string())),
     pa.field("status", pa.string()),
 ])
 

@@ -172,7 +172,9 @@ def test_perturbation_flow_on_a_tiny_subset(shared_data, tmp_path, prefect_harne
     assert np.abs(v[:, outside]).max() == 0 and summary["inside_mask"]
     assert summary["faces"] == "synthesized by Stage III"
     test = summary["test"]
-    assert {"white_box", "stage_one_forests", "unseen_profiler", "psnr_db"} <= set(test)
+    assert {"white_box", "stage_one_forests", "unseen_profiler", "psnr_db", "kept_white_box",
+            "kept_stage_one_forests"} <= set(test)
+    assert summary["keep"] == ["Smiling", "Mouth_Slightly_Open", "Eyeglasses", "Wearing_Hat"]   # the default policy's
     assert 0 <= test["white_box"]["fooling_rate"] <= 1 and test["white_box"]["images"] == summary["test_faces"] > 0
     assert 30 < test["psnr_db"] < 80 and summary["passes"] <= 2
     assert json.loads((run / "perturbation.json").read_text())["attributes"] == ["Male", "Young"]
@@ -201,3 +203,22 @@ def test_a_support_mask_confines_the_perturbation(images):
     result = universal_perturbation(classifier, images, radius=0.2, max_passes=2, batch_size=16, support=support)
     assert result.perturbation[:, support[0] == 0].abs().max() == 0
     assert result.perturbation[:, support[0] == 1].abs().max() > 0
+
+
+def test_deepfool_keeping_decisions_moves_orthogonally_to_them(images):
+    """With ``keep``, every step is orthogonal to the kept logits' gradients: on a linear
+    profiler the kept logit does not move at all, while the target still flips (the target
+    direction is not inside the kept span)."""
+    torch.manual_seed(8)
+    w = torch.randn(1, 48)
+    target = linear(w, -(images.flatten(1) @ w.T).median().reshape(1))
+    u = w + torch.randn(1, 48)                       # a kept attribute correlated with the target
+    kept = linear(u, torch.zeros(1))
+    free, _ = deepfool(target, images, norm="2")
+    held, flipped = deepfool(target, images, norm="2", keep=kept)
+    assert flipped.all() and (verdict(target, images + held) != verdict(target, images)).all()
+    drift_free = (kept(images + free) - kept(images)).abs().max()
+    drift_held = (kept(images + held) - kept(images)).abs().max()
+    assert drift_held < 1e-4 < drift_free
+    with pytest.raises(ValueError, match="l2 steps"):
+        deepfool(target, images, norm="inf", keep=kept)
