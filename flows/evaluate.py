@@ -41,7 +41,7 @@ from stages.faces import (
     face_descriptor,
 )
 from stages.facetable import ATTRIBUTE_COLUMNS
-from stages.identity import same_face_as
+from stages.identity import check_identity_leaks, same_face_as
 from stages.imageio import ImageRejected, load_rgb
 from stages.obfuscate import obfuscate
 from stages.perturbation import (
@@ -122,25 +122,42 @@ def synthesize(aligned: list[AlignedFace], synthesis: Synthesis, batch_size: int
 
 def compose_detectable(rgb: np.ndarray, faces: list[DetectedFace], aligned: list[AlignedFace],
                        renders: list[FaceRenders], policy: Policy,
-                       perturbation: ReleasePerturbation | None = None) -> tuple[np.ndarray, bool, int]:
+                       perturbation: ReleasePerturbation | None = None) -> tuple[np.ndarray, dict]:
     """The release's Stage III compose (and Stage IV's perturbation, when given) before the
-    leak gate's fallback: a rendered face that the verifier's detector does not find again is
+    leak gate's fallback (``stages.anonymize``): a face that carries the perturbation and that
+    the verifier's detector no longer finds, or finds within the release distance of its
+    original, is composed again without it; a rendered face the detector does not find is
     rendered from the next view of its crop (``policy.obfuscation.gan.rerender_views`` at
-    most; ``stages.anonymize``). Returns the photo, whether the detector found any face in
-    the first composition, and how many faces were rendered again."""
-    views, first_found, limit = [0] * len(faces), None, policy.obfuscation.gan.rerender_views
-    feather = policy.obfuscation.feather_fraction
+    most). Returns the photo and what was done: whether the detector found any face in the
+    first composition, how many faces were rendered again, how many had the perturbation
+    withdrawn."""
+    count, detection = len(faces), policy.detection
+    views, withdrawn, first_found = [0] * count, [False] * count, None
+    limit, feather = policy.obfuscation.gan.rerender_views, policy.obfuscation.feather_fraction
+    originals = [face_descriptor(rgb, face.landmarks) for face in faces] if perturbation is not None else []
     while True:
-        output = compose_faces(rgb, aligned, [r[v] for r, v in zip(renders, views)], feather, [True] * len(aligned))
-        if perturbation is not None:
-            output = apply_perturbation(output, aligned, [True] * len(aligned), perturbation, feather)
-        found = detect_faces(output, detector="hog", upsample=policy.detection.upsample,
-                             max_side=policy.detection.max_side)
-        first_found = bool(found) if first_found is None else first_found
-        seen = {i for face in found for i in same_face_as(face, faces)}
-        lost = [i for i in range(len(faces)) if i not in seen and views[i] < min(limit, len(renders[i]) - 1)]
+        output = compose_faces(rgb, aligned, [r[v] for r, v in zip(renders, views)], feather, [True] * count)
+        carrying = [perturbation is not None and not w for w in withdrawn]
+        if any(carrying):
+            output = apply_perturbation(output, aligned, carrying, perturbation, feather)
+            report = check_identity_leaks(output, faces, originals, "hog", detection.upsample, detection.max_side)
+            distances, found_any = report.distances, report.output_faces_found > 0
+            seen = {i for i, distance in enumerate(distances) if distance < float("inf")}
+            back = [i for i in range(count) if carrying[i] and (
+                i not in seen or distances[i] < policy.identity_check.release_distance)]
+        else:
+            found = detect_faces(output, detector="hog", upsample=detection.upsample, max_side=detection.max_side)
+            found_any, back = bool(found), []
+            seen = {i for face in found for i in same_face_as(face, faces)}
+        first_found = found_any if first_found is None else first_found
+        if back:
+            for i in back:
+                withdrawn[i] = True
+            continue
+        lost = [i for i in range(count) if i not in seen and views[i] < min(limit, len(renders[i]) - 1)]
         if not lost:
-            return output, first_found, sum(v > 0 for v in views)
+            return output, {"detected_first_render": first_found, "faces_rerendered": sum(v > 0 for v in views),
+                            "perturbation_withdrawn": sum(withdrawn) if perturbation is not None else None}
         for i in lost:
             views[i] += 1
 
@@ -156,8 +173,7 @@ def deidentify(rgb: np.ndarray, faces: list[DetectedFace], aligned: list[Aligned
         if renders is None:
             renders = synthesize(aligned, synthesis, policy.obfuscation.gan.batch_size)
         perturbation = synthesis.perturbation if method == "gan+perturbation" else None
-        output, first_found, rerendered = compose_detectable(rgb, faces, aligned, renders, policy, perturbation)
-        return output, {"detected_first_render": first_found, "faces_rerendered": rerendered}
+        return compose_detectable(rgb, faces, aligned, renders, policy, perturbation)
     edited = [obfuscate(a.crop, method, policy.obfuscation.params_for(method)) for a in aligned]
     return compose_faces(rgb, aligned, edited, policy.obfuscation.feather_fraction), {}
 
@@ -224,12 +240,16 @@ def summarize(rows: pd.DataFrame) -> dict[str, dict]:
             "psnr": float(usable["psnr"].replace(np.inf, np.nan).mean()) if method != "original" else None,
             "ssim": float(usable["ssim"].mean()), "ms_ssim": float(usable["ms_ssim"].mean()),
             "seconds_per_face": float(usable["seconds"].sum() / treated) if treated else None,
+            "faces_treated": int(treated),
             "median_seconds_per_photo": float(usable["seconds"].median()) if method != "original" else None,
         }
         if "detected_first_render" in usable and len(usable) and usable["detected_first_render"].notna().all():
             # gan: the detector's verdict on the first rendering, before any re-render
             summary[method]["detection_rate_first_render"] = float(usable["detected_first_render"].astype(bool).mean())
             summary[method]["faces_rerendered"] = int(usable["faces_rerendered"].sum())
+        if "perturbation_withdrawn" in usable and len(usable) and usable["perturbation_withdrawn"].notna().all():
+            # gan+perturbation: faces composed without it because it lost them or brought them back
+            summary[method]["faces_perturbation_withdrawn"] = int(usable["perturbation_withdrawn"].sum())
     return summary
 
 
@@ -284,7 +304,10 @@ def markdown_table(results: dict) -> str:
     for method, m in results["methods"].items():
         if "detection_rate_first_render" in m:
             lines.append(f"\n{method}: detected after the first rendering {fmt(m['detection_rate_first_render'], percent=True)}; "
-                         f"{m['faces_rerendered']} face(s) rendered again from another view because dlib lost them")
+                         f"{m['faces_rerendered']} face(s) rendered again from another view because dlib lost them"
+                         + (f"; the perturbation withdrawn from {m['faces_perturbation_withdrawn']} of "
+                            f"{m['faces_treated']} face(s) (lost or within the release distance of the original "
+                            "with it)" if "faces_perturbation_withdrawn" in m else ""))
     first = next(iter(results["methods"].values()))
     lines.append(f"\nEvaluable pairs: {first['evaluable_pairs']} of {first['pairs']}; verification rate before: "
                  f"{fmt(first['verification_rate_before'], percent=True)}")

@@ -206,31 +206,39 @@ def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, release_distance: fl
 
 def perturbation_gate(photos: pd.DataFrame, faces: pd.DataFrame, min_psnr_db: float) -> GateResult:
     """After anonymize with Stage IV on: every face of a released photo that is published as
-    synthesized carries the perturbation, and its measured PSNR cost is within the policy's
-    bound (a face without a measurement fails: fail closed). Records the white-box fooling
-    rate over the perturbed faces (reported, not judged: it is a property of the profiler)."""
+    synthesized carries the perturbation or says why it was withdrawn (it cost identity
+    protection: ``stages.anonymize``), and a carried one has a measured PSNR cost within the
+    policy's bound (a face without a measurement fails: fail closed). Records the white-box
+    fooling rate over the perturbed faces (reported, not judged: it is a property of the
+    profiler) and the withdrawals."""
     import great_expectations.expectations as gxe
 
     released_ids = set(photos.loc[photos["status"] == "released", "image_id"])
     frame = faces[faces["image_id"].isin(released_ids) & (faces["method"] == "gan")] if not faces.empty else faces
     if frame.empty:
         return GateResult(name="gate:perturbation", passed=True, checks=0, observed={"faces_perturbed": 0})
+    carried = frame["perturbed"].fillna(False).astype(bool).to_numpy()
+    withdrawn = (frame["perturbation_withdrawn"] if "perturbation_withdrawn" in frame
+                 else pd.Series(None, index=frame.index)).to_numpy()
     frame = pd.DataFrame({
         "image_id": frame["image_id"].to_numpy(),
-        "perturbed": frame["perturbed"].fillna(False).astype(bool).to_numpy(),
-        "perturbation_psnr_db": frame["perturbation_psnr_db"].astype(float).to_numpy(),
-        "profiler_measured": frame["profiler_fooled"].notna().to_numpy(),
+        "accounted": carried | pd.Series(withdrawn).isin(["lost", "verifies"]).to_numpy(),
+        # Only a carried perturbation has a cost and an effect to show.
+        "perturbation_psnr_db": np.where(carried, frame["perturbation_psnr_db"].astype(float).to_numpy(), 1e9),
+        "profiler_measured": ~carried | frame["profiler_fooled"].notna().to_numpy(),
     })
     result = validate("gate:perturbation", frame, [
-        gxe.ExpectColumnValuesToBeInSet(column="perturbed", value_set=[True]),
+        gxe.ExpectColumnValuesToBeInSet(column="accounted", value_set=[True]),
         gxe.ExpectColumnValuesToNotBeNull(column="perturbation_psnr_db"),
         gxe.ExpectColumnValuesToBeBetween(column="perturbation_psnr_db", min_value=min_psnr_db),
         gxe.ExpectColumnValuesToBeInSet(column="profiler_measured", value_set=[True]),
     ])
     fooled = faces.loc[faces["image_id"].isin(released_ids) & (faces["method"] == "gan"), "profiler_fooled"]
     measured = fooled.dropna().astype(bool)
-    costs = frame["perturbation_psnr_db"].dropna()
-    result.observed = {"faces_perturbed": int(frame["perturbed"].sum()), "faces_measured": int(len(measured)),
+    costs = frame["perturbation_psnr_db"][carried]
+    reasons = pd.Series(withdrawn).dropna()
+    result.observed = {"faces_perturbed": int(carried.sum()), "faces_measured": int(len(measured)),
+                       "faces_withdrawn": {str(k): int(v) for k, v in reasons.value_counts().items()},
                        "faces_fooled": int(measured.sum()),
                        "fooling_rate": float(measured.mean()) if len(measured) else None,
                        "median_psnr_db": float(costs.median()) if len(costs) else None,

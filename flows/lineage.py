@@ -211,7 +211,8 @@ def summarize(release_dir: str | Path) -> str:
             lines.append(f"  Stage IV perturbation on {len(perturbed)} face(s): white-box profiler fooled on "
                          f"{int(perturbed.profiler_fooled.astype(bool).sum())}; PSNR cost median "
                          f"{perturbed.perturbation_psnr_db.median():.1f} dB, lowest "
-                         f"{perturbed.perturbation_psnr_db.min():.1f} dB; a preserved attribute changed on {changed}")
+                         f"{perturbed.perturbation_psnr_db.min():.1f} dB; a preserved attribute changed on {changed}; "
+                         f"withdrawn from {latest_faces.perturbation_withdrawn.notna().sum()} face(s)")
     return "\n".join(lines)
 
 

@@ -143,7 +143,13 @@ def _perturbation_section(run: dict, photos: list[dict], faces: list[dict], poli
                   f"verdict on one of them changed on "
                   f"{sum(bool(f.get('preserved_changed')) for f in measured)} of {len(measured)} face(s)"]
     else:
-        lines.append("- No published face carries it (no face was published as synthesized)")
+        lines.append("- No published face carries it")
+    withdrawn = Counter(f.get("perturbation_withdrawn") for f in faces
+                        if f["image_id"] in released and f.get("perturbation_withdrawn"))
+    if withdrawn:
+        lines.append(f"- Withdrawn from {sum(withdrawn.values())} synthesized face(s), which were checked again "
+                     f"without it: the verifier no longer found the face with it ({withdrawn.get('lost', 0)}), or "
+                     f"it brought the face within the release distance of its original ({withdrawn.get('verifies', 0)})")
     spent = sum(p.get("perturbation_seconds") or 0.0 for p in photos)
     if run.get("finished_at") is not None and run.get("started_at") is not None:
         total = (run["finished_at"] - run["started_at"]).total_seconds()

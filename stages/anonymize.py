@@ -12,11 +12,15 @@ find again at all is rendered again from the next view of its crop (Stage III's
 ``RENDER_VIEWS``, at most ``rerender_views`` more), so that what is published is a face
 dlib still sees, and whose distance to the original the gate has therefore measured.
 
-With Stage IV on (``settings.perturbation``), every face published as synthesized carries
-the universal perturbation inside its mask (``stages.perturbation``), added after the
-compose and before encoding, so the identity check and re-detection judge the perturbed
-photo that is published; once the photo is settled, what the perturbation did to each face
-(PSNR cost, whether the white-box profiler was fooled) is measured on it.
+With Stage IV on (``settings.perturbation``), every synthesized face gets the universal
+perturbation inside its mask (``stages.perturbation``), added after the compose and before
+encoding, so the identity check and re-detection judge the perturbed photo that is
+published. Stage IV never costs identity protection: a face that the check no longer finds
+with the perturbation, or finds within the release distance of its original, has it
+withdrawn (``face_perturbation_withdrawn``: "lost" or "verifies") and is checked again
+without it, then re-rendered or sent to the fallback as before. Once the photo is settled,
+what the perturbation did to each face that kept it (PSNR cost, whether the white-box
+profiler was fooled) is measured on it.
 """
 from __future__ import annotations
 
@@ -86,6 +90,7 @@ class AnonymizeResult:
     face_perturbation_psnr: list[float | None] = field(default_factory=list)
     face_profiler_fooled: list[bool | None] = field(default_factory=list)
     face_preserved_changed: list[list[str] | None] = field(default_factory=list)
+    face_perturbation_withdrawn: list[str | None] = field(default_factory=list)   # "lost" | "verifies" | None
     perturbation_seconds: float = 0.0       # time Stage IV added to this photo (apply and measure)
 
 
@@ -109,6 +114,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
     chains = [chain for _ in faces]
     step = [0] * len(faces)
     view = [0] * len(faces)
+    withdrawn: list[str | None] = [None] * len(faces)   # why Stage IV was taken off a face
 
     def edit(i: int) -> np.ndarray | None:
         """Face i edited with its chain's current method, skipping ``gan`` where nothing was
@@ -133,7 +139,8 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
                                    "the generator and the policy names no other method for it", None, fmt, suffix)
         synthesized = [chains[i][step[i]] == "gan" for i in range(len(faces))]
         clean = compose_faces(rgb, aligned, edited, settings.feather_fraction, synthesized)
-        perturbed = synthesized if settings.perturbation is not None else [False] * len(faces)
+        perturbed = [settings.perturbation is not None and flag and withdrawn[i] is None
+                     for i, flag in enumerate(synthesized)]
         started = time.perf_counter()
         output = (apply_perturbation(clean, aligned, perturbed, settings.perturbation, settings.feather_fraction)
                   if any(perturbed) else clean)
@@ -154,6 +161,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             face_perturbed=perturbed,
             face_perturbation_psnr=[None] * len(faces), face_profiler_fooled=[None] * len(faces),
             face_preserved_changed=[None] * len(faces),
+            face_perturbation_withdrawn=[withdrawn[i] if synthesized[i] else None for i in range(len(faces))],
             perturbation_seconds=stage_four_seconds,
         )
         if report.unprocessed_faces:
@@ -172,7 +180,13 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
                 chains.append(chain)
                 step.append(0)
                 view.append(0)
+                withdrawn.append(None)
                 edited.append(edit(len(faces) - 1))
+            continue
+        back = [i for i, flag in enumerate(perturbed) if flag and (report.distances[i] == float("inf") or i in leaking)]
+        if back:
+            for i in back:
+                withdrawn[i] = "lost" if report.distances[i] == float("inf") else "verifies"
             continue
         lost = [i for i, distance in enumerate(report.distances)
                 if distance == float("inf") and chains[i][step[i]] == "gan"

@@ -52,6 +52,10 @@ FACE_SCHEMA = pa.schema([
     pa.field("perturbation_psnr_db", pa.float64()),
     pa.field("profiler_fooled", pa.bool_()),
     pa.field("preserved_changed", pa.list_(pa.string())),
+    # Why it was taken off a synthesized face: "lost" (the verifier's detector no longer found
+    # the face with it) or "verifies" (with it the face came within the release distance of
+    # its original); null when the face kept it or was not synthesized.
+    pa.field("perturbation_withdrawn", pa.string()),
     pa.field("status", pa.string()),
 ])
 

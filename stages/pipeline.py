@@ -154,13 +154,13 @@ def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], setti
         faces.append(face_row(row["image_id"], len(faces), extra, extra_aligned, row["width"], row["height"],
                               "identity-check"))
     views = [None if view is None else render_view_name(view) for view in result.face_render_views]
-    for face, method, tried, distance, status, view, perturbed, cost, fooled, changed in zip(
+    for face, method, tried, distance, status, view, perturbed, cost, fooled, changed, withdrawn in zip(
             faces, result.face_methods, result.face_methods_tried, result.face_distances, result.face_status, views,
             result.face_perturbed, result.face_perturbation_psnr, result.face_profiler_fooled,
-            result.face_preserved_changed):
+            result.face_preserved_changed, result.face_perturbation_withdrawn):
         face.update(method=method, methods_tried=tried, leak_distance=distance, render_view=view,
                     perturbed=perturbed, perturbation_psnr_db=cost, profiler_fooled=fooled,
-                    preserved_changed=changed,
+                    preserved_changed=changed, perturbation_withdrawn=withdrawn,
                     status=status if result.status == "released" else "quarantined")
     row.update(status=result.status, reason=result.reason, output_format=result.output_format,
                output_suffix=result.suffix, n_faces=len(faces), perturbation_seconds=result.perturbation_seconds)

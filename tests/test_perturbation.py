@@ -101,10 +101,11 @@ def test_the_effect_is_measured_on_the_published_face(astronaut, astronaut_faces
     assert effect_same.fooled == [False] and effect_same.preserved_changed == [[]]
 
 
-def _gate_frames(perturbed, psnr, fooled):
+def _gate_frames(perturbed, psnr, fooled, withdrawn=(None, None)):
     photos = pd.DataFrame({"image_id": ["a.jpg", "b.jpg"], "status": ["released", "released"]})
     faces = pd.DataFrame({"image_id": ["a.jpg", "b.jpg"], "face_index": [0, 0], "method": ["gan", "gan"],
-                          "perturbed": perturbed, "perturbation_psnr_db": psnr, "profiler_fooled": fooled})
+                          "perturbed": perturbed, "perturbation_psnr_db": psnr, "profiler_fooled": fooled,
+                          "perturbation_withdrawn": list(withdrawn)})
     return photos, faces
 
 
@@ -116,11 +117,16 @@ def test_the_perturbation_gate_checks_the_cost_and_fails_closed():
     photos, faces = _gate_frames([True, True], [38.0, 31.0], [True, True])
     result = gates.perturbation_gate(photos, faces, min_psnr_db=34)
     assert not result.passed and result.failed_image_ids == {"b.jpg"}
-    # A synthesized face published without the perturbation, or without a measurement: held back.
+    # A synthesized face published without the perturbation and without a reason, or without a
+    # measurement: held back. Withdrawn for identity's sake: accounted for.
     photos, faces = _gate_frames([False, True], [None, 38.0], [None, None])
     result = gates.perturbation_gate(photos, faces, min_psnr_db=34)
     assert result.failed_image_ids == {"a.jpg", "b.jpg"} and not result.table_failed
     assert '"observed"' in result.details()
+    photos, faces = _gate_frames([False, True], [None, 38.0], [None, True], withdrawn=("verifies", None))
+    result = gates.perturbation_gate(photos, faces, min_psnr_db=34)
+    assert result.passed and result.observed["faces_withdrawn"] == {"verifies": 1}
+    assert result.observed["faces_perturbed"] == 1 and result.observed["fooling_rate"] == 1.0
 
 
 def test_a_policy_that_perturbs_without_synthesizing_is_refused(tmp_path):
@@ -148,3 +154,38 @@ def test_the_release_cli_reports_an_impossible_xi_at_its_line(tmp_path):
     result = CliRunner().invoke(main, ["release", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-p", str(path)])
     assert result.exit_code != 0 and f"strong.yaml:{line}:" in result.output and "computed for 8" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_four_is_withdrawn_from_a_face_it_would_cost_identity_protection(astronaut, astronaut_faces):
+    """A perturbation that makes the verifier lose a face (here: a pattern that paints the
+    face's centre grey) is taken off that face, which is then checked again without it and
+    published as rendered; the pattern never costs a face its identity check."""
+    import dataclasses
+
+    from stages.anonymize import AnonymizeSettings, anonymize_photo
+
+    faces, aligned = astronaut_faces
+    real = min(range(len(faces)), key=lambda i: faces[i].box[1])
+    settings = AnonymizeSettings(method="gan", method_params={}, fallback=["blur", "mask"], on_leak="fallback",
+                                 on_no_face="release", release_distance=0.65, feather_fraction=0.06)
+    # Stage III's shipped generator with fixed targets (deterministic): a face dlib finds again
+    # (from a later view) at a publishable distance from the astronaut.
+    from stages.synthesis import cached_synthesizer
+
+    crops = np.stack([a.crop for a in aligned])
+    renders = cached_synthesizer().renders(crops, np.ones((len(crops), 40), np.float32))
+    plain = anonymize_photo(astronaut, "PNG", faces, aligned, settings, renders)
+    assert plain.face_methods[real] == "gan" and 0.65 <= plain.face_distances[real] < math.inf
+    # A 'perturbation' of ±40 grey levels: enough to hide the face from dlib.
+    wrecking = scale_to_policy(_pattern(value=40 / 255), 40 / 255, "inf", ("Male",), 40, 10)
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, dataclasses.replace(settings, perturbation=wrecking),
+                             renders)
+    assert result.status == "released" and result.face_methods[real] == "gan"
+    assert result.face_perturbation_withdrawn[real] in ("lost", "verifies") and not result.face_perturbed[real]
+    assert result.face_distances[real] >= 0.65 and result.face_perturbation_psnr[real] is None
+    # The gentle shipped one stays on the face.
+    gentle = scale_to_policy(_pattern(value=2 / 255), 2 / 255, "inf", ("Male",), 2, 20)
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, dataclasses.replace(settings, perturbation=gentle),
+                             renders)
+    assert result.face_perturbed[real] and result.face_perturbation_withdrawn[real] is None
+    assert result.face_perturbation_psnr[real] > 40 and result.face_profiler_fooled[real] is not None

@@ -141,10 +141,14 @@ def test_lineage_schema_and_run_record(released):
     assert {"ingest", "gate:ingest", "attributes", "gate:attributes", "select-attributes", "gate:ppas", "anonymize",
             "gate:perturbation", "gate:publish", "publish", "gate:accounting"} <= set(events.stage)
     assert events[events.stage.str.startswith("gate")].gate_passed.all()
-    # Stage IV: every face published as synthesized carries the perturbation, measured.
+    # Stage IV: every face published as synthesized carries the perturbation, measured, or
+    # says why it was withdrawn.
     synthesized = faces[faces.method == "gan"]
-    assert len(synthesized) and synthesized.perturbed.all() and synthesized.profiler_fooled.notna().all()
-    assert (synthesized.perturbation_psnr_db >= load_policy().policy.perturbation.min_psnr_db).all()
+    carried = synthesized[synthesized.perturbed.astype(bool)]
+    assert len(carried) and (synthesized.perturbed.astype(bool) | synthesized.perturbation_withdrawn.notna()).all()
+    assert carried.profiler_fooled.notna().all() and carried.perturbation_withdrawn.isna().all()
+    assert (carried.perturbation_psnr_db >= load_policy().policy.perturbation.min_psnr_db).all()
+    assert set(synthesized.perturbation_withdrawn.dropna()) <= {"lost", "verifies"}
     assert not faces[faces.method != "gan"].perturbed.fillna(False).any()
     assert dict(run.models)["perturbation"] == registry.load_manifest()["perturbation"]["sha256"]
     observed = json.loads(events[events.stage == "gate:perturbation"].details.iloc[0])["observed"]

@@ -174,12 +174,12 @@ def test_evaluation_re_renders_like_the_release(astronaut):
     aligned = [align_face(astronaut, f.landmarks) for f in faces]
     grey = [np.full_like(a.crop, 128) for a in aligned]
     renders = [[g, a.crop] for g, a in zip(grey, aligned)]
-    output, first_found, rerendered = compose_detectable(astronaut, faces, aligned, renders, policy)
-    assert not first_found and rerendered == len(faces)
-    assert detect_faces(output)                                 # the second view: a face again
+    output, done = compose_detectable(astronaut, faces, aligned, renders, policy)
+    assert not done["detected_first_render"] and done["faces_rerendered"] == len(faces)
+    assert detect_faces(output) and done["perturbation_withdrawn"] is None   # the second view: a face again
     lost_for_good = [[g, g] for g in grey]
-    output, first_found, rerendered = compose_detectable(astronaut, faces, aligned, lost_for_good, policy)
-    assert not first_found and rerendered == len(faces) and not detect_faces(output)
+    output, done = compose_detectable(astronaut, faces, aligned, lost_for_good, policy)
+    assert not done["detected_first_render"] and done["faces_rerendered"] == len(faces) and not detect_faces(output)
 
 
 def test_load_synthesizer_from_a_run_folder_and_clear_errors(tmp_path):
