@@ -224,6 +224,11 @@ def evaluate_pair(job: tuple[Path, Path, list[str], Policy, Synthesis | None]) -
     return rows
 
 
+def _finite_median(values: pd.Series) -> float | None:
+    finite = values[np.isfinite(values.astype(float))]
+    return float(finite.median()) if len(finite) else None
+
+
 def summarize(rows: pd.DataFrame) -> dict[str, dict]:
     summary = {}
     for method, group in rows.groupby("method", sort=False):
@@ -241,6 +246,9 @@ def summarize(rows: pd.DataFrame) -> dict[str, dict]:
             "ssim": float(usable["ssim"].mean()), "ms_ssim": float(usable["ms_ssim"].mean()),
             "seconds_per_face": float(usable["seconds"].sum() / treated) if treated else None,
             "faces_treated": int(treated),
+            # Medians over the pairs where the verifier found a face in A' (distance finite).
+            "median_distance_to_b": _finite_median(usable["distance_to_b"]),
+            "median_distance_to_a": _finite_median(usable["distance_to_a"]),
             "median_seconds_per_photo": float(usable["seconds"].median()) if method != "original" else None,
         }
         if "detected_first_render" in usable and len(usable) and usable["detected_first_render"].notna().all():

@@ -110,14 +110,18 @@ def test_union_detector_finds_faces_hog_misses(shared_data):
 def test_gan_on_lfw_pairs_and_attribute_preservation_on_celeba(shared_data, tmp_path):
     policy = load_policy().policy
     results = evaluate(shared_data / "lfw_devtrain" / "pairs.csv", shared_data / "lfw_devtrain" / "images",
-                       ["gan"], policy, limit=8, workers=1)
+                       ["gan", "gan+perturbation"], policy, limit=8, workers=1)
     gan = results["methods"]["gan"]
     assert gan["evaluable_pairs"] == 8 and results["generator"] == "shipped"
     assert 0.5 < gan["ssim"] < 1.0 and 10 < gan["psnr"] < 50 and gan["seconds_per_face"] > 0
     # Re-rendering a lost face can only add detections, never remove them.
     assert gan["detection_rate_first_render"] <= gan["detection_rate_after"] and gan["faces_rerendered"] >= 0
-    preservation = attribute_preservation(shared_data / "celeba", ["gan", "mask"], policy, limit=240,
-                                          cache_dir=tmp_path)
+    # Stage IV on the same renders: a little PSNR spent, withdrawals counted.
+    perturbed = results["methods"]["gan+perturbation"]
+    assert perturbed["psnr"] <= gan["psnr"] and 0 <= perturbed["faces_perturbation_withdrawn"] <= perturbed["faces_treated"]
+    assert "faces_perturbation_withdrawn" not in gan and perturbed["median_distance_to_b"] > 0
+    preservation = attribute_preservation(shared_data / "celeba", ["gan", "gan+perturbation", "mask"], policy,
+                                          limit=240, cache_dir=tmp_path)
     assert preservation["faces"] >= 20 and preservation["preserved"] == list(policy.attributes.preserve)
     assert preservation["original"]["mean"] > 0.7
     for method in ("gan", "mask"):
