@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test install system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,20 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/anonymousnet demo --output releases/demo
 
-test: install
+# The operations test needs PostgreSQL and Chromium + ChromeDriver from Debian's packages;
+# install them where we can (root with apt-get), otherwise that one test skips and says why.
+SYSTEM_PACKAGES := postgresql chromium chromium-driver
+system-deps:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v chromium >/dev/null \
+	    && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(SYSTEM_PACKAGES) (Debian packages) for the operations test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null \
+	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; } \
+	    || echo "could not install $(SYSTEM_PACKAGES): the operations test will skip"; \
+	else echo "not root or no apt-get: the operations test skips unless $(SYSTEM_PACKAGES) are installed"; fi
+
+test: install system-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,8 +30,10 @@ def main():
 
 
 def _run_release(input_location: str, output: str, policy: str | None, batch_size: int,
-                 manifest_root: str | None, dataset: str | None = None, ledger: str | None = None) -> dict:
+                 manifest_root: str | None, dataset: str | None = None, ledger: str | None = None,
+                 incremental: bool = True, dask_workers: int = 0, dask_address: str | None = None) -> dict:
     from flows.privacy_ledger import PrivacyBudgetExceeded
+    from flows.resume import ReleaseBusy
     from models.registry import ModelFileError
     from policy.loader import PolicyError, load_policy
     from stages.ingest import InputError
@@ -42,12 +45,19 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
         _check_perturbation(loaded)
     except (PolicyError, ModelFileError) as exc:
         raise click.ClickException(str(exc)) from None
-    from flows.release import release
+    from flows.release import dask_task_runner, release
 
+    if dask_workers or dask_address:
+        if not os.environ.get("PREFECT_API_URL"):
+            click.echo("note: with no PREFECT_API_URL every Dask worker starts a temporary Prefect server of its "
+                       "own (slow); start one with `prefect server start` and export PREFECT_API_URL "
+                       "(README: Operations)", err=True)
+        release = release.with_options(task_runner=dask_task_runner(dask_workers or 2, dask_address))
     try:
         return release(input=input_location, output=output, policy=policy, batch_size=batch_size,
-                       manifest_root=manifest_root, show_progress=True, dataset=dataset, ledger=ledger)
-    except (InputError, PrivacyBudgetExceeded, PolicyInfeasible, ModelFileError) as exc:
+                       manifest_root=manifest_root, show_progress=True, dataset=dataset, ledger=ledger,
+                       incremental=incremental)
+    except (InputError, PrivacyBudgetExceeded, PolicyInfeasible, ModelFileError, ReleaseBusy) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -82,8 +92,9 @@ def _check_perturbation(loaded) -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    skipped = f" ({summary['n_skipped']} already released under this policy, skipped)" if summary.get("n_skipped") else ""
     click.echo(f"\nreleased {summary['n_released']}, quarantined {summary['n_quarantined']}, "
-               f"rejected {summary['n_rejected']} of {summary['n_inputs']} input(s); "
+               f"rejected {summary['n_rejected']} of {summary['n_inputs']} input(s){skipped}; "
                f"{summary['n_faces']} face(s), identity leaks published: {summary['n_leaks_published']}")
     click.echo(f"release folder: {summary['release_dir']}  (report: {Path(summary['release_dir']) / 'report.md'})")
 
@@ -108,9 +119,20 @@ def _emit(results: dict, table: str, output: str | None) -> None:
               help="Name of the dataset whose privacy budget this release spends (default: the input's path).")
 @click.option("--ledger", default=None,
               help="Folder of the privacy ledger (default: the release folder); share one across release folders.")
-def release_command(input_location, output, policy, batch_size, manifest_root, dataset, ledger):
-    """De-identify every face in INPUT and write a release with lineage and a report."""
-    _print_summary(_run_release(input_location, output, policy, batch_size, manifest_root, dataset, ledger))
+@click.option("--full", is_flag=True,
+              help="Release every photo again, including those this folder already released under the same policy.")
+@click.option("--dask-workers", default=0, type=click.IntRange(min=0),
+              help="Run batches on a local Dask cluster of this many worker processes (needs PREFECT_API_URL "
+                   "for speed; see README: Operations).")
+@click.option("--dask-address", default=None, help="Run batches on the Dask scheduler at this address instead.")
+def release_command(input_location, output, policy, batch_size, manifest_root, dataset, ledger, full,
+                    dask_workers, dask_address):
+    """De-identify every face in INPUT and write a release with lineage and a report.
+
+    Incremental: photos this release folder already released under the same policy (same
+    bytes, same policy sha256) are skipped, so running it again releases only new photos."""
+    _print_summary(_run_release(input_location, output, policy, batch_size, manifest_root, dataset, ledger,
+                                incremental=not full, dask_workers=dask_workers, dask_address=dask_address))
 
 
 @main.command("demo")

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,8 @@ class GateResult:
     failed_image_ids: set[str] = field(default_factory=set)   # rows to quarantine
     table_failed: bool = False                                 # a failure not tied to rows
     observed: dict = field(default_factory=dict)               # measurements the gate records (not judged)
+    # great-expectations' own validation results (JSON), rendered into the release's Data Docs.
+    validations: list[dict] = field(default_factory=list, repr=False)
 
     def details(self) -> str:
         return json.dumps({"checks": self.checks, "failures": self.failures,
@@ -61,7 +64,8 @@ def validate(name: str, frame: pd.DataFrame, expectations: list, row_id: str = "
         suite.add_expectation(expectation)
     batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
     outcome = batch.validate(suite, result_format={"result_format": "COMPLETE"})
-    result = GateResult(name=name, passed=bool(outcome.success), checks=len(outcome.results))
+    result = GateResult(name=name, passed=bool(outcome.success), checks=len(outcome.results),
+                        validations=[outcome.to_json_dict()])
     for item in outcome.results:
         if item.success:
             continue
@@ -265,4 +269,34 @@ def _merge(name: str, *results: GateResult) -> GateResult:
         merged.failures += item.failures
         merged.failed_image_ids |= item.failed_image_ids
         merged.table_failed |= item.table_failed
+        merged.validations += item.validations
     return merged
+
+
+def build_data_docs(folder: Path, validations: list[tuple[str, str, dict]]) -> Path:
+    """Render ``(run name, batch, validation result JSON)`` with great-expectations' own
+    Data Docs site builder into ``folder`` (static HTML); returns its index page."""
+    import great_expectations as gx
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResultSchema,
+    )
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    context.add_data_docs_site("release", {
+        "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(folder)}})
+    schema = ExpectationSuiteValidationResultSchema()
+    for run_name, batch, result in validations:
+        loaded = schema.load(result)
+        key = ValidationResultIdentifier(ExpectationSuiteIdentifier(loaded.suite_name),
+                                         RunIdentifier(run_name=run_name), batch)
+        context.validation_results_store.set(key, loaded)
+    context.build_data_docs(site_names=["release"])
+    return folder / "index.html"

@@ -1,16 +1,19 @@
 """The one lineage writer: Parquet records of what a release run did, in the release folder.
 
-Layout (append-only: each run adds one file per table, nothing is rewritten)::
+Layout (append-only: a run adds files, never rewrites another run's; the one exception is
+its own runs row, written as ``running`` when it starts and replaced when it ends)::
 
-    RELEASE/_lineage/runs/<run_id>.parquet     one row: the run
-    RELEASE/_lineage/photos/<run_id>.parquet   one row per input photo
-    RELEASE/_lineage/faces/<run_id>.parquet    one row per detected face
-    RELEASE/_lineage/events/<run_id>.parquet   one row per stage event (task or gate)
+    RELEASE/_lineage/runs/<run_id>.parquet           one row: the run
+    RELEASE/_lineage/photos/<run_id>-<part>.parquet  one row per input photo
+    RELEASE/_lineage/faces/<run_id>-<part>.parquet   one row per detected face
+    RELEASE/_lineage/events/<run_id>-<part>.parquet  one row per stage event (task or gate)
     LEDGER/_lineage/privacy/<run_id>.parquet   one row: the epsilon a release spent from its
                                                dataset's budget (LEDGER defaults to RELEASE;
                                                share one ledger across release folders)
 
-Read any table across runs with :func:`read_table` (or ``pyarrow.dataset`` / DuckDB over
+A run writes its photos, faces and events one part per published batch (``b00003``) and a
+last part at the end, so a run killed half-way leaves exactly the batches it finished
+(``flows/resume.py`` closes such a run as ``interrupted``). Read any table across runs with :func:`read_table` (or ``pyarrow.dataset`` / DuckDB over
 the folder). Column meanings are in the schemas below and in README "Lineage". No
 biometric data (face descriptors) and no pixels are ever written here.
 """
@@ -33,7 +36,7 @@ LINEAGE_VERSION = "1"
 RUN_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("flow_run_id", pa.string()),            # Prefect flow-run id (UI link)
-    pa.field("status", pa.string()),                 # completed | failed
+    pa.field("status", pa.string()),                 # running | completed | failed | interrupted
     pa.field("error", pa.string()),
     pa.field("started_at", pa.timestamp("us", tz="UTC")),
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),
@@ -46,7 +49,10 @@ RUN_SCHEMA = pa.schema([
     pa.field("policy_text", pa.string()),            # the policy file's full content
     pa.field("models", pa.map_(pa.string(), pa.string())),   # model name -> sha256
     pa.field("code_version", pa.string()),
-    pa.field("n_inputs", pa.int64()),
+    pa.field("n_inputs", pa.int64()),                # photos this run handled
+    # Found in the input but already released (or rejected, same bytes) under this policy's
+    # sha256 by an earlier run of this release folder: incremental releases skip them.
+    pa.field("n_skipped", pa.int64()),
     pa.field("n_released", pa.int64()),
     pa.field("n_quarantined", pa.int64()),
     pa.field("n_rejected", pa.int64()),
@@ -133,17 +139,24 @@ def _table(name: str, rows: list[dict] | pd.DataFrame) -> pa.Table:
 
 
 def _is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and value != value)
+    return value is None or value is pd.NaT or (isinstance(value, float) and value != value)
 
 
-def write_table(release_dir: str | Path, name: str, run_id: str, rows: list[dict] | pd.DataFrame) -> Path:
-    """Write one run's rows of lineage table ``name``; atomic (temporary file then rename)."""
+def part_path(release_dir: str | Path, name: str, run_id: str, part: str | None = None) -> Path:
+    """Where run ``run_id``'s rows of table ``name`` (one ``part`` of them) are written."""
+    return Path(release_dir) / LINEAGE_DIR / name / (f"{run_id}-{part}.parquet" if part else f"{run_id}.parquet")
+
+
+def write_table(release_dir: str | Path, name: str, run_id: str, rows: list[dict] | pd.DataFrame,
+                part: str | None = None) -> Path:
+    """Write one run's rows of lineage table ``name`` (or one ``part`` of them); atomic
+    (temporary file then rename), so a reader never sees half a file."""
     table = _table(name, rows)
     table = table.replace_schema_metadata({"anonymousnet.lineage_version": LINEAGE_VERSION,
                                            "anonymousnet.table": name})
-    folder = Path(release_dir) / LINEAGE_DIR / name
+    target = part_path(release_dir, name, run_id, part)
+    folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{run_id}.parquet"
     fd, temporary = tempfile.mkstemp(prefix=".", suffix=".partial", dir=folder)
     os.close(fd)
     try:

@@ -1,30 +1,34 @@
 """The release flow: photos in, a de-identified release out, with lineage and a report.
 
-Reads like its table of contents: policy feasibility and privacy budget (before any photo
-is read) -> discover -> analyse each batch (ingest -> gate -> Stage I attributes -> gate) ->
+Reads like its table of contents: policy feasibility (before any photo is read) -> discover
+-> hold the release folder, recover what a killed run left, skip what this policy already
+released (incremental) -> privacy budget -> analyse each batch (ingest -> gate -> Stage I attributes -> gate) ->
 Stage II attribute selection over the whole release -> gate (t-closeness needs every face)
 -> per batch (anonymize -> gate -> publish) -> accounting gate -> lineage -> report. Tasks
 are coarse (a batch of photos); pixels travel through a private work folder, never through
-task results.
+task results. The heavy tasks (ingest, attributes, anonymize) are submitted, so a Dask task
+runner (``dask_task_runner``) runs batches in parallel; the default runs one at a time.
+Each batch is published with its lineage before the next (see ``flows/resume.py``).
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 import shutil
-import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
-from flows import gates, lineage, privacy_ledger
+from flows import gates, lineage, privacy_ledger, resume, ui
 from flows.report import release_report
 from flows.version import code_version
 from models.registry import model_hashes
@@ -39,7 +43,7 @@ from stages.attributes import (
     shipped_population,
 )
 from stages.faces import detector_model_names
-from stages.imageio import write_atomic
+from stages.imageio import sha256_bytes, write_atomic
 from stages.ingest import InputPhoto, discover_inputs
 from stages.perturbation import installed_perturbation
 from stages.pipeline import IngestSettings, anonymize_batch, ingest_batch
@@ -76,11 +80,26 @@ def anonymize_settings(policy: Policy) -> AnonymizeSettings:
                       if policy.perturbation.enabled else None))
 
 
+@dataclass(frozen=True)
+class Timed:
+    """A submitted task's result with its own start and duration: with a parallel task
+    runner the flow's wait for a result is not the task's time."""
+    value: Any
+    started: float
+    seconds: float
+
+
+def _timed(function, *args) -> Timed:
+    started = time.time()
+    value = function(*args)
+    return Timed(value, started, time.time() - started)
+
+
 # Reading photos can fail transiently on network storage: retry. Detection itself is
 # deterministic, so a retry only repeats the same work after an I/O error.
 @task(name="ingest", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def ingest_task(photos: list[InputPhoto], policy: Policy, crops_file: str):
-    return ingest_batch(photos, _ingest_settings(policy), Path(crops_file))
+def ingest_task(photos: list[InputPhoto], policy: Policy, crops_file: str) -> Timed:
+    return _timed(ingest_batch, photos, _ingest_settings(policy), Path(crops_file))
 
 
 @task(name="gate-ingest", cache_policy=NO_CACHE)
@@ -89,8 +108,8 @@ def ingest_gate_task(photo_rows: list[dict], face_rows: list[dict]) -> gates.Gat
 
 
 @task(name="attributes", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def attributes_task(face_rows: list[dict]) -> list[dict]:
-    return predict_face_rows(face_rows)
+def attributes_task(face_rows: list[dict]) -> Timed:
+    return _timed(predict_face_rows, face_rows)
 
 
 @task(name="gate-attributes", cache_policy=NO_CACHE)
@@ -119,9 +138,9 @@ def plan_selection(policy: Policy) -> Selection:
 
 
 @task(name="anonymize", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def anonymize_task(photo_rows, face_rows, sources: dict[str, Path], policy: Policy, staging_dir: str):
-    return anonymize_batch(photo_rows, face_rows, sources, anonymize_settings(policy),
-                           policy.input.max_pixels, Path(staging_dir))
+def anonymize_task(photo_rows, face_rows, sources: dict[str, Path], policy: Policy, staging_dir: str) -> Timed:
+    return _timed(anonymize_batch, photo_rows, face_rows, sources, anonymize_settings(policy),
+                  policy.input.max_pixels, Path(staging_dir))
 
 
 @task(name="gate-perturbation", cache_policy=NO_CACHE)
@@ -134,26 +153,32 @@ def publish_gate_task(photo_rows: list[dict], face_rows: list[dict], release_dis
     return gates.publish_gate(pd.DataFrame(photo_rows), pd.DataFrame(face_rows), release_distance)
 
 
-@task(name="publish", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def publish_task(photo_rows: list[dict], release_dir: str) -> list[dict]:
-    """Move staged outputs into the release folder atomically, under the input's relative path."""
-    from stages.imageio import sha256_bytes
+def _output_relative_path(image_id: str, suffix: str) -> Path:
+    """The input's relative path, with the suffix of the format actually written."""
+    relative = Path(image_id)
+    same = relative.suffix.lower() == suffix or (suffix, relative.suffix.lower()) in {(".jpg", ".jpeg"),
+                                                                                   (".tif", ".tiff")}
+    return relative if same else relative.with_suffix(suffix)
 
-    published = []
+
+@task(name="publish", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def publish_task(photo_rows: list[dict], release_dir: str, run_id: str, part: str) -> list[dict]:
+    """Move staged outputs into the release folder atomically, under the input's relative
+    path, after recording the intent (what is about to appear) for crash recovery."""
+    published, payloads = [], {}
     for row in photo_rows:
         row = dict(row)
         staged = row.pop("staged_file", None)
         suffix = row.pop("output_suffix", None)
         if row["status"] == "released":
-            relative = Path(row["image_id"])
-            if relative.suffix.lower() != suffix and not (
-                    suffix == ".jpg" and relative.suffix.lower() == ".jpeg") and not (
-                    suffix == ".tif" and relative.suffix.lower() == ".tiff"):
-                relative = relative.with_suffix(suffix)
-            data = Path(staged).read_bytes()
-            write_atomic(Path(release_dir) / relative, data)
-            row.update(output_path=relative.as_posix(), output_sha256=sha256_bytes(data))
+            relative = _output_relative_path(row["image_id"], suffix).as_posix()
+            payloads[relative] = Path(staged).read_bytes()
+            row.update(output_path=relative, output_sha256=sha256_bytes(payloads[relative]))
         published.append(row)
+    resume.write_intent(Path(release_dir), run_id, part, {row["output_path"]: row["output_sha256"]
+                                                          for row in published if row["status"] == "released"})
+    for relative, data in payloads.items():
+        write_atomic(Path(release_dir) / relative, data)
     return published
 
 
@@ -174,23 +199,57 @@ def _enforce(gate: gates.GateResult, photo_rows: list[dict], face_rows: list[dic
 
 
 def _event(run_id: str, stage: str, batch: int | None, started: float, items: int,
-           gate: gates.GateResult | None = None, details: dict | None = None) -> dict:
+           gate: gates.GateResult | None = None, details: dict | None = None, seconds: float | None = None) -> dict:
+    """One row of the events table; a gate's great-expectations results ride along in
+    memory (``validations``, not written to lineage) for the release's Data Docs."""
     return {"run_id": run_id, "stage": stage, "batch": batch,
             "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc),
-            "seconds": time.time() - started, "items": items,
+            "seconds": time.time() - started if seconds is None else seconds, "items": items,
             "gate_passed": None if gate is None else gate.passed,
-            "details": gate.details() if gate else (json.dumps(details) if details else None)}
+            "details": gate.details() if gate else (json.dumps(details) if details else None),
+            "validations": gate.validations if gate else []}
 
 
-@flow(name="release", log_prints=True)
+def _data_docs(release_dir: Path, events: list[dict]) -> None:
+    """The run's gate results as great-expectations Data Docs in RELEASE/_data_docs/."""
+    validations = [(event["run_id"], "release" if event["batch"] is None else f"batch-{event['batch']:05d}", result)
+                   for event in events for result in event.get("validations") or []]
+    if validations:
+        gates.build_data_docs(release_dir / DATA_DOCS_DIR, validations)
+
+
+DATA_DOCS_DIR = "_data_docs"
+
+
+def dask_task_runner(workers: int = 2, address: str | None = None):
+    """A Dask task runner: a local cluster of ``workers`` processes (one thread each, the
+    machine's cores shared out to torch), or the scheduler at ``address`` (a real cluster).
+
+    Workers report task runs to the Prefect API they inherit: point ``PREFECT_API_URL`` at
+    a running server first, or each worker starts a temporary server of its own (slow)."""
+    import os
+
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "env": {"OMP_NUM_THREADS": str(threads)}})
+
+
+# One batch at a time unless a caller swaps in a parallel runner (release.with_options(
+# task_runner=dask_task_runner(2))): Stage I/III on 2 cores do not gain from threads.
+@flow(name="release", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def release(input: str, output: str, policy: str | None = None, batch_size: int = 16,
             manifest_root: str | None = None, show_progress: bool = False, dataset: str | None = None,
-            ledger: str | None = None) -> dict:
+            ledger: str | None = None, incremental: bool = True) -> dict:
     """De-identify every face in the photos at ``input`` (a folder or a CSV/Parquet manifest)
     under ``policy`` and write the release to ``output``. ``dataset`` names whose privacy
     budget the release spends (default: the input's resolved location); ``ledger`` is the
-    folder holding the privacy ledger (default: the release folder). Returns the run's
-    summary row."""
+    folder holding the privacy ledger (default: the release folder). ``incremental`` skips
+    photos this release folder already released under the same policy (by content and
+    policy sha256); ``False`` releases everything again. Returns the run's summary row."""
     logger = get_run_logger()
     loaded = load_policy(policy)
     privacy = loaded.policy.privacy
@@ -198,6 +257,7 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
     uses_generator = anonymize_settings(loaded.policy).uses_generator
     if uses_generator:
         cached_synthesizer(None)                        # a missing or tampered generator stops here too
+    ui.tag_run(loaded.policy.name, loaded.sha256)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
     release_dir = Path(output).resolve()
     started_at = dt.datetime.now(dt.timezone.utc)
@@ -207,140 +267,210 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
         raise ValueError(f"the release folder {release_dir} must not be inside the input {input_root}")
     dataset = dataset or str(Path(input).resolve())
     ledger_dir = Path(ledger).resolve() if ledger else release_dir
-    spend = privacy_ledger.reserve(ledger_dir, dataset, selection.epsilon_per_face, privacy.budget, run_id,
-                                   loaded.policy.name, loaded.sha256, str(release_dir))
-    sources = {p.image_id: p.path for p in inputs if p.path is not None}
     events = [_event(run_id, "discover", None, t0, len(inputs), details={"input_root": str(input_root)})]
-    logger.info("run %s: %d input file(s) under %s, policy %s (%s); dataset %r has spent epsilon %g of %g, "
-                "this release spends %g", run_id, len(inputs), input_root, loaded.policy.name, loaded.sha256[:12],
-                dataset, spend.spent_before, spend.budget, spend.epsilon)
-    check = loaded.policy.identity_check
-    photos_done, faces_done = [], []
-    work_dir = Path(tempfile.mkdtemp(prefix=f"anonymousnet-{run_id}-"))
-    run_row = {"run_id": run_id, "flow_run_id": str(flow_run.id) if flow_run.id else None,
-               "started_at": started_at, "input_location": str(Path(input).resolve()),
-               "input_root": str(input_root), "release_dir": str(release_dir),
-               "policy_path": str(loaded.path), "policy_name": loaded.policy.name,
-               "policy_sha256": loaded.sha256, "policy_text": loaded.text, "code_version": code_version(),
-               "models": model_hashes(detector_model_names(loaded.policy.detection.detector)
-                                      + list(ATTRIBUTE_MODEL_FILES) + ["attribute_population",
-                                                                        "attribute_combinations"]
-                                      + (["generator", "generator_config"] if uses_generator else [])
-                                      + (["perturbation", "perturbation_config"]
-                                         if loaded.policy.perturbation.enabled else [])),
-               "n_inputs": len(inputs), "dataset": dataset, "ledger_dir": str(ledger_dir),
-               "epsilon_release": spend.epsilon, "epsilon_spent_before": spend.spent_before,
-               "epsilon_budget": spend.budget}
-    try:
-        batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
-        analysed = []
-        for index, batch in enumerate(tqdm(batches, unit="batch", desc="analyse", disable=not show_progress)):
+    with resume.release_lock(release_dir):
+        t = time.time()
+        recovery = resume.recover_interrupted(release_dir, run_id)
+        if recovery.describe():
+            logger.warning("run %s: %s", run_id, recovery.describe())
+            events.append(_event(run_id, "recover", None, t, len(recovery.interrupted_runs),
+                                 details={"interrupted_runs": recovery.interrupted_runs,
+                                          "withdrawn_files": recovery.withdrawn_files,
+                                          "partial_files": recovery.partial_files}))
+        skipped = []
+        if incremental:
             t = time.time()
-            photo_rows, face_rows = ingest_task(batch, loaded.policy, str(work_dir / "crops" / f"{index:05d}.npz"))
-            events.append(_event(run_id, "ingest", index, t, len(batch)))
-            t = time.time()
-            gate = ingest_gate_task(photo_rows, face_rows)
-            events.append(_event(run_id, gate.name, index, t, len(photo_rows), gate))
-            _enforce(gate, photo_rows, face_rows, index)
-            if face_rows:
-                t = time.time()
-                face_rows = attributes_task(face_rows)
-                events.append(_event(run_id, "attributes", index, t, len(face_rows)))
-                t = time.time()
-                gate = attributes_gate_task(face_rows)
-                events.append(_event(run_id, gate.name, index, t, len(face_rows), gate))
-                _enforce(gate, photo_rows, face_rows, index)
-            analysed.append((photo_rows, face_rows))
-        # Stage II over the whole release: selection is per face, but t-closeness is a
-        # property of the groups of faces sharing released values, so the gate needs them all.
-        all_faces = [face for _, faces in analysed for face in faces]
-        t = time.time()
-        selected = iter(select_attributes_task(all_faces, selection))
-        analysed = [(photo_rows, [next(selected) for _ in face_rows]) for photo_rows, face_rows in analysed]
-        all_faces = [face for _, faces in analysed for face in faces]
-        events.append(_event(run_id, "select-attributes", None, t, len(all_faces)))
-        t = time.time()
-        closeness = t_closeness_of_rows(all_faces, selection, privacy.min_group_faces)
-        run_row["t_closeness"] = json.dumps({"t": privacy.t, "min_group_faces": privacy.min_group_faces,
-                                             "attributes": closeness})
-        gate = ppas_gate_task(all_faces, closeness, loaded.policy) if all_faces else None
-        if gate is not None:
-            events.append(_event(run_id, gate.name, None, t, len(all_faces), gate))
-            if not gate.passed and privacy.on_violation == "abort":
-                why = f"{gate.name} failed, so nothing was published (privacy.on_violation: abort): " \
-                      f"{'; '.join(gate.failures)}"
-                for photo_rows, face_rows in analysed:   # lineage still accounts for every photo
-                    photos_done += [row | {"status": "quarantined", "reason": why}
-                                    if row["status"] != "rejected" else row for row in photo_rows]
-                    faces_done += [face | {"status": "quarantined"} for face in face_rows]
-                raise RuntimeError(why)
-            for photo_rows, face_rows in analysed:
-                _enforce(gate, photo_rows, face_rows, None)
-        with tqdm(total=len(inputs), unit="photo", desc="release", disable=not show_progress) as progress:
-            for index, (photo_rows, face_rows) in enumerate(analysed):
-                t = time.time()
-                photo_rows, face_rows = anonymize_task(photo_rows, face_rows, sources, loaded.policy,
-                                                       str(work_dir / "staged"))
-                events.append(_event(run_id, "anonymize", index, t, len(photo_rows)))
-                if loaded.policy.perturbation.enabled:
-                    t = time.time()
-                    gate = perturbation_gate_task(photo_rows, face_rows, loaded.policy.perturbation.min_psnr_db)
-                    events.append(_event(run_id, gate.name, index, t, len(face_rows), gate))
-                    _enforce(gate, photo_rows, face_rows, index)
-                t = time.time()
-                gate = publish_gate_task(photo_rows, face_rows, check.release_distance)
-                events.append(_event(run_id, gate.name, index, t, len(photo_rows), gate))
-                _enforce(gate, photo_rows, face_rows, index)
-                t = time.time()
-                photo_rows = publish_task(photo_rows, str(release_dir))
-                events.append(_event(run_id, "publish", index, t, sum(r["status"] == "released" for r in photo_rows)))
-                photos_done += photo_rows
-                faces_done += face_rows
-                progress.update(len(photo_rows))
-        t = time.time()
-        photos_frame = pd.DataFrame(photos_done, columns=["image_id", "status"])
-        gate = gates.accounting_gate(photos_frame, [p.image_id for p in inputs])
-        events.append(_event(run_id, "gate:accounting", None, t, len(photos_done), gate))
-        if not gate.passed:
-            raise RuntimeError(f"accounting gate failed: {gate.failures}")
-        attrs = loaded.policy.attributes
-        run_row["attribute_drift"] = json.dumps(attribute_drift(
-            faces_done, population_prevalence(), attrs.drift_threshold, attrs.drift_min_faces))
-        run_row["status"] = "completed"
-    except BaseException as exc:
-        run_row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        summary = _write_lineage(release_dir, run_row, photos_done, faces_done, events, check.threshold)
-        report = release_report(summary, photos_done, faces_done, events, loaded.policy)
-        write_atomic(release_dir / "_reports" / f"{run_id}.md", report.encode())
-        write_atomic(release_dir / "report.md", report.encode())
+            inputs, skipped = resume.pending_inputs(release_dir, loaded.sha256, inputs)
+            events.append(_event(run_id, "skip-released", None, t, len(skipped)))
+        # A run with nothing new re-selects nothing, so it spends nothing.
+        spend = privacy_ledger.reserve(ledger_dir, dataset, selection.epsilon_per_face if inputs else 0.0,
+                                       privacy.budget, run_id, loaded.policy.name, loaded.sha256, str(release_dir))
+        logger.info("run %s: %d input file(s) to release under %s (%d already released under this policy), "
+                    "policy %s (%s); dataset %r has spent epsilon %g of %g, this release spends %g", run_id,
+                    len(inputs), input_root, len(skipped), loaded.policy.name, loaded.sha256[:12], dataset,
+                    spend.spent_before, spend.budget, spend.epsilon)
+        run_row = {"run_id": run_id, "flow_run_id": str(flow_run.id) if flow_run.id else None, "status": "running",
+                   "started_at": started_at, "input_location": str(Path(input).resolve()),
+                   "input_root": str(input_root), "release_dir": str(release_dir),
+                   "policy_path": str(loaded.path), "policy_name": loaded.policy.name,
+                   "policy_sha256": loaded.sha256, "policy_text": loaded.text, "code_version": code_version(),
+                   "models": model_hashes(detector_model_names(loaded.policy.detection.detector)
+                                          + list(ATTRIBUTE_MODEL_FILES) + ["attribute_population",
+                                                                            "attribute_combinations"]
+                                          + (["generator", "generator_config"] if uses_generator else [])
+                                          + (["perturbation", "perturbation_config"]
+                                             if loaded.policy.perturbation.enabled else [])),
+                   "n_inputs": len(inputs), "n_skipped": len(skipped), "dataset": dataset,
+                   "ledger_dir": str(ledger_dir), "epsilon_release": spend.epsilon,
+                   "epsilon_spent_before": spend.spent_before, "epsilon_budget": spend.budget}
+        lineage.write_table(release_dir, "runs", run_id, [run_row])   # "running" until it ends
+        journal = _BatchJournal(release_dir, run_id)
+        work_dir = resume.work_dir_for(run_id)
         try:
-            create_markdown_artifact(markdown=report, key="release-report",
-                                     description=f"Release {run_id} of {input} under policy {loaded.policy.name}")
-        except Exception as exc:  # the report file is already written; the UI copy is a convenience
-            logger.warning("could not publish the report artifact: %s", exc)
-    logger.info("run %s: released %d, quarantined %d, rejected %d of %d; report %s", run_id,
+            _release_batches(loaded, selection, inputs, batch_size, run_id, release_dir, work_dir, events,
+                             journal, run_row, show_progress)
+            attrs = loaded.policy.attributes
+            run_row["attribute_drift"] = json.dumps(attribute_drift(
+                journal.faces, population_prevalence(), attrs.drift_threshold, attrs.drift_min_faces))
+            run_row["status"] = "completed"
+        except BaseException as exc:
+            run_row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            summary = journal.close(run_row, events, loaded.policy.identity_check.threshold)
+            report = release_report(summary, journal.photos, journal.faces, events, loaded.policy)
+            write_atomic(release_dir / "_reports" / f"{run_id}.md", report.encode())
+            write_atomic(release_dir / "report.md", report.encode())
+            try:
+                _data_docs(release_dir, events)
+            except Exception as exc:  # the gates' verdicts are in lineage; the HTML is their rendering
+                logger.warning("could not build the great-expectations Data Docs: %s", exc)
+            ui.publish_run_artifacts(report, events, release_dir, run_id,
+                                     f"Release {run_id} of {input} under policy {loaded.policy.name}")
+    logger.info("run %s: released %d, quarantined %d, rejected %d of %d (%d already released); report %s", run_id,
                 summary["n_released"], summary["n_quarantined"], summary["n_rejected"], summary["n_inputs"],
-                release_dir / "report.md")
+                summary["n_skipped"], release_dir / "report.md")
     return summary
 
 
-def _write_lineage(release_dir: Path, run_row: dict, photos: list[dict], faces: list[dict],
-                   events: list[dict], threshold: float) -> dict:
-    statuses = pd.Series([p["status"] for p in photos], dtype=object)
-    released = {p["image_id"] for p in photos if p["status"] == "released"}
-    run_row.update(
-        finished_at=dt.datetime.now(dt.timezone.utc),
-        n_released=int((statuses == "released").sum()), n_quarantined=int((statuses == "quarantined").sum()),
-        n_rejected=int((statuses == "rejected").sum()), n_faces=len(faces),
-        n_faces_fallback=sum(len(f.get("methods_tried") or []) > 1 for f in faces),
-        n_leaks_published=sum(f["image_id"] in released and (f.get("leak_distance") is None
-                                                              or f["leak_distance"] < threshold) for f in faces))
-    run_id = run_row["run_id"]
-    lineage.write_table(release_dir, "photos", run_id, lineage.project("photos", photos, run_id))
-    lineage.write_table(release_dir, "faces", run_id, lineage.project("faces", faces, run_id))
-    lineage.write_table(release_dir, "events", run_id, events)
-    lineage.write_table(release_dir, "runs", run_id, [run_row])
-    return run_row
+def _release_batches(loaded, selection: Selection, inputs: list[InputPhoto], batch_size: int, run_id: str,
+                     release_dir: Path, work_dir: Path, events: list[dict], journal: "_BatchJournal",
+                     run_row: dict, show_progress: bool) -> None:
+    """Analyse every batch, select attributes over the release, then anonymize, gate and
+    publish batch by batch (each published batch journaled before the next)."""
+    policy = loaded.policy
+    privacy, check = policy.privacy, policy.identity_check
+    sources = {p.image_id: p.path for p in inputs if p.path is not None}
+    progress = ui.Progress(len(inputs), release_dir)
+    batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
+    ingesting = [ingest_task.submit(batch, policy, str(work_dir / "crops" / f"{index:05d}.npz"))
+                 for index, batch in enumerate(batches)]
+    analysed, predicting = [], {}
+    for index, future in enumerate(tqdm(ingesting, unit="batch", desc="analyse", disable=not show_progress)):
+        ingested = future.result()
+        photo_rows, face_rows = ingested.value
+        events.append(_event(run_id, "ingest", index, ingested.started, len(photo_rows), seconds=ingested.seconds))
+        t = time.time()
+        gate = ingest_gate_task(photo_rows, face_rows)
+        events.append(_event(run_id, gate.name, index, t, len(photo_rows), gate))
+        _enforce(gate, photo_rows, face_rows, index)
+        if face_rows:
+            predicting[index] = attributes_task.submit(face_rows)
+        analysed.append((photo_rows, face_rows))
+    for index, future in predicting.items():
+        predicted = future.result()
+        photo_rows, face_rows = analysed[index][0], predicted.value
+        events.append(_event(run_id, "attributes", index, predicted.started, len(face_rows),
+                             seconds=predicted.seconds))
+        t = time.time()
+        gate = attributes_gate_task(face_rows)
+        events.append(_event(run_id, gate.name, index, t, len(face_rows), gate))
+        _enforce(gate, photo_rows, face_rows, index)
+        analysed[index] = (photo_rows, face_rows)
+    # Stage II over the whole release: selection is per face, but t-closeness is a
+    # property of the groups of faces sharing released values, so the gate needs them all.
+    all_faces = [face for _, faces in analysed for face in faces]
+    t = time.time()
+    selected = iter(select_attributes_task(all_faces, selection))
+    analysed = [(photo_rows, [next(selected) for _ in face_rows]) for photo_rows, face_rows in analysed]
+    all_faces = [face for _, faces in analysed for face in faces]
+    events.append(_event(run_id, "select-attributes", None, t, len(all_faces)))
+    t = time.time()
+    closeness = t_closeness_of_rows(all_faces, selection, privacy.min_group_faces)
+    run_row["t_closeness"] = json.dumps({"t": privacy.t, "min_group_faces": privacy.min_group_faces,
+                                         "attributes": closeness})
+    gate = ppas_gate_task(all_faces, closeness, policy) if all_faces else None
+    if gate is not None:
+        events.append(_event(run_id, gate.name, None, t, len(all_faces), gate))
+        if not gate.passed and privacy.on_violation == "abort":
+            why = f"{gate.name} failed, so nothing was published (privacy.on_violation: abort): " \
+                  f"{'; '.join(gate.failures)}"
+            for photo_rows, face_rows in analysed:   # lineage still accounts for every photo
+                journal.keep([row | {"status": "quarantined", "reason": why} if row["status"] != "rejected" else row
+                              for row in photo_rows], [face | {"status": "quarantined"} for face in face_rows])
+            raise RuntimeError(why)
+        for photo_rows, face_rows in analysed:
+            _enforce(gate, photo_rows, face_rows, None)
+    anonymizing = [anonymize_task.submit(photo_rows, face_rows,
+                                         {row["image_id"]: sources[row["image_id"]] for row in photo_rows
+                                          if row["image_id"] in sources},
+                                         policy, str(work_dir / "staged"))
+                   for photo_rows, face_rows in analysed]
+    with tqdm(total=len(inputs), unit="photo", desc="release", disable=not show_progress) as bar:
+        for index, future in enumerate(anonymizing):
+            anonymized = future.result()
+            photo_rows, face_rows = anonymized.value
+            events.append(_event(run_id, "anonymize", index, anonymized.started, len(photo_rows),
+                                 seconds=anonymized.seconds))
+            if policy.perturbation.enabled:
+                t = time.time()
+                gate = perturbation_gate_task(photo_rows, face_rows, policy.perturbation.min_psnr_db)
+                events.append(_event(run_id, gate.name, index, t, len(face_rows), gate))
+                _enforce(gate, photo_rows, face_rows, index)
+            t = time.time()
+            gate = publish_gate_task(photo_rows, face_rows, check.release_distance)
+            events.append(_event(run_id, gate.name, index, t, len(photo_rows), gate))
+            _enforce(gate, photo_rows, face_rows, index)
+            t = time.time()
+            part = f"b{index:05d}"
+            photo_rows = publish_task(photo_rows, str(release_dir), run_id, part)
+            events.append(_event(run_id, "publish", index, t, sum(r["status"] == "released" for r in photo_rows)))
+            journal.publish(part, photo_rows, face_rows, events)
+            progress.advance(len(photo_rows))
+            bar.update(len(photo_rows))
+    t = time.time()
+    photos_frame = pd.DataFrame(journal.photos, columns=["image_id", "status"])
+    gate = gates.accounting_gate(photos_frame, [p.image_id for p in inputs])
+    events.append(_event(run_id, "gate:accounting", None, t, len(journal.photos), gate))
+    if not gate.passed:
+        raise RuntimeError(f"accounting gate failed: {gate.failures}")
+
+
+class _BatchJournal:
+    """This run's lineage, written as it goes: one part per published batch (faces, events,
+    then photos: a batch counts as published once its photos part exists), the rest and the
+    final runs row when the run ends."""
+
+    def __init__(self, release_dir: Path, run_id: str):
+        self.release_dir, self.run_id = release_dir, run_id
+        self.photos: list[dict] = []
+        self.faces: list[dict] = []
+        self.written_photos = self.written_faces = self.written_events = 0
+
+    def keep(self, photo_rows: list[dict], face_rows: list[dict]) -> None:
+        self.photos += photo_rows
+        self.faces += face_rows
+
+    def _write(self, part: str, events: list[dict]) -> None:
+        write = lineage.write_table
+        write(self.release_dir, "faces", self.run_id,
+              lineage.project("faces", self.faces[self.written_faces:], self.run_id), part)
+        write(self.release_dir, "events", self.run_id,
+              [{k: v for k, v in event.items() if k != "validations"} for event in events[self.written_events:]],
+              part)
+        write(self.release_dir, "photos", self.run_id,
+              lineage.project("photos", self.photos[self.written_photos:], self.run_id), part)
+        self.written_photos, self.written_faces, self.written_events = len(self.photos), len(self.faces), len(events)
+
+    def publish(self, part: str, photo_rows: list[dict], face_rows: list[dict], events: list[dict]) -> None:
+        self.keep(photo_rows, face_rows)
+        self._write(part, events)
+        resume.intent_path(self.release_dir, self.run_id, part).unlink(missing_ok=True)
+
+    def close(self, run_row: dict, events: list[dict], threshold: float) -> dict:
+        """Write what no batch part holds and the run's final row; returns that row."""
+        photos, faces = self.photos, self.faces
+        statuses = pd.Series([p["status"] for p in photos], dtype=object)
+        released = {p["image_id"] for p in photos if p["status"] == "released"}
+        run_row.update(
+            finished_at=dt.datetime.now(dt.timezone.utc),
+            n_released=int((statuses == "released").sum()), n_quarantined=int((statuses == "quarantined").sum()),
+            n_rejected=int((statuses == "rejected").sum()), n_faces=len(faces),
+            n_faces_fallback=sum(len(f.get("methods_tried") or []) > 1 for f in faces),
+            n_leaks_published=sum(f["image_id"] in released and (f.get("leak_distance") is None
+                                                                  or f["leak_distance"] < threshold) for f in faces))
+        if len(photos) > self.written_photos or len(faces) > self.written_faces or len(events) > self.written_events:
+            self._write("end", events)
+        lineage.write_table(self.release_dir, "runs", self.run_id, [run_row])
+        return run_row

@@ -20,7 +20,9 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
         f"# Release report: run {run['run_id']}",
         "",
         f"- Status: **{run.get('status')}**" + (f" ({run['error']})" if run.get("error") else ""),
-        f"- Input: `{run['input_location']}` ({run['n_inputs']} files)",
+        f"- Input: `{run['input_location']}` ({run['n_inputs']} files handled"
+        + (f"; {run['n_skipped']} already released under this policy, skipped" if run.get("n_skipped") else "")
+        + ")",
         f"- Release folder: `{run['release_dir']}`",
         f"- Policy: **{policy.name}** (`{run['policy_path']}`, sha256 `{run['policy_sha256'][:16]}`)",
         f"- Method: {policy.obfuscation.method}; on leak: {check.on_leak}"
@@ -28,6 +30,8 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
         + f"; verifier threshold {check.threshold} (faces released at ≥ {check.release_distance:.2f}); "
         f"photos without faces: {check.on_no_face}",
         f"- Code: `{run['code_version']}`; started {run['started_at']:%Y-%m-%d %H:%M:%S} UTC",
+        "- Data-quality checks (great-expectations Data Docs): [`_data_docs/index.html`](_data_docs/index.html)",
+        *_recovery_lines(events),
         "",
         "## Outcome",
         "",
@@ -190,4 +194,16 @@ def _selection_section(run: dict, faces: list[dict], policy: Policy) -> list[str
             lines.append(f"| {item['attribute']} | {item['batch_share']:.2f} | {cells.get(0, '–')} | "
                          f"{cells.get(1, '–')} | {distance} |")
         lines.append("")
+    return lines
+
+
+def _recovery_lines(events: list[dict]) -> list[str]:
+    """What this run found of earlier runs that were killed, if anything."""
+    lines = []
+    for event in events:
+        if event["stage"] == "recover" and event.get("details"):
+            found = json.loads(event["details"])
+            lines.append(f"- Recovered interrupted run(s) {', '.join(found['interrupted_runs']) or '(none)'}: "
+                         f"withdrew {len(found['withdrawn_files'])} file(s) published without lineage, deleted "
+                         f"{found['partial_files']} half-written file(s); their photos are released in this run")
     return lines

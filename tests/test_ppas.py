@@ -194,11 +194,11 @@ def test_three_releases_of_epsilon_4_against_budget_10(tmp_path, astronaut, pref
                       "privacy:\n  epsilon: 4\n  budget: 10\n  t: 0.7\n")
     out = tmp_path / "out"
     for _ in range(2):
-        summary = release(input=str(photos), output=str(out), policy=str(policy))
+        summary = release(input=str(photos), output=str(out), policy=str(policy), incremental=False)
         assert summary["status"] == "completed"
     snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(privacy_ledger.PrivacyBudgetExceeded, match="has spent epsilon 8 of its budget 10"):
-        release(input=str(photos), output=str(out), policy=str(policy))
+        release(input=str(photos), output=str(out), policy=str(policy), incremental=False)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot
     runs = lineage.read_table(out, "runs")
     assert list(runs.sort_values("started_at")["epsilon_spent_before"]) == [0.0, 4.0]

@@ -70,9 +70,16 @@ def test_outputs_keep_relative_paths_and_never_copy_originals(released):
     photos = lineage.read_table(output, "photos")
     published = photos[photos.status == "released"]
     files = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()
-             and not p.relative_to(output).as_posix().startswith(("_lineage/", "_reports/")) and p.name != "report.md"}
+             and not p.relative_to(output).as_posix().startswith(("_lineage/", "_reports/", "_data_docs/"))
+             and p.name != "report.md"}
     assert files == set(published.output_path)
     assert "rotated/astronaut_exif_rotated.jpg" in files
+    # The gates' great-expectations results, as GX's own Data Docs site, linked from the report.
+    index = (output / "_data_docs" / "index.html").read_text()
+    for suite in ("gate:ingest:photos-suite", "gate:ppas:faces-suite", "gate:publish:faces-suite",
+                  "gate:perturbation-suite", "gate:accounting-suite"):
+        assert suite in index, suite
+    assert "_data_docs/index.html" in (output / "report.md").read_text()
     input_hashes = set(photos.input_sha256.dropna())
     for row in published.itertuples():
         assert row.output_sha256 not in input_hashes
@@ -107,12 +114,17 @@ def test_lineage_schema_and_run_record(released):
     _, output, summary = released
     for name, schema in lineage.SCHEMAS.items():
         files = list((output / "_lineage" / name).glob("*.parquet"))
-        assert len(files) == 1
-        stored = pq.read_schema(files[0])
-        assert stored.remove_metadata().equals(schema), name
-        assert stored.metadata[b"anonymousnet.lineage_version"] == lineage.LINEAGE_VERSION.encode()
+        # One part per published batch (of 4 photos) for photos, faces and events; one file
+        # for the run row and the ledger.
+        assert len(files) == (1 if name in ("runs", "privacy") else -(-summary["n_inputs"] // 4)), name
+        for file in files:
+            stored = pq.read_schema(file)
+            assert stored.remove_metadata().equals(schema), name
+            assert stored.metadata[b"anonymousnet.lineage_version"] == lineage.LINEAGE_VERSION.encode()
+    assert not list(output.rglob("*.partial")) and not list((output / "_lineage" / ".intents").glob("*"))
     runs = lineage.read_table(output, "runs")
     run = runs.iloc[0]
+    assert run.status == "completed" and run.n_skipped == 0
     assert run.policy_name == "default" and len(run.policy_sha256) == 64 and "identity_check" in run.policy_text
     assert dict(run.models)["dlib_face_descriptor"] == "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
     assert run.flow_run_id and run.n_released + run.n_quarantined + run.n_rejected == run.n_inputs
@@ -237,7 +249,7 @@ def test_report_is_published_as_a_prefect_artifact(released):
 
     _, _, summary = released
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["release-report"])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="release-report-")))
     assert any(f"run {summary['run_id']}" in (artifact.data or "") for artifact in artifacts)
 
 
