@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.registry import ModelFileError, load_manifest, verified_path
+from models.registry import ModelFileError, run_or_installed
 
 RETRAIN = "`anonymousnet train perturbation --synthesized --inside-mask --install`"
 
@@ -31,17 +31,11 @@ class ShippedPerturbation:
 
 def load_perturbation(folder: str | Path | None = None) -> ShippedPerturbation:
     """The perturbation of a training run's folder, or (``None``) the shipped one."""
-    if folder is not None:
-        arrays, config_file = Path(folder) / "perturbation.npz", Path(folder) / "perturbation.json"
-        for path in (arrays, config_file):
-            if not path.is_file():
-                raise ModelFileError(f"{path} not found: point to the run folder of an "
-                                     "`anonymousnet train perturbation` run")
-    else:
-        if "perturbation" not in load_manifest():
-            raise ModelFileError(f"no Stage IV perturbation is installed: compute one with {RETRAIN}, "
-                                 "or set perturbation.enabled: false in the policy")
-        arrays, config_file = verified_path("perturbation"), verified_path("perturbation_config")
+    arrays, config_file = run_or_installed(
+        folder, {"perturbation": "perturbation.npz", "perturbation_config": "perturbation.json"},
+        "the run folder of an `anonymousnet train perturbation` run",
+        f"no Stage IV perturbation is installed: compute one with {RETRAIN}, "
+        "or set perturbation.enabled: false in the policy")
     config = json.loads(config_file.read_text())
     try:
         with np.load(arrays, allow_pickle=False) as stored:

@@ -83,6 +83,22 @@ def verified_path(name: str) -> Path:
     return path
 
 
+def run_or_installed(folder: str | Path | None, files: dict[str, str], run_kind: str,
+                     not_installed: str) -> tuple[Path, ...]:
+    """Paths of ``files`` (manifest name -> file name): in a training run's ``folder`` when one
+    is given, else the installed files, verified against their sha256. ``run_kind`` names the
+    run folder that holds them; ``not_installed`` says what to do when none is installed."""
+    if folder:
+        paths = tuple(Path(folder) / filename for filename in files.values())
+        for path in paths:
+            if not path.is_file():
+                raise ModelFileError(f"{path} not found: point to {run_kind}")
+        return paths
+    if next(iter(files)) not in load_manifest():
+        raise ModelFileError(not_installed)
+    return tuple(verified_path(name) for name in files)
+
+
 def model_hashes(names: list[str]) -> dict[str, str]:
     """sha256 of each named model as verified (``builtin`` for compiled-in models)."""
     hashes = {}

@@ -115,8 +115,14 @@ def apply_perturbation(photo: np.ndarray, aligned: list[AlignedFace], perturb: l
     output = photo
     size = perturbation.pattern.shape[0]
     for align, wanted in zip(aligned, perturb):
-        if not wanted or align.crop.shape[0] != size:
+        if not wanted:
             continue
+        if align.crop.shape[0] != size:
+            # Fail closed: a face skipped here would be recorded as perturbed at no PSNR cost.
+            raise PerturbationMismatch(f"the perturbation is {size} px but a face was aligned at "
+                                       f"{align.crop.shape[0]} px; recompute it at the aligned size "
+                                       f"(anonymousnet train perturbation)", at=("perturbation",))
+
         region = face_region(output.shape, align, size, feather_fraction)
         if region is None:
             continue

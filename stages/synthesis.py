@@ -24,14 +24,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from models.generator import GAN_SIZE, Generator, to_gan_input
-from models.registry import ModelFileError, load_manifest, verified_path
+from models.registry import ModelFileError, run_or_installed
 from stages.attribute_names import ATTRIBUTES
 from stages.faces import face_mask, template
 
@@ -200,17 +199,11 @@ class FaceRenders(Sequence):
 def load_synthesizer(folder: str | None = None, device: str | None = None) -> Synthesizer:
     """The generator of a training run's ``model/`` folder, or (``None``) the shipped one,
     verified against ``models/manifest.json``."""
-    if folder:
-        weights, config_file = Path(folder) / "generator.pt", Path(folder) / "generator.json"
-        for path in (weights, config_file):
-            if not path.is_file():
-                raise ModelFileError(f"{path} not found: point to the model/ folder of an "
-                                     "`anonymousnet train generator` run")
-    else:
-        if "generator" not in load_manifest():
-            raise ModelFileError("no Stage III generator is installed: train one with `anonymousnet train generator "
-                                 "--install`, or choose obfuscation method blur, pixelate or mask in the policy")
-        weights, config_file = verified_path("generator"), verified_path("generator_config")
+    weights, config_file = run_or_installed(
+        folder, {"generator": "generator.pt", "generator_config": "generator.json"},
+        "the model/ folder of an `anonymousnet train generator` run",
+        "no Stage III generator is installed: train one with `anonymousnet train generator --install`, "
+        "or choose obfuscation method blur, pixelate or mask in the policy")
     description = json.loads(config_file.read_text())
     try:
         generator = Generator(**description["config"])

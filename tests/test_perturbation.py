@@ -45,6 +45,11 @@ def test_the_pattern_lands_inside_the_face_mask_and_within_xi(astronaut, astrona
     assert change[~inside].max() == 0                       # nothing outside any face mask moved
     untouched = apply_perturbation(astronaut, aligned, [False] * len(aligned), perturbation, 0.06)
     assert untouched is astronaut
+    # A pattern of another size than the aligned crops is refused, never silently skipped
+    # (the face would otherwise count as perturbed at no cost).
+    other_size = scale_to_policy(_pattern(size=64, value=8 / 255), 8 / 255, "inf", ("Male", "Young"), 6, 30)
+    with pytest.raises(PerturbationMismatch, match="aligned at 128 px"):
+        apply_perturbation(astronaut, aligned, [True] * len(aligned), other_size, 0.06)
 
 
 def test_the_policy_cannot_ask_for_more_than_was_computed():
