@@ -313,6 +313,26 @@ def evaluate_command(pairs, images, methods, policy, limit, workers, generator, 
     _emit(results, markdown_table(results), output)
 
 
+@main.command("benchmark-scaleout")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of photos (recursive).")
+@click.option("--workers", default="1,2", show_default=True, help="Dask worker counts to compare, comma-separated.")
+@click.option("--repeats", default=3, show_default=True, help="Releases per worker count (interleaved); medians reported.")
+@click.option("--limit", default=40, show_default=True, help="Use only the first N photos (sorted by path).")
+@click.option("--batch-size", default=4, show_default=True, help="Photos per task.")
+@click.option("-p", "--policy", default=None, help="Policy YAML (default: policy/default.yaml).")
+@click.option("-o", "--output", default=None, help="Write the results JSON here.")
+def benchmark_scaleout_command(images, workers, repeats, limit, batch_size, policy, output):
+    """Release speed with a Dask task runner of N local workers (needs PREFECT_API_URL)."""
+    from flows.scaleout import measure_scaleout, scaleout_table
+
+    try:
+        counts = tuple(int(part) for part in workers.split(","))
+        results = measure_scaleout(images, counts, repeats, limit, batch_size, policy)
+    except (ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _emit(results, scaleout_table(results), output)
+
+
 @main.command("benchmark")
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of photos (recursive).")
 @click.option("--repeats", default=3, show_default=True, help="Timed passes; medians are reported.")

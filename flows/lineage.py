@@ -190,7 +190,10 @@ def summarize(release_dir: str | Path) -> str:
         lines.append(
             f"- run {run.run_id} [{run.status}] {run.started_at:%Y-%m-%d %H:%M:%S} policy {run.policy_name} "
             f"(sha256 {str(run.policy_sha256)[:12]}), code {run.code_version}\n"
-            f"  inputs {run.n_inputs}: released {run.n_released}, quarantined {run.n_quarantined}, "
+            f"  inputs {run.n_inputs}"
+            + (f" (and {int(run.n_skipped)} already released under this policy, skipped)"
+               if run.n_skipped == run.n_skipped and run.n_skipped else "")
+            + f": released {run.n_released}, quarantined {run.n_quarantined}, "
             f"rejected {run.n_rejected}; faces {run.n_faces} ({run.n_faces_fallback} needed a fallback); "
             f"leaks published: {run.n_leaks_published}")
     latest = runs.sort_values("started_at").iloc[-1].run_id

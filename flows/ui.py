@@ -55,7 +55,8 @@ class Progress:
 
     def __init__(self, total: int, release_dir: Path):
         self.total, self.done = max(total, 1), 0
-        self.artifact_id = _quietly("create the progress bar", create_progress_artifact, 0.0,
+        # A run with nothing to do is complete from the start.
+        self.artifact_id = _quietly("create the progress bar", create_progress_artifact, 0.0 if total else 100.0,
                                     key=artifact_key("release-progress", release_dir),
                                     description=f"Photos handled of {total} in this run")
 

@@ -220,3 +220,42 @@ def test_server_on_postgres_deployment_worker_run_artifacts_and_ui(tmp_path):
                 raise
             finally:
                 browser.quit()
+
+
+def test_compose_file_runs_the_topology_of_prefect_yaml():
+    """Docker cannot run on these machines, so the compose file is checked against what the
+    native test runs: the same pool, queues, deployments file, database and packages."""
+    import tomllib
+
+    import yaml
+
+    compose = yaml.safe_load((REPO / "infra" / "docker-compose.yml").read_text())
+    deployments = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "prefect-server", "deploy", "worker", "worker-gpu"} <= set(services)
+    server_env = services["prefect-server"]["environment"]
+    assert server_env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert "infra/prefect.yaml" in " ".join(services["deploy"]["command"])
+    queues = {d["work_pool"]["work_queue_name"] for d in deployments["deployments"]}
+    pools = {d["work_pool"]["name"] for d in deployments["deployments"]}
+    for name in ("worker", "worker-gpu"):
+        command = services[name]["command"]
+        assert command[command.index("--pool") + 1] in pools
+        assert command[command.index("--work-queue") + 1] in queues
+    assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    # Every placeholder the deployments read is set for the containers that deploy them.
+    import re
+
+    text = "\n".join(line for line in (REPO / "infra" / "prefect.yaml").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    wanted = set(re.findall(r"\{\{ \$(\w+) \}\}", text))
+    assert wanted >= {"ANONYMOUSNET_HOME", "ANONYMOUSNET_INPUT", "ANONYMOUSNET_RELEASES"}
+    assert wanted <= set(compose["x-anonymousnet"]["environment"])
+    # The image carries every package the project ships.
+    dockerfile = (REPO / "infra" / "Dockerfile").read_text()
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for package in packages:
+        assert f"COPY {package} ./{package}" in dockerfile, package
+    for deployment in deployments["deployments"]:
+        module, function = deployment["entrypoint"].split(":")
+        assert f"def {function}(" in (REPO / module).read_text()
