@@ -443,14 +443,14 @@ class _BatchJournal:
         self.faces += face_rows
 
     def _write(self, part: str, events: list[dict]) -> None:
-        write = lineage.write_table
-        write(self.release_dir, "faces", self.run_id,
-              lineage.project("faces", self.faces[self.written_faces:], self.run_id), part)
-        write(self.release_dir, "events", self.run_id,
-              [{k: v for k, v in event.items() if k != "validations"} for event in events[self.written_events:]],
-              part)
-        write(self.release_dir, "photos", self.run_id,
-              lineage.project("photos", self.photos[self.written_photos:], self.run_id), part)
+        """Write the rows not yet written, one file per table that has any (photos last)."""
+        tables = {"faces": lineage.project("faces", self.faces[self.written_faces:], self.run_id),
+                  "events": [{k: v for k, v in event.items() if k != "validations"}
+                             for event in events[self.written_events:]],
+                  "photos": lineage.project("photos", self.photos[self.written_photos:], self.run_id)}
+        for name, rows in tables.items():
+            if rows:
+                lineage.write_table(self.release_dir, name, self.run_id, rows, part)
         self.written_photos, self.written_faces, self.written_events = len(self.photos), len(self.faces), len(events)
 
     def publish(self, part: str, photo_rows: list[dict], face_rows: list[dict], events: list[dict]) -> None:
