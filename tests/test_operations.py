@@ -195,6 +195,20 @@ def test_server_on_postgres_deployment_worker_run_artifacts_and_ui(tmp_path):
             released = lineage.read_table(releases, "photos")
             assert (released.status == "released").sum() >= 4 and (releases / "_data_docs" / "index.html").exists()
 
+            # Scale-out: the same release on a local Dask cluster of 2 workers, reporting its
+            # task runs to this server (README: Operations).
+            scaled = tmp_path / "releases" / "dask"
+            done = subprocess.run([str(BIN / "anonymousnet"), "release", "-i", str(inputs), "-o", str(scaled),
+                                   "--batch-size", "2", "--dask-workers", "2"], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            assert "released 5, quarantined 0, rejected 0 of 5 input(s)" in done.stdout
+            dask_run = lineage.read_table(scaled, "runs").flow_run_id.iloc[0]
+            task_runs = httpx.post(f"{api}/task_runs/filter", timeout=10,
+                                   json={"flow_runs": {"id": {"any_": [dask_run]}}}).json()
+            anonymized = [t for t in task_runs if t["name"].startswith("anonymize")]
+            assert len(anonymized) == 3 and all(t["state"]["type"] == "COMPLETED" for t in anonymized)
+
             # The UI: the flow-run page, Artifacts tab, shows the report.
             from selenium.webdriver.common.by import By
             from selenium.webdriver.support import expected_conditions
