@@ -273,6 +273,8 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
         recovery = resume.recover_interrupted(release_dir, run_id)
         if recovery.describe():
             logger.warning("run %s: %s", run_id, recovery.describe())
+            ui.mark_crashed(recovery.interrupted_flow_runs,
+                            f"killed before it finished; recovered by release run {run_id} (see its report)")
             events.append(_event(run_id, "recover", None, t, len(recovery.interrupted_runs),
                                  details={"interrupted_runs": recovery.interrupted_runs,
                                           "withdrawn_files": recovery.withdrawn_files,

@@ -76,6 +76,7 @@ def work_dir_for(run_id: str) -> Path:
 @dataclass(frozen=True)
 class Recovery:
     interrupted_runs: list[str]       # runs closed as interrupted
+    interrupted_flow_runs: list[str]  # their Prefect flow-run ids (still "Running" in Prefect)
     withdrawn_files: list[str]        # published without lineage, so removed again
     partial_files: int                # half-written files deleted
 
@@ -107,7 +108,7 @@ def recover_interrupted(release_dir: Path, recovered_by: str) -> Recovery:
                 lineage.part_path(release_dir, table, run_id, part).unlink(missing_ok=True)
         intent.unlink()
     runs = lineage.read_table(release_dir, "runs")
-    interrupted = []
+    interrupted, flow_runs = [], []
     if not runs.empty:
         photos = lineage.read_table(release_dir, "photos")
         faces = lineage.read_table(release_dir, "faces")
@@ -125,7 +126,9 @@ def recover_interrupted(release_dir: Path, recovered_by: str) -> Recovery:
             for stale in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}{run['run_id']}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             interrupted.append(run["run_id"])
-    return Recovery(interrupted, withdrawn, partial)
+            if isinstance(run.get("flow_run_id"), str):
+                flow_runs.append(run["flow_run_id"])
+    return Recovery(interrupted, flow_runs, withdrawn, partial)
 
 
 def _content_sha256(photo: InputPhoto) -> str | None:

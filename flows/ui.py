@@ -50,6 +50,22 @@ def tag_run(policy_name: str, policy_sha256: str) -> None:
     _quietly("tag the run with its policy", update)
 
 
+def mark_crashed(flow_run_ids: list[str], message: str) -> None:
+    """Tell Prefect that flow runs found dead by recovery crashed (a process killed with -9
+    never reports its end, so without this the UI shows it *Running* forever)."""
+    def update():
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            for flow_run_id in flow_run_ids:
+                state = client.read_flow_run(flow_run_id).state
+                if state is None or not state.is_final():
+                    client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+    if flow_run_ids:
+        _quietly("mark the interrupted run(s) crashed", update)
+
+
 class Progress:
     """A progress artifact for the run, updated as batches are published."""
 

@@ -97,6 +97,12 @@ def test_kill_9_then_resume_then_nothing_new(tmp_path, astronaut):
     recovered = lineage.read_table(output, "events")
     recover = recovered[recovered.stage == "recover"]
     assert len(recover) == 1 and json.loads(recover.details.iloc[0])["interrupted_runs"] == [first.name]
+    # Prefect was told too: the killed flow run is Crashed, not Running forever.
+    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom prefect.client.orchestration import get_client\n"
+                            "with get_client(sync_client=True) as client:\n"
+                            "    print(client.read_flow_run(sys.argv[1]).state.type.value)", first.flow_run_id],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert probe.stdout.strip().splitlines()[-1:] == ["CRASHED"], probe.stdout[-2000:] + probe.stderr[-2000:]
     ledger_before = lineage.read_table(output, "privacy")
 
     # 3. The scheduled run after that finds nothing new: it releases nothing, spends no
