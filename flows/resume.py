@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows import lineage
-from stages.imageio import sha256_bytes, write_atomic
+from models.registry import sha256_of_file
+from stages.imageio import write_atomic
 from stages.ingest import InputPhoto
 
 INTENTS_DIR = ".intents"
@@ -101,18 +102,19 @@ def recover_interrupted(release_dir: Path, recovered_by: str) -> Recovery:
         if not lineage.part_path(release_dir, "photos", run_id, part).exists():
             for relative, sha256 in json.loads(intent.read_text()).items():
                 published = release_dir / relative
-                if published.is_file() and sha256_bytes(published.read_bytes()) == sha256:
+                if published.is_file() and sha256_of_file(published) == sha256:
                     published.unlink()
                     withdrawn.append(relative)
             for table in ("faces", "events"):
                 lineage.part_path(release_dir, table, run_id, part).unlink(missing_ok=True)
         intent.unlink()
     runs = lineage.read_table(release_dir, "runs")
+    dead = runs[runs.status == "running"]
     interrupted, flow_runs = [], []
-    if not runs.empty:
+    if not dead.empty:   # the photos and faces tables are read only when there is a run to close
         photos = lineage.read_table(release_dir, "photos")
         faces = lineage.read_table(release_dir, "faces")
-        for run in runs[runs.status == "running"].to_dict("records"):
+        for run in dead.to_dict("records"):
             run_photos = photos[photos.run_id == run["run_id"]]
             counts = run_photos.status.value_counts()
             run.update(status="interrupted", finished_at=None,
@@ -135,7 +137,7 @@ def _content_sha256(photo: InputPhoto) -> str | None:
     if photo.path is None:
         return None
     try:
-        return sha256_bytes(photo.path.read_bytes())
+        return sha256_of_file(photo.path)
     except OSError:
         return None  # unreadable now: not the file that was released, so it is handled again
 
