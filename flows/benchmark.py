@@ -67,7 +67,8 @@ def _one_pass(paths: list[Path], policy, progress: bool, label: str) -> tuple[di
         before = dict(seconds)
         seconds["load"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        faces = detect_faces(rgb, detection.detector, detection.upsample, detection.max_side, detection.cnn_max_side)
+        faces = detect_faces(rgb, detection.detector, detection.upsample, detection.max_side, detection.cnn_max_side,
+                             detection.threshold, detection.tile_side)
         seconds["detect"] += time.perf_counter() - clock
         clock = time.perf_counter()
         aligned = [align_face(rgb, f.landmarks) for f in faces]
@@ -90,8 +91,8 @@ def _one_pass(paths: list[Path], policy, progress: bool, label: str) -> tuple[di
             encoded = encode_clean(output, fmt, policy.output.jpeg_quality)
             seconds[f"{method}:encode"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            check_identity_leaks(decode_bytes(encoded), faces, originals, "hog",   # the verifier, as in a release
-                                 detection.upsample, detection.max_side)
+            check_identity_leaks(decode_bytes(encoded), faces, originals,   # as in a release
+                                 detection.upsample, detection.max_side, detection.threshold, detection.tile_side)
             seconds[f"{method}:identity_check"] += time.perf_counter() - clock
         if faces:
             per_photo.append({"faces": len(faces),

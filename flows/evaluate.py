@@ -76,7 +76,8 @@ def find_and_align(rgb: np.ndarray, policy: Policy) -> tuple[list[DetectedFace],
     """The release's own detection and alignment of every face in ``rgb``."""
     detection = policy.detection
     faces = detect_faces(rgb, detector=detection.detector, upsample=detection.upsample, max_side=detection.max_side,
-                         cnn_max_side=detection.cnn_max_side)
+                         cnn_max_side=detection.cnn_max_side, threshold=detection.threshold,
+                         tile_side=detection.tile_side)
     return faces, [align_face(rgb, face.landmarks) for face in faces]
 
 
@@ -140,7 +141,8 @@ def compose_detectable(rgb: np.ndarray, faces: list[DetectedFace], aligned: list
         carrying = [perturbation is not None and not w for w in withdrawn]
         if any(carrying):
             output = apply_perturbation(output, aligned, carrying, perturbation, feather)
-            report = check_identity_leaks(output, faces, originals, "hog", detection.upsample, detection.max_side)
+            report = check_identity_leaks(output, faces, originals, detection.upsample, detection.max_side,
+                                          detectors=("hog",))
             distances, found_any = report.distances, report.output_faces_found > 0
             seen = {i for i, distance in enumerate(distances) if distance < float("inf")}
             back = [i for i in range(count) if carrying[i] and (

@@ -59,6 +59,8 @@ RUN_SCHEMA = pa.schema([
     pa.field("n_faces", pa.int64()),
     pa.field("n_faces_fallback", pa.int64()),        # faces that needed a fallback method
     pa.field("n_leaks_published", pa.int64()),       # must be 0
+    # Faces protected over their (enlarged) detection box: too small, turned or covered to align.
+    pa.field("n_faces_box", pa.int64()),
     # Stage I: predicted attribute prevalences against CelebA's (JSON: faces, threshold,
     # assessed, drifted = [{attribute, release, population}]).
     pa.field("attribute_drift", pa.string()),
@@ -91,6 +93,7 @@ PHOTO_SCHEMA = pa.schema([
     pa.field("output_sha256", pa.string()),
     pa.field("seconds", pa.float64()),
     pa.field("perturbation_seconds", pa.float64()),      # of which Stage IV (apply and measure)
+    pa.field("check_detectors", pa.string()),            # who looked for faces in the output: centerface+hog
 ])
 
 FACE_LINEAGE_SCHEMA = pa.schema(
@@ -194,7 +197,9 @@ def summarize(release_dir: str | Path) -> str:
             + (f" (and {int(run.n_skipped)} already released under this policy, skipped)"
                if run.n_skipped == run.n_skipped and run.n_skipped else "")
             + f": released {run.n_released}, quarantined {run.n_quarantined}, "
-            f"rejected {run.n_rejected}; faces {run.n_faces} ({run.n_faces_fallback} needed a fallback); "
+            f"rejected {run.n_rejected}; faces {run.n_faces} ({run.n_faces_fallback} needed a fallback"
+            + (f", {int(run.n_faces_box)} protected over their box" if run.get("n_faces_box") == run.get("n_faces_box")
+               and run.get("n_faces_box") is not None else "") + "); "
             f"leaks published: {run.n_leaks_published}")
     latest = runs.sort_values("started_at").iloc[-1].run_id
     latest_photos = photos[photos.run_id == latest]

@@ -58,9 +58,10 @@ from stages.synthesis import cached_synthesizer
 
 
 def _ingest_settings(policy: Policy) -> IngestSettings:
-    return IngestSettings(detector=policy.detection.detector, upsample=policy.detection.upsample,
-                          max_side=policy.detection.max_side, cnn_max_side=policy.detection.cnn_max_side,
-                          max_pixels=policy.input.max_pixels)
+    detection = policy.detection
+    return IngestSettings(detector=detection.detector, upsample=detection.upsample, max_side=detection.max_side,
+                          cnn_max_side=detection.cnn_max_side, threshold=detection.threshold,
+                          tile_side=detection.tile_side, max_pixels=policy.input.max_pixels)
 
 
 def anonymize_settings(policy: Policy) -> AnonymizeSettings:
@@ -70,9 +71,13 @@ def anonymize_settings(policy: Policy) -> AnonymizeSettings:
         method_params={name: obfuscation.params_for(name) for name in ("blur", "pixelate", "mask")},
         fallback=list(check.fallback), on_leak=check.on_leak, on_no_face=check.on_no_face,
         release_distance=check.release_distance, feather_fraction=obfuscation.feather_fraction,
-        # The leak check re-detects with EVALUATION.md's verifier: HOG at the policy's upsample.
+        # The leak check re-detects with EVALUATION.md's verifier (HOG at the policy's upsample)
+        # and with CenterFace at the policy's threshold (stages.identity.CHECK_DETECTORS).
         detector="hog", upsample=policy.detection.upsample,
-        max_side=policy.detection.max_side, output_format=policy.output.format,
+        max_side=policy.detection.max_side, threshold=policy.detection.threshold,
+        tile_side=policy.detection.tile_side, min_synthesis_px=policy.detection.min_synthesis_px,
+        max_landmark_error=policy.detection.max_landmark_error, box_method=policy.detection.box_method,
+        box_margin=policy.detection.box_margin, output_format=policy.output.format,
         jpeg_quality=policy.output.jpeg_quality, synthesis_batch=obfuscation.gan.batch_size,
         rerender_views=obfuscation.gan.rerender_views,
         perturbation=(installed_perturbation(policy.perturbation.xi, policy.perturbation.min_psnr_db,
@@ -470,6 +475,7 @@ class _BatchJournal:
             n_released=int((statuses == "released").sum()), n_quarantined=int((statuses == "quarantined").sum()),
             n_rejected=int((statuses == "rejected").sum()), n_faces=len(faces),
             n_faces_fallback=sum(len(f.get("methods_tried") or []) > 1 for f in faces),
+            n_faces_box=sum(f.get("protected_over") == "box" for f in faces),
             n_leaks_published=sum(f["image_id"] in released and (f.get("leak_distance") is None
                                                                   or f["leak_distance"] < threshold) for f in faces))
         if len(photos) > self.written_photos or len(faces) > self.written_faces or len(events) > self.written_events:

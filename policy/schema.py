@@ -35,14 +35,32 @@ class InputPolicy(_Strict):
 
 
 class DetectionPolicy(_Strict):
-    detector: Literal["hog", "cnn", "hog+cnn"] = Field(
-        "hog+cnn", description="dlib HOG (fast, frontal faces only), MMOD CNN (slow, more poses), or both: HOG's faces "
-                               "plus the CNN's faces that HOG missed (profiles, faces looking down).")
-    upsample: int = Field(1, ge=0, le=3, description="Times the detector upsamples the photo to find smaller faces.")
+    detector: Literal["centerface", "centerface+hog", "hog", "cnn", "hog+cnn"] = Field(
+        "centerface", description="centerface: a neural detector made for crowds (small, turned, occluded faces; "
+                                  "fast); centerface+hog adds dlib HOG's faces it missed; dlib HOG (frontal faces "
+                                  "only), MMOD CNN (slow, more poses), or hog+cnn: HOG's faces plus the CNN's.")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0,
+                             description="CenterFace's score above which a detection is a face (lower finds more, "
+                                         "with more false alarms; a false alarm only costs an obfuscated patch).")
+    tile_side: int = Field(1024, ge=256, le=4096,
+                           description="CenterFace sees larger photos in overlapping tiles of this side at full "
+                                       "resolution, so small faces stay detectable; smaller photos are not upsampled.")
+    upsample: int = Field(1, ge=0, le=3, description="Times dlib's detectors upsample the photo to find smaller faces.")
     max_side: int = Field(1600, ge=256, le=10_000,
-                          description="Photos are scaled down to this longest side for detection only.")
+                          description="Photos are scaled down to this longest side for dlib's detectors only.")
     cnn_max_side: int = Field(800, ge=256, le=4000,
                               description="Longest side for the CNN detector in hog+cnn (its cost grows with pixels).")
+    min_synthesis_px: int = Field(40, ge=8, le=1000,
+                                  description="Faces narrower than this (pixels) are too small to align and synthesize: "
+                                              "they are obfuscated over their enlarged box (box_method) instead.")
+    max_landmark_error: float = Field(0.10, gt=0.0, le=1.0,
+                                      description="A face whose fitted landmarks are further than this (fraction of the "
+                                                  "face width, on average) from the detector's own five points is too "
+                                                  "turned or occluded to align: it is obfuscated over its box instead.")
+    box_method: Literal["pixelate", "blur", "mask"] = Field(
+        "pixelate", description="How a face too small, turned or occluded for synthesis is protected, over its box.")
+    box_margin: float = Field(0.25, ge=0.0, le=1.0,
+                              description="The box is enlarged by this fraction of its size on every side first.")
 
 
 class BlurParams(_Strict):

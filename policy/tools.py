@@ -12,7 +12,9 @@ from stages.ppas import Selection
 
 VERBS = {"gan": "replaced by a newly synthesized face that carries the Stage II target attributes",
          "blur": "blurred", "pixelate": "pixelated", "mask": "covered with a solid mask"}
-DETECTORS = {"hog": "frontal faces only (fast)", "cnn": "frontal faces, profiles and faces looking down (slow)",
+DETECTORS = {"centerface": "with a neural detector made for crowds: small, turned and partly hidden faces too",
+             "centerface+hog": "with a neural detector made for crowds, plus dlib's frontal-face detector",
+             "hog": "frontal faces only (fast)", "cnn": "frontal faces, profiles and faces looking down (slow)",
              "hog+cnn": "frontal faces, profiles and faces looking down"}
 
 
@@ -82,6 +84,9 @@ def explain(loaded: LoadedPolicy, selection: Selection | None, closed_form: list
         f"{check.release_distance:.2f}; below {check.threshold} counts as the same person). A face that still "
         + ("leaks after all of these is held back with its photo." if check.on_leak == "fallback"
            else "leaks is held back with its photo."),
+        f"- A face narrower than {policy.detection.min_synthesis_px} pixels, or too turned or covered for its "
+        f"landmarks to be trusted, is {VERBS[policy.detection.box_method]} over its whole box (enlarged by "
+        f"{policy.detection.box_margin:.0%} on each side) instead: never left as it was.",
     ]
     if attrs.obfuscate:
         how = ("picks a combination that real people have" if privacy.mechanism == "exponential"
@@ -133,6 +138,8 @@ _STRONGER_WHEN = {
     "privacy.epsilon": "lower", "privacy.t": "lower", "privacy.budget": "lower",
     "privacy.min_group_faces": "lower", "identity_check.threshold": "higher",
     "identity_check.safety_margin": "higher", "detection.upsample": "higher",
+    "detection.threshold": "lower", "detection.min_synthesis_px": "higher",
+    "detection.max_landmark_error": "lower", "detection.box_margin": "higher",
     "obfuscation.blur.sigma_fraction": "higher", "obfuscation.pixelate.blocks": "lower",
     "input.max_pixels": None,
     "perturbation.xi": "higher", "perturbation.min_psnr_db": None,
@@ -140,7 +147,7 @@ _STRONGER_WHEN = {
 _STRONGER_CHOICE = {
     "identity_check.on_no_face": {"quarantine": 1, "release": 0},
     "privacy.on_violation": {"abort": 1, "quarantine": 0},
-    "detection.detector": {"hog": 0, "cnn": 1, "hog+cnn": 2},
+    "detection.detector": {"hog": 0, "cnn": 1, "hog+cnn": 2, "centerface": 3, "centerface+hog": 4},
     "perturbation.enabled": {False: 0, True: 1},
 }
 

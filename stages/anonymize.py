@@ -38,9 +38,9 @@ from stages.faces import (
     align_face,
     face_descriptor,
 )
-from stages.identity import check_identity_leaks
+from stages.identity import CHECK_DETECTORS, check_identity_leaks
 from stages.imageio import decode_bytes, encode_clean, output_format_for
-from stages.obfuscate import obfuscate
+from stages.obfuscate import box_protection_reason, obfuscate, obfuscate_boxes
 from stages.perturbation import ReleasePerturbation, apply_perturbation, measure_effect
 
 MAX_DISCOVERY_ROUNDS = 2
@@ -58,6 +58,13 @@ class AnonymizeSettings:
     detector: str = "hog"
     upsample: int = 1
     max_side: int = 1600
+    threshold: float = 0.5                  # CenterFace's score for a face (its second opinion in the check)
+    tile_side: int = 1024
+    min_synthesis_px: int = 40              # narrower faces are protected over their box (box_method)
+    max_landmark_error: float = 1.0         # so are faces whose landmarks disagree with the detector's points
+    box_method: str = "pixelate"
+    box_margin: float = 0.25
+    check_detectors: tuple[str, ...] = CHECK_DETECTORS   # who looks for faces in the output
     output_format: str = "same"
     jpeg_quality: int = 95
     synthesis_batch: int = 64
@@ -92,6 +99,15 @@ class AnonymizeResult:
     face_preserved_changed: list[list[str] | None] = field(default_factory=list)
     face_perturbation_withdrawn: list[str | None] = field(default_factory=list)   # "lost" | "verifies" | None
     perturbation_seconds: float = 0.0       # time Stage IV added to this photo (apply and measure)
+    # Per face: why it was protected over its box instead of aligned (None: it was aligned).
+    face_box_reasons: list[str | None] = field(default_factory=list)
+    detectors: tuple[str, ...] = ()         # detectors whose findings in the output the check judged
+
+
+def box_reason(face: DetectedFace, settings: AnonymizeSettings) -> str | None:
+    """Why ``face`` is protected over its box (too small or unreliable landmarks), or None."""
+    return box_protection_reason(face.box[2] - face.box[0], face.landmark_error, settings.min_synthesis_px,
+                                 settings.max_landmark_error)
 
 
 def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFace],
@@ -110,15 +126,20 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
     ingest_count = len(faces)
     crop_size = aligned[0].crop.shape[0] if aligned else ALIGNED_SIZE
     chain = [settings.method] + (settings.fallback if settings.on_leak == "fallback" else [])
-    originals = [face_descriptor(rgb, face.landmarks) for face in faces]
-    chains = [chain for _ in faces]
+    boxed = [box_reason(face, settings) for face in faces]
+    # A face protected over its box is not verified (dlib cannot describe it reliably, and
+    # nothing of it is left to describe): no descriptor, no distance.
+    originals = [None if reason else face_descriptor(rgb, face.landmarks) for face, reason in zip(faces, boxed)]
+    chains = [[settings.box_method] if reason else chain for reason in boxed]
     step = [0] * len(faces)
     view = [0] * len(faces)
     withdrawn: list[str | None] = [None] * len(faces)   # why Stage IV was taken off a face
 
     def edit(i: int) -> np.ndarray | None:
         """Face i edited with its chain's current method, skipping ``gan`` where nothing was
-        rendered; None when the chain runs out."""
+        rendered; None when the chain runs out or the face is protected over its box."""
+        if boxed[i]:
+            return None
         while step[i] < len(chains[i]):
             method = chains[i][step[i]]
             if method != "gan":
@@ -133,12 +154,16 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
     discovery_rounds = 0
     stage_four_seconds = 0.0
     while True:
-        unrenderable = [i for i, crop in enumerate(edited) if crop is None]
+        unrenderable = [i for i, crop in enumerate(edited) if crop is None and not boxed[i]]
         if unrenderable:
             return AnonymizeResult("quarantined", f"face {unrenderable[0]} has no Stage II target attributes for "
                                    "the generator and the policy names no other method for it", None, fmt, suffix)
-        synthesized = [chains[i][step[i]] == "gan" for i in range(len(faces))]
-        clean = compose_faces(rgb, aligned, edited, settings.feather_fraction, synthesized)
+        synthesized = [chains[i][step[i]] == "gan" and not boxed[i] for i in range(len(faces))]
+        inside = [i for i in range(len(faces)) if not boxed[i]]
+        clean = compose_faces(rgb, [aligned[i] for i in inside], [edited[i] for i in inside],
+                              settings.feather_fraction, [synthesized[i] for i in inside])
+        clean = obfuscate_boxes(clean, [faces[i].box for i in range(len(faces)) if boxed[i]], settings.box_method,
+                                settings.method_params.get(settings.box_method), settings.box_margin)
         perturbed = [settings.perturbation is not None and flag and withdrawn[i] is None
                      for i, flag in enumerate(synthesized)]
         started = time.perf_counter()
@@ -147,8 +172,8 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
         stage_four_seconds += time.perf_counter() - started
         encoded = encode_clean(output, fmt, settings.jpeg_quality)
         published = decode_bytes(encoded)
-        report = check_identity_leaks(published, faces, originals, settings.detector,
-                                      settings.upsample, settings.max_side)
+        report = check_identity_leaks(published, faces, originals, settings.upsample, settings.max_side,
+                                      settings.threshold, settings.tile_side, settings.check_detectors)
         leaking = report.leaking(settings.release_distance)
         result = AnonymizeResult(
             "released", None, encoded, fmt, suffix,
@@ -163,6 +188,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             face_preserved_changed=[None] * len(faces),
             face_perturbation_withdrawn=[withdrawn[i] if synthesized[i] else None for i in range(len(faces))],
             perturbation_seconds=stage_four_seconds,
+            face_box_reasons=list(boxed), detectors=report.detectors,
         )
         if report.unprocessed_faces:
             if discovery_rounds >= MAX_DISCOVERY_ROUNDS:
@@ -174,10 +200,12 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             for face in report.unprocessed_faces:
                 # Same geometry as the original photo: align and describe the face there.
                 align = align_face(rgb, face.landmarks, crop_size)
+                reason = box_reason(face, settings)
                 faces.append(face)
                 aligned.append(align)
-                originals.append(face_descriptor(rgb, face.landmarks))
-                chains.append(chain)
+                boxed.append(reason)
+                originals.append(None if reason else face_descriptor(rgb, face.landmarks))
+                chains.append([settings.box_method] if reason else chain)
                 step.append(0)
                 view.append(0)
                 withdrawn.append(None)

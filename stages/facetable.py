@@ -25,7 +25,10 @@ FACE_SCHEMA = pa.schema([
     pa.field("box_right", pa.float64()), pa.field("box_bottom", pa.float64()),
     pa.field("detector_score", pa.float64()),
     pa.field("found_by", pa.string()),          # "ingest", or "identity-check" for a face ingest missed
-    pa.field("detector", pa.string()),          # which detector found it: hog | cnn
+    pa.field("detector", pa.string()),          # which detector found it: centerface | hog | cnn
+    # Mean distance of dlib's fitted landmarks from the detector's own five points, over the
+    # box width (CenterFace faces; null for dlib's detectors, which give no points).
+    pa.field("landmark_error", pa.float64()),
     pa.field("landmarks", pa.list_(pa.float64(), 136)),
     pa.field("align_matrix", pa.list_(pa.float64(), 6)),
     pa.field("crop_file", pa.string()),
@@ -56,6 +59,11 @@ FACE_SCHEMA = pa.schema([
     # the face with it) or "verifies" (with it the face came within the release distance of
     # its original); null when the face kept it or was not synthesized.
     pa.field("perturbation_withdrawn", pa.string()),
+    # Where the method was applied: "mask" (the aligned face's landmark mask: synthesized or
+    # obfuscated and verified) or "box" (the detection box, enlarged: a face too small, turned
+    # or covered to align; not verifiable, so never synthesized), and why it was a box.
+    pa.field("protected_over", pa.string()),
+    pa.field("box_reason", pa.string()),
     pa.field("status", pa.string()),
 ])
 

@@ -121,10 +121,10 @@ def discover_inputs(location: str | Path, root: str | Path | None = None) -> tup
     return input_root, unique
 
 
-def ingest_photo(photo: InputPhoto, detector: str, upsample: int, max_side: int, cnn_max_side: int,
-                 max_pixels: int, aligned_size: int):
+def ingest_photo(photo: InputPhoto, detection: dict, max_pixels: int, aligned_size: int):
     """Load one photo, find its faces and align them.
 
+    ``detection`` holds :func:`stages.faces.detect_faces`'s keyword arguments.
     Returns ``(photo_row, faces, aligned_faces)`` where ``photo_row`` is a dict for the
     photos table (status ``rejected`` with a reason when the file cannot be used).
     """
@@ -143,8 +143,7 @@ def ingest_photo(photo: InputPhoto, detector: str, upsample: int, max_side: int,
         return row, [], []
     row.update(input_sha256=image.sha256, input_bytes=image.size, height=image.rgb.shape[0], width=image.rgb.shape[1], source_format=image.source_format,
                source_mode=image.source_mode, exif_rotated=image.exif_rotated)
-    faces = detect_faces(image.rgb, detector=detector, upsample=upsample, max_side=max_side,
-                         cnn_max_side=cnn_max_side)
+    faces = detect_faces(image.rgb, **detection)
     aligned = [align_face(image.rgb, face.landmarks, aligned_size) for face in faces]
     row.update(n_faces=len(faces))
     return row, faces, aligned

@@ -35,6 +35,8 @@ def mask(crop: np.ndarray, params: dict) -> np.ndarray:
     return np.broadcast_to(color, crop.shape).copy()
 
 
+MIN_CELL_PX = 6      # smallest pixelation cell over a face box, in photo pixels
+
 METHODS: dict[str, ObfuscationMethod] = {"blur": blur, "pixelate": pixelate, "mask": mask}
 
 
@@ -42,3 +44,49 @@ def obfuscate(crop: np.ndarray, method: str, params: dict | None = None) -> np.n
     if method not in METHODS:
         raise ValueError(f"unknown obfuscation method {method!r}; choose one of {', '.join(METHODS)}")
     return METHODS[method](crop, params or {})
+
+
+def enlarged_box(box: tuple, margin: float, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """``box`` (left, top, right, bottom) grown by ``margin`` of its width and height on every
+    side, in whole pixels, clipped to a photo of ``shape``."""
+    left, top, right, bottom = box
+    grow_x, grow_y = margin * (right - left), margin * (bottom - top)
+    height, width = shape[:2]
+    return (max(0, int(np.floor(left - grow_x))), max(0, int(np.floor(top - grow_y))),
+            min(width, int(np.ceil(right + grow_x))), min(height, int(np.ceil(bottom + grow_y))))
+
+
+def obfuscate_boxes(photo: np.ndarray, boxes: list[tuple], method: str, params: dict | None = None,
+                    margin: float = 0.25) -> np.ndarray:
+    """``photo`` with each box (enlarged by ``margin``) obfuscated in place of the face: for
+    faces too small, turned or covered to align, so the whole region is covered, whatever
+    the landmarks say. Block counts and blur strength are relative to the region, so they
+    mean what they mean on an aligned crop."""
+    if not boxes:
+        return photo
+    output = photo.copy()
+    for box in boxes:
+        left, top, right, bottom = enlarged_box(box, margin, photo.shape)
+        if right <= left or bottom <= top:
+            continue
+        region = np.ascontiguousarray(output[top:bottom, left:right])
+        region_params = dict(params or {})
+        if method == "pixelate":
+            # Cells of at least MIN_CELL_PX: 8 cells over a 15-pixel face would leave it as it was.
+            region_params["blocks"] = max(2, min(int(region_params.get("blocks", 8)),
+                                                 min(right - left, bottom - top) // MIN_CELL_PX))
+        output[top:bottom, left:right] = obfuscate(region, method, region_params)
+    return output
+
+
+def box_protection_reason(width: float, landmark_error: float | None, min_synthesis_px: int,
+                          max_landmark_error: float) -> str | None:
+    """Why a face is protected over its box instead of being aligned and synthesized (None:
+    it can be): too small for the generator, or landmarks that disagree with the detector's
+    own points (a turned or covered face, whose aligned crop would miss part of it)."""
+    if width < min_synthesis_px:
+        return f"small: {width:.0f} px wide, below detection.min_synthesis_px {min_synthesis_px}"
+    if landmark_error is not None and landmark_error > max_landmark_error:
+        return (f"landmarks unreliable: {landmark_error:.2f} of the face width from the detector's points, "
+                f"above detection.max_landmark_error {max_landmark_error:.2f}")
+    return None

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stages.anonymize import AnonymizeSettings, anonymize_photo
+from stages.anonymize import AnonymizeSettings, anonymize_photo, box_reason
 from stages.faces import (
     ALIGNED_SIZE,
     AlignedFace,
@@ -37,8 +37,15 @@ class IngestSettings:
     upsample: int = 1
     max_side: int = 1600
     cnn_max_side: int = 800
+    threshold: float = 0.5
+    tile_side: int = 1024
     max_pixels: int = 40_000_000
     aligned_size: int = ALIGNED_SIZE
+
+    def detection(self) -> dict:
+        """:func:`stages.faces.detect_faces`'s keyword arguments."""
+        return {"detector": self.detector, "upsample": self.upsample, "max_side": self.max_side,
+                "cnn_max_side": self.cnn_max_side, "threshold": self.threshold, "tile_side": self.tile_side}
 
 
 def ingest_batch(photos: list[InputPhoto], settings: IngestSettings, crops_file: Path) -> tuple[list[dict], list[dict]]:
@@ -47,8 +54,7 @@ def ingest_batch(photos: list[InputPhoto], settings: IngestSettings, crops_file:
     photo_rows, face_rows, crops = [], [], []
     for photo in photos:
         started = time.perf_counter()
-        row, faces, aligned = ingest_photo(photo, settings.detector, settings.upsample, settings.max_side,
-                                           settings.cnn_max_side, settings.max_pixels, settings.aligned_size)
+        row, faces, aligned = ingest_photo(photo, settings.detection(), settings.max_pixels, settings.aligned_size)
         if row["status"] is None:
             row["status"] = "ingested"
         for index, (face, align) in enumerate(zip(faces, aligned)):
@@ -72,6 +78,7 @@ def face_row(image_id: str, index: int, face: DetectedFace, align: AlignedFace, 
         "box_left": float(np.clip(left, 0, width)), "box_top": float(np.clip(top, 0, height)),
         "box_right": float(np.clip(right, 0, width)), "box_bottom": float(np.clip(bottom, 0, height)),
         "detector_score": face.score,
+        "landmark_error": face.landmark_error,
         "landmarks": face.landmarks.reshape(-1).tolist(),
         "align_matrix": align.matrix.reshape(-1).tolist(),
     }
@@ -83,8 +90,10 @@ def faces_from_rows(face_rows: list[dict], crops: list[np.ndarray]) -> tuple[lis
     for row, crop in zip(face_rows, crops, strict=True):
         landmarks = np.asarray(row["landmarks"], dtype=np.float64).reshape(68, 2)
         matrix = np.asarray(row["align_matrix"], dtype=np.float64).reshape(2, 3)
+        error = row.get("landmark_error")
         detected.append(DetectedFace(box=(row["box_left"], row["box_top"], row["box_right"], row["box_bottom"]),
-                                     score=row["detector_score"], landmarks=landmarks))
+                                     score=row["detector_score"], landmarks=landmarks, detector=row["detector"],
+                                     landmark_error=None if error is None or error != error else float(error)))
         aligned.append(AlignedFace(crop=crop, matrix=matrix, inverse=invert_affine(matrix),
                                    landmarks=apply_affine(matrix, landmarks)))
     return detected, aligned
@@ -100,7 +109,7 @@ def anonymize_batch(photo_rows: list[dict], face_rows: list[dict], sources: dict
         faces_by_image.setdefault(face["image_id"], []).append(dict(face))
     # The batch's crops are read once, for Stage III and for every photo's compose.
     crops = {(row["image_id"], row["face_index"]): crop for row, crop in zip(face_rows, load_crops(face_rows))}
-    rendered = render_faces(face_rows, crops, settings.synthesis_batch) if settings.uses_generator else {}
+    rendered = render_faces(face_rows, crops, settings) if settings.uses_generator else {}
     out_photos, out_faces = [], []
     for row in photo_rows:
         faces = sorted(faces_by_image.get(row["image_id"], []), key=lambda f: f["face_index"])
@@ -111,17 +120,22 @@ def anonymize_batch(photo_rows: list[dict], face_rows: list[dict], sources: dict
 
 
 def render_faces(face_rows: list[dict], crops: dict[tuple[str, int], np.ndarray],
-                 batch_size: int) -> dict[tuple[str, int], FaceRenders]:
-    """Stage III for a batch: every face with Stage II targets synthesized in one batched
-    pass of the generator (its further views on demand), keyed by (image_id, face_index)."""
+                 settings: AnonymizeSettings) -> dict[tuple[str, int], FaceRenders]:
+    """Stage III for a batch: every face with Stage II targets that is aligned (not protected
+    over its box: too small or turned to synthesize) synthesized in one batched pass of the
+    generator (its further views on demand), keyed by (image_id, face_index)."""
     from stages.synthesis import cached_synthesizer
 
-    wanted = [(row["image_id"], row["face_index"]) for row in face_rows if row.get("target_attributes") is not None]
-    if not wanted:
+    chosen = [row for row in face_rows if row.get("target_attributes") is not None
+              and box_reason(DetectedFace(box=(row["box_left"], row["box_top"], row["box_right"], row["box_bottom"]),
+                                          score=row["detector_score"], landmarks=np.zeros((68, 2)),
+                                          landmark_error=row.get("landmark_error")), settings) is None]
+    if not chosen:
         return {}
-    targets = np.array([row["target_attributes"] for row in face_rows if row.get("target_attributes") is not None],
-                       dtype=np.float32)
-    synthesized = cached_synthesizer().renders(np.stack([crops[key] for key in wanted]), targets, batch_size)
+    wanted = [(row["image_id"], row["face_index"]) for row in chosen]
+    targets = np.array([row["target_attributes"] for row in chosen], dtype=np.float32)
+    synthesized = cached_synthesizer().renders(np.stack([crops[key] for key in wanted]), targets,
+                                               settings.synthesis_batch)
     return dict(zip(wanted, synthesized))
 
 
@@ -154,16 +168,18 @@ def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], setti
         faces.append(face_row(row["image_id"], len(faces), extra, extra_aligned, row["width"], row["height"],
                               "identity-check"))
     views = [None if view is None else render_view_name(view) for view in result.face_render_views]
-    for face, method, tried, distance, status, view, perturbed, cost, fooled, changed, withdrawn in zip(
+    for face, method, tried, distance, status, view, perturbed, cost, fooled, changed, withdrawn, boxed in zip(
             faces, result.face_methods, result.face_methods_tried, result.face_distances, result.face_status, views,
             result.face_perturbed, result.face_perturbation_psnr, result.face_profiler_fooled,
-            result.face_preserved_changed, result.face_perturbation_withdrawn):
+            result.face_preserved_changed, result.face_perturbation_withdrawn, result.face_box_reasons):
         face.update(method=method, methods_tried=tried, leak_distance=distance, render_view=view,
                     perturbed=perturbed, perturbation_psnr_db=cost, profiler_fooled=fooled,
                     preserved_changed=changed, perturbation_withdrawn=withdrawn,
+                    protected_over="box" if boxed else "mask", box_reason=boxed,
                     status=status if result.status == "released" else "quarantined")
     row.update(status=result.status, reason=result.reason, output_format=result.output_format,
-               output_suffix=result.suffix, n_faces=len(faces), perturbation_seconds=result.perturbation_seconds)
+               output_suffix=result.suffix, n_faces=len(faces), perturbation_seconds=result.perturbation_seconds,
+               check_detectors="+".join(result.detectors))
     if result.encoded is not None:
         staged = staging_dir / (hashlib.sha256(row["image_id"].encode()).hexdigest()[:24] + ".bin")
         staged.write_bytes(result.encoded)

@@ -171,8 +171,11 @@ def test_stage_four_is_withdrawn_from_a_face_it_would_cost_identity_protection(a
 
     faces, aligned = astronaut_faces
     real = min(range(len(faces)), key=lambda i: faces[i].box[1])
+    # The check with dlib's detector alone: CenterFace (the release's second opinion) still
+    # finds this face under the pattern below and measures it, so nothing would be withdrawn.
     settings = AnonymizeSettings(method="gan", method_params={}, fallback=["blur", "mask"], on_leak="fallback",
-                                 on_no_face="release", release_distance=0.65, feather_fraction=0.06)
+                                 on_no_face="release", release_distance=0.65, feather_fraction=0.06,
+                                 check_detectors=("hog",))
     # Stage III's shipped generator with fixed targets (deterministic): a face dlib finds again
     # (from a later view) at a publishable distance from the astronaut.
     from stages.synthesis import cached_synthesizer

@@ -85,8 +85,8 @@ def test_release_distance_is_threshold_plus_safety_margin():
     assert load_policy().policy.identity_check.release_distance == 0.6 + 0.05
 
 
-def test_default_detector_is_the_high_recall_union():
-    assert load_policy().policy.detection.detector == "hog+cnn"
+def test_default_detector_is_the_crowd_detector():
+    assert load_policy().policy.detection.detector == "centerface"
     assert parse_policy(VALID + "detection:\n  detector: hog\n").detection.detector == "hog"
 
 
