@@ -56,7 +56,9 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
     try:
         return release(input=input_location, output=output, policy=policy, batch_size=batch_size,
                        manifest_root=manifest_root, show_progress=True, dataset=dataset, ledger=ledger,
-                       incremental=incremental)
+                       incremental=incremental,
+                       # Dask already runs batches in parallel processes: one per batch there.
+                       photo_workers=1 if dask_workers or dask_address else 0)
     except (InputError, PrivacyBudgetExceeded, PolicyInfeasible, ModelFileError, ReleaseBusy) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -311,6 +313,19 @@ def evaluate_command(pairs, images, methods, policy, limit, workers, generator, 
         results["attribute_preservation"] = attribute_preservation(Path(celeba), chosen, loaded.policy, generator,
                                                                    limit=celeba_limit, progress=True)
     _emit(results, markdown_table(results), output)
+
+
+@main.command("evaluate-detection")
+@click.option("--wild", default="../shared/data/wild", show_default=True,
+              type=click.Path(exists=True, file_okay=False), help="Folder the annotated photos' paths start from.")
+@click.option("--annotations", default=None, help="Boxes CSV (default: tests/data/face_annotations.csv).")
+@click.option("-o", "--output", default=None, help="Write the results JSON here.")
+def evaluate_detection_command(wild, annotations, output):
+    """Recall per face size and precision of each detector against hand-checked boxes."""
+    from flows.detection_eval import ANNOTATIONS, detectors_table, evaluate_detectors
+
+    results = evaluate_detectors(wild, annotations=annotations or ANNOTATIONS)
+    _emit(results, detectors_table(results), output)
 
 
 @main.command("benchmark-scaleout")

@@ -198,8 +198,8 @@ def summarize(release_dir: str | Path) -> str:
                if run.n_skipped == run.n_skipped and run.n_skipped else "")
             + f": released {run.n_released}, quarantined {run.n_quarantined}, "
             f"rejected {run.n_rejected}; faces {run.n_faces} ({run.n_faces_fallback} needed a fallback"
-            + (f", {int(run.n_faces_box)} protected over their box" if run.get("n_faces_box") == run.get("n_faces_box")
-               and run.get("n_faces_box") is not None else "") + "); "
+            + (f", {int(run.n_faces_box)} protected over their box" if pd.notna(getattr(run, "n_faces_box", None))
+               else "") + "); "
             f"leaks published: {run.n_leaks_published}")
     latest = runs.sort_values("started_at").iloc[-1].run_id
     latest_photos = photos[photos.run_id == latest]

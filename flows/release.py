@@ -45,6 +45,7 @@ from stages.attributes import (
 from stages.faces import detector_model_names
 from stages.imageio import sha256_bytes, write_atomic
 from stages.ingest import InputPhoto, discover_inputs
+from stages.parallel import resolve_workers
 from stages.perturbation import installed_perturbation
 from stages.pipeline import IngestSettings, anonymize_batch, ingest_batch
 from stages.ppas import (
@@ -57,14 +58,14 @@ from stages.ppas import (
 from stages.synthesis import cached_synthesizer
 
 
-def _ingest_settings(policy: Policy) -> IngestSettings:
+def _ingest_settings(policy: Policy, workers: int = 1) -> IngestSettings:
     detection = policy.detection
     return IngestSettings(detector=detection.detector, upsample=detection.upsample, max_side=detection.max_side,
                           cnn_max_side=detection.cnn_max_side, threshold=detection.threshold,
-                          tile_side=detection.tile_side, max_pixels=policy.input.max_pixels)
+                          tile_side=detection.tile_side, max_pixels=policy.input.max_pixels, workers=workers)
 
 
-def anonymize_settings(policy: Policy) -> AnonymizeSettings:
+def anonymize_settings(policy: Policy, workers: int = 1) -> AnonymizeSettings:
     check, obfuscation = policy.identity_check, policy.obfuscation
     return AnonymizeSettings(
         method=obfuscation.method,
@@ -79,7 +80,7 @@ def anonymize_settings(policy: Policy) -> AnonymizeSettings:
         max_landmark_error=policy.detection.max_landmark_error, box_method=policy.detection.box_method,
         box_margin=policy.detection.box_margin, output_format=policy.output.format,
         jpeg_quality=policy.output.jpeg_quality, synthesis_batch=obfuscation.gan.batch_size,
-        rerender_views=obfuscation.gan.rerender_views,
+        rerender_views=obfuscation.gan.rerender_views, workers=workers,
         perturbation=(installed_perturbation(policy.perturbation.xi, policy.perturbation.min_psnr_db,
                                              tuple(policy.attributes.preserve))
                       if policy.perturbation.enabled else None))
@@ -103,8 +104,8 @@ def _timed(function, *args) -> Timed:
 # Reading photos can fail transiently on network storage: retry. Detection itself is
 # deterministic, so a retry only repeats the same work after an I/O error.
 @task(name="ingest", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def ingest_task(photos: list[InputPhoto], policy: Policy, crops_file: str) -> Timed:
-    return _timed(ingest_batch, photos, _ingest_settings(policy), Path(crops_file))
+def ingest_task(photos: list[InputPhoto], policy: Policy, crops_file: str, workers: int = 1) -> Timed:
+    return _timed(ingest_batch, photos, _ingest_settings(policy, workers), Path(crops_file))
 
 
 @task(name="gate-ingest", cache_policy=NO_CACHE)
@@ -143,8 +144,9 @@ def plan_selection(policy: Policy) -> Selection:
 
 
 @task(name="anonymize", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def anonymize_task(photo_rows, face_rows, sources: dict[str, Path], policy: Policy, staging_dir: str) -> Timed:
-    return _timed(anonymize_batch, photo_rows, face_rows, sources, anonymize_settings(policy),
+def anonymize_task(photo_rows, face_rows, sources: dict[str, Path], policy: Policy, staging_dir: str,
+                   workers: int = 1) -> Timed:
+    return _timed(anonymize_batch, photo_rows, face_rows, sources, anonymize_settings(policy, workers),
                   policy.input.max_pixels, Path(staging_dir))
 
 
@@ -248,13 +250,15 @@ def dask_task_runner(workers: int = 2, address: str | None = None):
 @flow(name="release", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def release(input: str, output: str, policy: str | None = None, batch_size: int = 16,
             manifest_root: str | None = None, show_progress: bool = False, dataset: str | None = None,
-            ledger: str | None = None, incremental: bool = True) -> dict:
+            ledger: str | None = None, incremental: bool = True, photo_workers: int = 0) -> dict:
     """De-identify every face in the photos at ``input`` (a folder or a CSV/Parquet manifest)
     under ``policy`` and write the release to ``output``. ``dataset`` names whose privacy
     budget the release spends (default: the input's resolved location); ``ledger`` is the
     folder holding the privacy ledger (default: the release folder). ``incremental`` skips
     photos this release folder already released under the same policy (by content and
-    policy sha256); ``False`` releases everything again. Returns the run's summary row."""
+    policy sha256); ``False`` releases everything again. ``photo_workers`` processes share
+    each batch's photos (0: one per core; give 1 when the task runner already runs batches
+    in parallel, as the Dask runner does). Returns the run's summary row."""
     logger = get_run_logger()
     loaded = load_policy(policy)
     privacy = loaded.policy.privacy
@@ -315,7 +319,7 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
         work_dir = resume.work_dir_for(run_id)
         try:
             _release_batches(loaded, selection, inputs, batch_size, run_id, release_dir, work_dir, events,
-                             journal, run_row, show_progress)
+                             journal, run_row, show_progress, resolve_workers(photo_workers))
             attrs = loaded.policy.attributes
             run_row["attribute_drift"] = json.dumps(attribute_drift(
                 journal.faces, population_prevalence(), attrs.drift_threshold, attrs.drift_min_faces))
@@ -343,7 +347,7 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
 
 def _release_batches(loaded, selection: Selection, inputs: list[InputPhoto], batch_size: int, run_id: str,
                      release_dir: Path, work_dir: Path, events: list[dict], journal: "_BatchJournal",
-                     run_row: dict, show_progress: bool) -> None:
+                     run_row: dict, show_progress: bool, workers: int = 1) -> None:
     """Analyse every batch, select attributes over the release, then anonymize, gate and
     publish batch by batch (each published batch journaled before the next)."""
     policy = loaded.policy
@@ -351,7 +355,7 @@ def _release_batches(loaded, selection: Selection, inputs: list[InputPhoto], bat
     sources = {p.image_id: p.path for p in inputs if p.path is not None}
     progress = ui.Progress(len(inputs), release_dir)
     batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
-    ingesting = [ingest_task.submit(batch, policy, str(work_dir / "crops" / f"{index:05d}.npz"))
+    ingesting = [ingest_task.submit(batch, policy, str(work_dir / "crops" / f"{index:05d}.npz"), workers)
                  for index, batch in enumerate(batches)]
     analysed, predicting = [], {}
     for index, future in enumerate(tqdm(ingesting, unit="batch", desc="analyse", disable=not show_progress)):
@@ -402,7 +406,7 @@ def _release_batches(loaded, selection: Selection, inputs: list[InputPhoto], bat
     anonymizing = [anonymize_task.submit(photo_rows, face_rows,
                                          {row["image_id"]: sources[row["image_id"]] for row in photo_rows
                                           if row["image_id"] in sources},
-                                         policy, str(work_dir / "staged"))
+                                         policy, str(work_dir / "staged"), workers)
                    for photo_rows, face_rows in analysed]
     with tqdm(total=len(inputs), unit="photo", desc="release", disable=not show_progress) as bar:
         for index, future in enumerate(anonymizing):

@@ -65,6 +65,7 @@ class AnonymizeSettings:
     box_method: str = "pixelate"
     box_margin: float = 0.25
     check_detectors: tuple[str, ...] = CHECK_DETECTORS   # who looks for faces in the output
+    workers: int = 1                        # processes across a batch's photos (stages.parallel)
     output_format: str = "same"
     jpeg_quality: int = 95
     synthesis_batch: int = 64

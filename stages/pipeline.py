@@ -26,6 +26,7 @@ from stages.faces import (
 from stages.facetable import load_crops
 from stages.imageio import ImageRejected, load_rgb
 from stages.ingest import InputPhoto, ingest_photo
+from stages.parallel import map_in_processes
 
 if TYPE_CHECKING:  # the generator (torch) is imported only by releases that use it
     from stages.synthesis import FaceRenders
@@ -41,6 +42,7 @@ class IngestSettings:
     tile_side: int = 1024
     max_pixels: int = 40_000_000
     aligned_size: int = ALIGNED_SIZE
+    workers: int = 1                       # processes across the batch's photos (stages.parallel)
 
     def detection(self) -> dict:
         """:func:`stages.faces.detect_faces`'s keyword arguments."""
@@ -49,24 +51,30 @@ class IngestSettings:
 
 
 def ingest_batch(photos: list[InputPhoto], settings: IngestSettings, crops_file: Path) -> tuple[list[dict], list[dict]]:
-    """Load, detect and align a batch. Aligned crops go to ``crops_file``; every photo gets
-    a row (status ``ingested`` or ``rejected``)."""
+    """Load, detect and align a batch (its photos across ``settings.workers`` processes).
+    Aligned crops go to ``crops_file``; every photo gets a row (status ``ingested`` or
+    ``rejected``)."""
     photo_rows, face_rows, crops = [], [], []
-    for photo in photos:
-        started = time.perf_counter()
-        row, faces, aligned = ingest_photo(photo, settings.detection(), settings.max_pixels, settings.aligned_size)
-        if row["status"] is None:
-            row["status"] = "ingested"
+    ingested = map_in_processes(_ingest_one, [(photo, settings) for photo in photos], settings.workers)
+    for photo, (row, faces, aligned) in zip(photos, ingested):
         for index, (face, align) in enumerate(zip(faces, aligned)):
             face_rows.append(face_row(photo.image_id, index, face, align, row["width"], row["height"], "ingest")
                              | {"crop_file": str(crops_file), "crop_row": len(crops), "status": "detected"})
             crops.append(align.crop)
-        row["seconds"] = time.perf_counter() - started
         photo_rows.append(row)
     size = settings.aligned_size
     crops_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez(crops_file, crops=np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8))
     return photo_rows, face_rows
+
+
+def _ingest_one(photo: InputPhoto, settings: IngestSettings):
+    started = time.perf_counter()
+    row, faces, aligned = ingest_photo(photo, settings.detection(), settings.max_pixels, settings.aligned_size)
+    if row["status"] is None:
+        row["status"] = "ingested"
+    row["seconds"] = time.perf_counter() - started
+    return row, faces, aligned
 
 
 def face_row(image_id: str, index: int, face: DetectedFace, align: AlignedFace, width: int, height: int,
@@ -110,11 +118,15 @@ def anonymize_batch(photo_rows: list[dict], face_rows: list[dict], sources: dict
     # The batch's crops are read once, for Stage III and for every photo's compose.
     crops = {(row["image_id"], row["face_index"]): crop for row, crop in zip(face_rows, load_crops(face_rows))}
     rendered = render_faces(face_rows, crops, settings) if settings.uses_generator else {}
-    out_photos, out_faces = [], []
+    work = []
     for row in photo_rows:
         faces = sorted(faces_by_image.get(row["image_id"], []), key=lambda f: f["face_index"])
-        out_photos.append(_anonymize_one(dict(row), faces, sources, settings, max_pixels, staging_dir, crops,
-                                         rendered))
+        keys = [(row["image_id"], face["face_index"]) for face in faces]
+        work.append((dict(row), faces, sources.get(row["image_id"]), settings, max_pixels, staging_dir,
+                     [crops[key] for key in keys], [rendered.get(key) for key in keys]))
+    out_photos, out_faces = [], []
+    for photo, faces in map_in_processes(_anonymize_one, work, settings.workers):
+        out_photos.append(photo)
         out_faces.extend(faces)
     return out_photos, out_faces
 
@@ -147,23 +159,23 @@ def render_view_name(index: int) -> str:
     return RENDER_VIEWS[index].name
 
 
-def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], settings: AnonymizeSettings,
-                   max_pixels: int, staging_dir: Path, crops: dict[tuple[str, int], np.ndarray],
-                   rendered: dict[tuple[str, int], FaceRenders]) -> dict:
-    """Anonymize one photo: updates ``faces`` in place (and appends faces the identity check
-    found) and returns the photo row."""
+def _anonymize_one(row: dict, faces: list[dict], source: Path | None, settings: AnonymizeSettings,
+                   max_pixels: int, staging_dir: Path, crops: list[np.ndarray],
+                   rendered: list[FaceRenders | None]) -> tuple[dict, list[dict]]:
+    """Anonymize one photo (``crops`` and ``rendered``: its faces' aligned crops and Stage III
+    renders). Returns the photo row and its face rows, with the faces the identity check
+    found appended."""
     if row["status"] != "ingested":
-        return row
+        return row, faces
     started = time.perf_counter()
     try:
-        image = load_rgb(sources[row["image_id"]], max_pixels=max_pixels)
+        image = load_rgb(source, max_pixels=max_pixels)
     except ImageRejected as exc:  # vanished or damaged since ingest
-        return row | {"status": "rejected", "reason": f"unreadable at anonymize: {exc}"}
+        return row | {"status": "rejected", "reason": f"unreadable at anonymize: {exc}"}, faces
     if image.sha256 != row["input_sha256"]:
-        return row | {"status": "quarantined", "reason": "file changed between ingest and anonymize; run again"}
-    detected, aligned = faces_from_rows(faces, [crops[(face["image_id"], face["face_index"])] for face in faces])
-    result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings,
-                             [rendered.get((row["image_id"], face["face_index"])) for face in faces])
+        return row | {"status": "quarantined", "reason": "file changed between ingest and anonymize; run again"}, faces
+    detected, aligned = faces_from_rows(faces, crops)
+    result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings, rendered)
     for extra, extra_aligned in result.discovered:
         faces.append(face_row(row["image_id"], len(faces), extra, extra_aligned, row["width"], row["height"],
                               "identity-check"))
@@ -185,4 +197,4 @@ def _anonymize_one(row: dict, faces: list[dict], sources: dict[str, Path], setti
         staged.write_bytes(result.encoded)
         row["staged_file"] = str(staged)
     row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - started
-    return row
+    return row, faces

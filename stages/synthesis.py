@@ -184,6 +184,15 @@ class FaceRenders(Sequence):
         self.synthesizer, self.crop, self.target = synthesizer, crop, np.asarray(target, dtype=np.float32)
         self._rendered: dict[int, np.ndarray] = {0: first}
 
+    def __getstate__(self) -> dict:
+        # Sent to a photo worker (stages.parallel) without the generator: there, a further
+        # view is rendered by that process's own copy of the shipped one.
+        return {"crop": self.crop, "target": self.target, "_rendered": self._rendered}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.synthesizer = None
+
     def __len__(self) -> int:
         return len(RENDER_VIEWS)
 
@@ -191,6 +200,8 @@ class FaceRenders(Sequence):
         if not 0 <= index < len(RENDER_VIEWS):
             raise IndexError(index)
         if index not in self._rendered:
+            if self.synthesizer is None:
+                self.synthesizer = cached_synthesizer()
             self._rendered[index] = self.synthesizer.render(self.crop[None], self.target[None], 1,
                                                             RENDER_VIEWS[index])[0]
         return self._rendered[index]
