@@ -117,7 +117,7 @@ class AttributeModel:
             heads.append(torch.sigmoid(self.net.head(feature)).float().cpu().numpy())
         if not features:
             size = self.net.config["feature_size"]
-            return np.zeros((0, size), np.float32), np.zeros((0, len(self.forests)), np.float32)
+            return np.zeros((0, size), np.float32), np.zeros((0, self.config["net"]["attributes"]), np.float32)
         return np.concatenate(features), np.concatenate(heads)
 
     def forest_probabilities(self, features: np.ndarray) -> np.ndarray:
@@ -160,15 +160,23 @@ def save_model(model: AttributeModel, directory: Path) -> dict[str, Path]:
     return paths
 
 
+def load_network(cnn_path: Path, config_path: Path, device: str = "cpu") -> AttributeModel:
+    """The CNN alone (``forests`` empty): its features and head, without the seconds that
+    loading the 40 forests takes (Stage IV's white-box profiler reads only the head)."""
+    config = json.loads(Path(config_path).read_text())
+    net = AttributeNet(**config["net"])
+    net.load_state_dict(torch.load(cnn_path, map_location=device, weights_only=True))
+    net.to(device).eval()
+    return AttributeModel(net=net, forests=[], calibration=np.asarray(config["calibration"]), config=config)
+
+
 def load_model(cnn_path: Path, forests_path: Path, config_path: Path, device: str = "cpu") -> AttributeModel:
     """Load a checkpoint without unpickling: torch ``weights_only=True`` and skops with
     :data:`TRUSTED_FOREST_TYPES`. Verify hashes before calling this (see ``stages.attributes``)."""
     import skops.io
 
-    config = json.loads(Path(config_path).read_text())
-    net = AttributeNet(**config["net"])
-    net.load_state_dict(torch.load(cnn_path, map_location=device, weights_only=True))
-    net.to(device).eval()
+    network = load_network(cnn_path, config_path, device)
+    config, net = network.config, network.net
     untrusted = [t for t in skops.io.get_untrusted_types(file=forests_path) if t not in TRUSTED_FOREST_TYPES]
     if untrusted:
         raise ValueError(f"{forests_path} contains types outside the trusted list: {untrusted}")

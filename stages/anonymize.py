@@ -154,6 +154,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
     edited = [edit(i) for i in range(len(faces))]
     discovery_rounds = 0
     stage_four_seconds = 0.0
+    descriptor_cache: dict = {}             # faces whose pixels a round did not change are not described again
     while True:
         unrenderable = [i for i, crop in enumerate(edited) if crop is None and not boxed[i]]
         if unrenderable:
@@ -174,7 +175,8 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
         encoded = encode_clean(output, fmt, settings.jpeg_quality)
         published = decode_bytes(encoded)
         report = check_identity_leaks(published, faces, originals, settings.upsample, settings.max_side,
-                                      settings.threshold, settings.tile_side, settings.check_detectors)
+                                      settings.threshold, settings.tile_side, settings.check_detectors,
+                                      descriptor_cache)
         leaking = report.leaking(settings.release_distance)
         result = AnonymizeResult(
             "released", None, encoded, fmt, suffix,

@@ -33,6 +33,19 @@ def default_model():
 
 
 @functools.lru_cache(maxsize=1)
+def default_network():
+    """The shipped Stage I CNN alone (no forests), verified: Stage IV's white-box profiler."""
+    from models.attributes import load_network
+
+    cnn, config = verified_path("attributes_cnn"), verified_path("attributes_config")
+    try:
+        return load_network(cnn, config)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ModelFileError(f"the Stage I CNN in {cnn.parent} cannot be loaded ({error}); retrain it "
+                             f"with `anonymousnet train attributes --install` or restore models/ from git") from error
+
+
+@functools.lru_cache(maxsize=1)
 def population_prevalence() -> np.ndarray:
     """P(attribute) over all 202,599 CelebA images (``attribute_population.json``)."""
     data = json.loads(verified_path("attribute_population").read_text())

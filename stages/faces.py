@@ -187,15 +187,25 @@ def detect_faces(rgb: np.ndarray, detector: str = "hog", upsample: int = 1,
     return faces
 
 
-def face_descriptor(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-    """dlib's 128-D ResNet descriptor of the face at ``landmarks`` (68 points)."""
+def face_chip(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """The 150 x 150 aligned chip dlib's ResNet describes (its own alignment of ``landmarks``):
+    the descriptor is a function of these pixels alone."""
     points = dlib.points([dlib.point(int(round(x)), int(round(y))) for x, y in landmarks])
     left, top = landmarks.min(axis=0)
     right, bottom = landmarks.max(axis=0)
     rect = dlib.rectangle(int(left), int(top), int(right), int(bottom))
     shape = dlib.full_object_detection(rect, points)
-    return np.asarray(_descriptor_model().compute_face_descriptor(np.ascontiguousarray(rgb), shape),
-                      dtype=np.float64)
+    return np.asarray(dlib.get_face_chip(np.ascontiguousarray(rgb), shape, size=150, padding=0.25))
+
+
+def chip_descriptor(chip: np.ndarray) -> np.ndarray:
+    """dlib's 128-D ResNet descriptor of a :func:`face_chip`."""
+    return np.asarray(_descriptor_model().compute_face_descriptor(np.ascontiguousarray(chip)), dtype=np.float64)
+
+
+def face_descriptor(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """dlib's 128-D ResNet descriptor of the face at ``landmarks`` (68 points)."""
+    return chip_descriptor(face_chip(rgb, landmarks))
 
 
 def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:

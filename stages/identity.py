@@ -13,6 +13,7 @@ the caller can process it or hold the photo back.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,8 +22,9 @@ from stages.faces import (
     SAME_FACE_OVERLAP,
     DetectedFace,
     box_overlap,
+    chip_descriptor,
     detect_faces,
-    face_descriptor,
+    face_chip,
 )
 
 # The detectors whose findings in a published photo the release's check judges: CenterFace
@@ -51,17 +53,31 @@ def same_face_as(face: DetectedFace, original_faces: list[DetectedFace]) -> list
     return [i for i, original in enumerate(original_faces) if box_overlap(face.box, original.box) > SAME_FACE_OVERLAP]
 
 
+def _described(rgb: np.ndarray, face: DetectedFace, cache: dict | None) -> np.ndarray:
+    """dlib's descriptor of ``face`` in ``rgb``; from ``cache`` when the same face chip (the
+    only pixels the descriptor reads) was described before."""
+    chip = face_chip(rgb, face.landmarks)
+    if cache is None:
+        return chip_descriptor(chip)
+    key = hashlib.blake2b(chip.tobytes(), digest_size=16).digest()
+    if key not in cache:
+        cache[key] = chip_descriptor(chip)
+    return cache[key]
+
+
 def check_identity_leaks(output_rgb: np.ndarray, original_faces: list[DetectedFace],
                          original_descriptors: list[np.ndarray | None], upsample: int = 1, max_side: int = 1600,
                          threshold: float = 0.5, tile_side: int = 1024,
-                         detectors: tuple[str, ...] = CHECK_DETECTORS) -> LeakReport:
+                         detectors: tuple[str, ...] = CHECK_DETECTORS,
+                         descriptor_cache: dict | None = None) -> LeakReport:
     """Find faces in ``output_rgb`` with every detector in ``detectors`` and measure each one
     that overlaps an original face against that original's descriptor (None: the original
     is not verified, e.g. protected over its box). A face no original overlaps is returned
     as unprocessed: a face ingest missed, which the caller must protect or hold back. Both
     detectors search the whole photo: what either calls a face is protected (HOG's false
     alarms included, e.g. a badge it takes for a face), so no detector the project has finds
-    an untouched face in what is published."""
+    an untouched face in what is published. ``descriptor_cache`` (a dict kept across the
+    rounds of one photo) spares describing a face again whose pixels did not change."""
     found: list[DetectedFace] = []
     if "hog" in detectors:
         found += detect_faces(output_rgb, detector="hog", upsample=upsample, max_side=max_side)
@@ -86,7 +102,7 @@ def check_identity_leaks(output_rgb: np.ndarray, original_faces: list[DetectedFa
             measured = [index for index in measured if index not in measured_by_hog]
         if not measured:
             continue
-        descriptor = face_descriptor(output_rgb, face.landmarks)
+        descriptor = _described(output_rgb, face, descriptor_cache)
         for index in measured:
             distances[index] = min(distances[index], float(np.linalg.norm(descriptor - original_descriptors[index])))
     return LeakReport(distances=distances, unprocessed_faces=unprocessed, output_faces_found=len(found),

@@ -145,9 +145,9 @@ def profiler_verdicts(crops: np.ndarray, attributes: tuple[str, ...], model=None
     """The white-box profiler's binary verdict (N×K bool): Stage I's CNN head on
     ``attributes``, decision at probability 0.5 (logit 0), as the perturbation was computed."""
     if model is None:
-        from stages.attributes import default_model
+        from stages.attributes import default_network
 
-        model = default_model()
+        model = default_network()
     columns = [ATTRIBUTES.index(name) for name in attributes]
     _, heads = model.features_and_head(crops)
     return heads[:, columns] >= 0.5
