@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -236,3 +239,88 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {method} | {value:.2f} | {results['ratio_to_blur'][method]:.2f} "
                      f"| {medians[method + ':end_to_end']:.3f} |")
     return "\n".join(lines)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+def _command(name: str) -> str:
+    """A console script installed beside this Python (the virtual environment's bin/)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise RuntimeError(f"{name} is not installed beside {sys.executable}; run `make install`")
+    return str(path)
+
+
+def _deface_once(photos: list[Path], folder: Path) -> float:
+    """Seconds of one ``deface`` command over ``photos`` (linked flat into ``folder``, where it
+    writes its ``*_anonymized`` outputs): CenterFace detection and blur, one model load."""
+    folder.mkdir(parents=True)
+    for index, photo in enumerate(photos):
+        (folder / f"{index:05d}_{photo.name}").symlink_to(photo.resolve())
+    started = time.perf_counter()
+    subprocess.run([_command("deface"), str(folder)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def _release_once(images: Path, output: Path, batch_size: int, policy_path: str | None) -> tuple[float, dict]:
+    """Seconds of one ``anonymousnet release`` command (its own Prefect server unless
+    PREFECT_API_URL names one, the flow, gates, lineage, report) and its run row."""
+    command = [_command("anonymousnet"), "release", "-i", str(images), "-o", str(output),
+               "--batch-size", str(batch_size)] + (["-p", policy_path] if policy_path else [])
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    from flows import lineage
+
+    run = lineage.read_table(output, "runs").iloc[0]
+    return seconds, {"faces": int(run.n_faces), "released": int(run.n_released), "leaks": int(run.n_leaks_published),
+                     "flow_seconds": (run.finished_at - run.started_at).total_seconds()}
+
+
+def benchmark_release(images: Path, repeats: int = 3, batch_size: int = 32, policy_path: str | None = None,
+                      progress: bool = True) -> dict:
+    """The whole ``anonymousnet release`` command against ``deface`` (CenterFace + blur, the
+    plain detect-and-blur tool) on the same photos, interleaved ``repeats`` times in this
+    call; medians and their ratio. Both commands are timed from start to exit, model loading
+    included; the release's own Prefect flow time is reported beside it."""
+    photos = [p.path for p in discover_folder(images) if p.path is not None and p.path.suffix.lower() in IMAGE_SUFFIXES]
+    if not photos:
+        raise ValueError(f"no photos under {images}")
+    deface_seconds, release_seconds, runs = [], [], []
+    with tempfile.TemporaryDirectory(prefix="anonymousnet-benchmark-") as scratch:
+        for index in tqdm(range(repeats), desc="release vs deface", unit="repeat", disable=not progress):
+            deface_seconds.append(_deface_once(photos, Path(scratch) / f"deface-{index}"))
+            seconds, run = _release_once(Path(images), Path(scratch) / f"release-{index}", batch_size, policy_path)
+            release_seconds.append(seconds)
+            runs.append(run)
+    faces = runs[0]["faces"]
+    release_median, deface_median = statistics.median(release_seconds), statistics.median(deface_seconds)
+    return {
+        "images": str(images), "photos": len(photos), "faces": faces, "repeats": repeats, "batch_size": batch_size,
+        "policy": load_policy(policy_path).policy.name,
+        "machine": f"{_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "prefect_api": os.environ.get("PREFECT_API_URL") or "temporary local server (started by each release)",
+        "release_seconds": [round(s, 2) for s in release_seconds],
+        "release_flow_seconds": [round(r["flow_seconds"], 2) for r in runs],
+        "deface_seconds": [round(s, 2) for s in deface_seconds],
+        "release_seconds_median": release_median, "deface_seconds_median": deface_median,
+        "release_faces_per_second": faces / release_median,
+        "release_flow_faces_per_second": faces / statistics.median(r["flow_seconds"] for r in runs),
+        "ratio_to_deface": release_median / deface_median,
+        "leaks_published": [r["leaks"] for r in runs],
+    }
+
+
+def release_table(results: dict) -> str:
+    return "\n".join([
+        f"{results['photos']} photos, {results['faces']} faces, median of {results['repeats']} interleaved repeats "
+        f"({results['machine']}; Prefect: {results['prefect_api']})", "",
+        "| command | seconds (median) | faces/s | ratio to deface |", "|---|---:|---:|---:|",
+        f"| anonymousnet release (policy {results['policy']}) | {results['release_seconds_median']:.1f} "
+        f"| {results['release_faces_per_second']:.2f} | **{results['ratio_to_deface']:.1f}x** |",
+        f"| of which the Prefect flow | {statistics.median(results['release_flow_seconds']):.1f} "
+        f"| {results['release_flow_faces_per_second']:.2f} | |",
+        f"| deface (CenterFace + blur) | {results['deface_seconds_median']:.1f} | | 1.0x |",
+        "", f"identity leaks published per release: {results['leaks_published']}"])

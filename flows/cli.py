@@ -353,9 +353,11 @@ def benchmark_scaleout_command(images, workers, repeats, limit, batch_size, poli
 @click.option("--repeats", default=3, show_default=True, help="Timed passes; medians are reported.")
 @click.option("--limit", default=None, type=int, help="Use only the first N photos.")
 @click.option("-p", "--policy", default=None, help="Policy whose detection and method settings are timed.")
-@click.option("--stage", type=click.Choice(["all", "attributes", "synthesis"]), default="all", show_default=True,
+@click.option("--stage", type=click.Choice(["all", "attributes", "synthesis", "release"]), default="all",
+              show_default=True,
               help="'attributes' times Stage I alone (CNN + forests), 'synthesis' Stage III alone (the "
-                   "generator), on the photos' aligned faces.")
+                   "generator), on the photos' aligned faces; 'release' the whole release command against "
+                   "deface's on the same photos, and their ratio.")
 @click.option("--batch-size", default=None, type=int, help="Batch size of the stage timed alone "
                                                             "[default: 256 for attributes, 64 for synthesis].")
 @click.option("--generator", default=None, help="For --stage synthesis: a train-generator run's model/ folder.")
@@ -376,6 +378,12 @@ def benchmark_command(images, repeats, limit, policy, stage, batch_size, generat
         table = (f"Stage III (generator), {results['faces']} faces, batch {batch_size}, {results['device']}, median "
                  f"of {repeats}: **{results['faces_per_second_median']:.0f} faces/s** ({results['machine']})")
         _emit(results, table, output)
+        return
+    if stage == "release":
+        from flows.benchmark import benchmark_release, release_table
+
+        results = benchmark_release(Path(images), repeats=repeats, batch_size=batch_size or 32, policy_path=policy)
+        _emit(results, release_table(results), output)
         return
     if stage == "attributes":
         batch_size = batch_size or 256

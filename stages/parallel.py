@@ -1,19 +1,40 @@
-"""Photos in parallel: a process pool so every core works on a batch.
+"""Work on many items in processes: one-off fan-outs with a progress bar (training data,
+evaluation) and a long-lived pool for the photos of a release's batches.
 
-dlib's detector, landmarks and ResNet descriptors hold Python's lock while they run, so
-threads would take turns; processes do not. Each worker runs with one thread for OpenMP,
-OpenCV and onnxruntime (the pool is the parallelism) and loads its models once, on first
-use. The pool is started lazily, once per process, with the ``spawn`` method: forking a
-process that already runs torch's and onnxruntime's thread pools can deadlock.
+Processes, not threads: dlib's detector, landmarks and ResNet descriptors hold Python's lock
+while they run, so threads would take turns. Spawn, not fork: dlib and Prefect's threads
+made fork deadlock (and so do torch's and onnxruntime's thread pools). A release's pool
+workers run with one thread each for OpenMP, OpenCV and onnxruntime (the pool is the
+parallelism) and load their models once, on first use.
 """
 from __future__ import annotations
 
 import functools
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+
+from tqdm import tqdm
+
+
+def map_with_progress(function: Callable, items: Sequence, workers: int, description: str, unit: str,
+                      progress: bool = True, chunksize: int = 32) -> Iterator:
+    """``function(item)`` for every item, in order, in ``workers`` spawned processes (one:
+    in this process). Spawn, not fork: dlib and Prefect's threads made fork deadlock."""
+    bar = tqdm(total=len(items), desc=description, unit=unit, disable=not progress)
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(function, items, chunksize=chunksize) if pool else map(function, items)
+        for result in results:
+            yield result
+            bar.update()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
 
 
 def resolve_workers(requested: int) -> int:
