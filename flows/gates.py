@@ -45,6 +45,11 @@ def _context():
     return context
 
 
+def warm_up() -> None:
+    """Start great-expectations' context (a second or two) before the first gate needs it."""
+    _context()
+
+
 @functools.lru_cache(maxsize=None)
 def _batch_definition(asset_name: str):
     context = _context()

@@ -13,8 +13,10 @@ Each batch is published with its lineage before the next (see ``flows/resume.py`
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from stages.anonymize import AnonymizeSettings
 from stages.attributes import MODEL_FILES as ATTRIBUTE_MODEL_FILES
 from stages.attributes import (
     attribute_drift,
+    default_model,
     population_prevalence,
     predict_face_rows,
     shipped_population,
@@ -45,9 +48,14 @@ from stages.attributes import (
 from stages.faces import detector_model_names
 from stages.imageio import sha256_bytes, write_atomic
 from stages.ingest import InputPhoto, discover_inputs
-from stages.parallel import resolve_workers
+from stages.parallel import resolve_workers, warm_up
 from stages.perturbation import installed_perturbation
-from stages.pipeline import IngestSettings, anonymize_batch, ingest_batch
+from stages.pipeline import (
+    IngestSettings,
+    anonymize_batch,
+    ingest_batch,
+    load_photo_models,
+)
 from stages.ppas import (
     Selection,
     build_selection,
@@ -245,6 +253,25 @@ def dask_task_runner(workers: int = 2, address: str | None = None):
                                           "env": {"OMP_NUM_THREADS": str(threads)}})
 
 
+def _warm_up(policy: Policy, workers: int) -> None:
+    """Load models while the run gets going, so no task waits for them: the photo workers'
+    (detectors, verifier, profiler) in the workers, Stage I's 40 forests (seconds of loading)
+    and great-expectations in a thread of this process. Only with the photo pool: under Dask
+    the tasks run in other processes, which load what they use."""
+    if workers <= 1:
+        return
+    warm_up(functools.partial(load_photo_models, policy.perturbation.enabled), workers)
+
+    def load_here() -> None:
+        try:
+            default_model()
+            gates.warm_up()
+        except Exception:   # noqa: BLE001 - the task that needs it loads it again and reports the error
+            pass
+
+    threading.Thread(target=load_here, name="warm-up", daemon=True).start()
+
+
 # One batch at a time unless a caller swaps in a parallel runner (release.with_options(
 # task_runner=dask_task_runner(2))): Stage I/III on 2 cores do not gain from threads.
 @flow(name="release", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -293,6 +320,8 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
             t = time.time()
             inputs, skipped = resume.pending_inputs(release_dir, loaded.sha256, inputs)
             events.append(_event(run_id, "skip-released", None, t, len(skipped)))
+        if inputs:
+            _warm_up(loaded.policy, resolve_workers(photo_workers))
         # A run with nothing new re-selects nothing, so it spends nothing.
         spend = privacy_ledger.reserve(ledger_dir, dataset, selection.epsilon_per_face if inputs else 0.0,
                                        privacy.budget, run_id, loaded.policy.name, loaded.sha256, str(release_dir))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 
 import numpy as np
 
@@ -19,9 +20,20 @@ from stages.facetable import ATTRIBUTE_COLUMNS, load_crops
 MODEL_FILES = ("attributes_cnn", "attributes_forests", "attributes_config")
 
 
-@functools.lru_cache(maxsize=1)
+# A release loads the model in a background thread while the batches are detected
+# (flows.release); a task that needs it meanwhile waits for that load instead of starting a
+# second one.
+_loading = threading.Lock()
+
+
 def default_model():
     """The shipped Stage I model (CNN + 40 forests), verified, on the CPU."""
+    with _loading:
+        return _load_default_model()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_default_model():
     from models.attributes import load_model
 
     paths = [verified_path(name) for name in MODEL_FILES]

@@ -57,6 +57,17 @@ def _pool(workers: int) -> ProcessPoolExecutor:
                                initializer=_single_threaded)
 
 
+def warm_up(function: Callable, workers: int) -> None:
+    """Start the pool now and run ``function`` (loading models) once in each worker, without
+    waiting: the workers load while this process does other work. Not guaranteed to reach
+    every worker, only likely (idle workers take one task each); a worker it misses loads on
+    first use as always."""
+    if workers > 1:
+        pool = _pool(workers)
+        for _ in range(workers):
+            pool.submit(function)
+
+
 def map_in_processes(function: Callable, arguments: Sequence[tuple], workers: int) -> list:
     """``[function(*args) for args in arguments]``, in ``workers`` processes when that is more
     than one and there is more than one item (else here, in order). A worker that dies takes

@@ -77,6 +77,22 @@ def _ingest_one(photo: InputPhoto, settings: IngestSettings):
     return row, faces, aligned
 
 
+def load_photo_models(perturbation: bool) -> None:
+    """Load what detecting, aligning and checking a photo needs (a photo worker's warm-up):
+    CenterFace, dlib's detector, landmarks and verifier, and Stage IV's profiler."""
+    from stages.centerface import _session
+    from stages.faces import _descriptor_model, _face_detector, _landmark_predictor
+
+    _session()
+    _face_detector("hog")
+    _landmark_predictor()
+    _descriptor_model()
+    if perturbation:
+        from stages.attributes import default_network
+
+        default_network()
+
+
 def face_row(image_id: str, index: int, face: DetectedFace, align: AlignedFace, width: int, height: int,
              found_by: str) -> dict:
     left, top, right, bottom = face.box
