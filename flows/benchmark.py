@@ -270,8 +270,10 @@ def _release_once(images: Path, output: Path, batch_size: int, policy_path: str 
     command = [_command("anonymousnet"), "release", "-i", str(images), "-o", str(output),
                "--batch-size", str(batch_size)] + (["-p", policy_path] if policy_path else [])
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finished = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
+    if finished.returncode:
+        raise RuntimeError(f"`{' '.join(command)}` failed (exit {finished.returncode}):\n{finished.stderr[-3000:]}")
     from flows import lineage
 
     run = lineage.read_table(output, "runs").iloc[0]

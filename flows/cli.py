@@ -45,8 +45,12 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
         _check_perturbation(loaded)
     except (PolicyError, ModelFileError) as exc:
         raise click.ClickException(str(exc)) from None
-    from flows.release import dask_task_runner, release
+    from flows.release import dask_task_runner, release, warm_up_models
+    from stages.parallel import resolve_workers
 
+    photo_workers = 1 if dask_workers or dask_address else 0
+    # The photo workers start and load their models while Prefect's server starts.
+    warm_up_models(loaded.policy, resolve_workers(photo_workers))
     if dask_workers or dask_address:
         if not os.environ.get("PREFECT_API_URL"):
             click.echo("note: with no PREFECT_API_URL every Dask worker starts a temporary Prefect server of its "
@@ -58,7 +62,7 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
                        manifest_root=manifest_root, show_progress=True, dataset=dataset, ledger=ledger,
                        incremental=incremental,
                        # Dask already runs batches in parallel processes: one per batch there.
-                       photo_workers=1 if dask_workers or dask_address else 0)
+                       photo_workers=photo_workers)
     except (InputError, PrivacyBudgetExceeded, PolicyInfeasible, ModelFileError, ReleaseBusy) as exc:
         raise click.ClickException(str(exc)) from None
 

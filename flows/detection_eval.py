@@ -30,11 +30,12 @@ PRECISION_MIN_PX = 16
 SIZE_BUCKETS = ((10, 16), (16, 24), (24, 32), (32, 64), (64, 100_000))
 # Detectors compared by default: name -> detect_faces keyword arguments.
 DETECTORS = {
-    "centerface": {"detector": "centerface", "threshold": 0.5},
+    "centerface@0.2 (default)": {"detector": "centerface", "threshold": 0.2},
     "centerface@0.3": {"detector": "centerface", "threshold": 0.3},
+    "centerface@0.5": {"detector": "centerface", "threshold": 0.5},
     "hog": {"detector": "hog", "upsample": 1},
     "cnn": {"detector": "cnn", "upsample": 0, "max_side": 1024},
-    "centerface+hog": {"detector": "centerface+hog", "threshold": 0.5, "upsample": 1},
+    "centerface@0.2+hog": {"detector": "centerface+hog", "threshold": 0.2, "upsample": 1},
 }
 
 

@@ -253,11 +253,13 @@ def dask_task_runner(workers: int = 2, address: str | None = None):
                                           "env": {"OMP_NUM_THREADS": str(threads)}})
 
 
-def _warm_up(policy: Policy, workers: int) -> None:
+def warm_up_models(policy: Policy, workers: int) -> None:
     """Load models while the run gets going, so no task waits for them: the photo workers'
     (detectors, verifier, profiler) in the workers, Stage I's 40 forests (seconds of loading)
     and great-expectations in a thread of this process. Only with the photo pool: under Dask
-    the tasks run in other processes, which load what they use."""
+    the tasks run in other processes, which load what they use. Loads happen once per
+    process, so calling this again (the CLI calls it before Prefect's server starts, the
+    flow once it knows there is work) costs nothing."""
     if workers <= 1:
         return
     warm_up(functools.partial(load_photo_models, policy.perturbation.enabled), workers)
@@ -321,7 +323,7 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
             inputs, skipped = resume.pending_inputs(release_dir, loaded.sha256, inputs)
             events.append(_event(run_id, "skip-released", None, t, len(skipped)))
         if inputs:
-            _warm_up(loaded.policy, resolve_workers(photo_workers))
+            warm_up_models(loaded.policy, resolve_workers(photo_workers))
         # A run with nothing new re-selects nothing, so it spends nothing.
         spend = privacy_ledger.reserve(ledger_dir, dataset, selection.epsilon_per_face if inputs else 0.0,
                                        privacy.budget, run_id, loaded.policy.name, loaded.sha256, str(release_dir))

@@ -69,6 +69,8 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
         for face in faces[:MAX_ROWS]:
             distance = face.get("leak_distance")
             shown = "not found again" if distance is None or distance == float("inf") else f"{distance:.3f}"
+            if face.get("protected_over") == "box":
+                shown = "not measured (box)"
             tried = " → ".join(face.get("methods_tried") or [])
             changed = face.get("changed_attributes")
             changed = "–" if changed is None else (", ".join(changed) or "none")

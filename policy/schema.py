@@ -39,7 +39,7 @@ class DetectionPolicy(_Strict):
         "centerface", description="centerface: a neural detector made for crowds (small, turned, occluded faces; "
                                   "fast); centerface+hog adds dlib HOG's faces it missed; dlib HOG (frontal faces "
                                   "only), MMOD CNN (slow, more poses), or hog+cnn: HOG's faces plus the CNN's.")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0,
+    threshold: float = Field(0.2, gt=0.0, lt=1.0,
                              description="CenterFace's score above which a detection is a face (lower finds more, "
                                          "with more false alarms; a false alarm only costs an obfuscated patch).")
     tile_side: int = Field(1024, ge=256, le=4096,
