@@ -79,8 +79,8 @@ INDEPENDENT_MIN_SCORE = 0.1
 
 # Annotated faces that no detector this project can run finds, published untouched (say so,
 # never hide them): the hand-added profile in the stadium crowd, looking up between raised
-# arms, mostly hidden by an arm. CenterFace scores it at most 0.16 at any scale (the release
-# needs 0.2); HOG and MMOD do not fire on it.
+# arms, mostly hidden by an arm. CenterFace scores it 0.16 at the photo's size (the release
+# needs 0.2; a mirrored copy at 0.75x reaches 0.23); HOG and MMOD do not fire on it.
 KNOWN_MISSES = {("crowd/stadium_crowd.jpg", 226, 222, 262, 284)}
 
 
@@ -159,10 +159,11 @@ def test_default_detector_finds_95_percent_of_annotated_faces(shared_data):
 def test_no_annotated_face_is_published_untouched(wild_release):
     wild, output, _ = wild_release
     photos = lineage.read_table(output, "photos").set_index("image_id")
-    checked, missed = 0, []
+    checked, held_back, missed = 0, 0, []
     for image, boxes in read_annotations().groupby("image"):
         row = photos.loc[image]
-        if row.status != "released":
+        if row.status != "released":   # held back: none of its faces is published
+            held_back += int((boxes.width >= 16).sum())
             continue
         original, published = load_rgb(wild / image).rgb, load_rgb(output / row.output_path).rgb
         for box in boxes[boxes.width >= 16][["left", "top", "right", "bottom"]].itertuples(index=False):
@@ -172,7 +173,8 @@ def test_no_annotated_face_is_published_untouched(wild_release):
                 continue
             assert not untouched, f"{image}: face at {tuple(box)} untouched"
             checked += 1
-    assert checked >= 100 and len(missed) == len(KNOWN_MISSES)
+    assert checked + held_back + len(missed) == int((read_annotations().width >= 16).sum())
+    assert checked >= 80 and len(missed) <= len(KNOWN_MISSES)
 
 
 def test_independent_detectors_find_no_untouched_face(wild_release):
