@@ -44,6 +44,10 @@ def _load_default_model():
                              f"with `anonymousnet train attributes --install` or restore models/ from git") from error
 
 
+# Callers reset the loaded model like an lru_cache (tests, a freshly installed model).
+default_model.cache_clear = _load_default_model.cache_clear
+
+
 @functools.lru_cache(maxsize=1)
 def default_network():
     """The shipped Stage I CNN alone (no forests), verified: Stage IV's white-box profiler."""
