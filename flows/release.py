@@ -82,7 +82,7 @@ def anonymize_settings(policy: Policy, workers: int = 1) -> AnonymizeSettings:
         release_distance=check.release_distance, feather_fraction=obfuscation.feather_fraction,
         # The leak check re-detects with EVALUATION.md's verifier (HOG at the policy's upsample)
         # and with CenterFace at the policy's threshold (stages.identity.CHECK_DETECTORS).
-        detector="hog", upsample=policy.detection.upsample,
+        upsample=policy.detection.upsample,
         max_side=policy.detection.max_side, threshold=policy.detection.threshold,
         tile_side=policy.detection.tile_side, min_synthesis_px=policy.detection.min_synthesis_px,
         max_landmark_error=policy.detection.max_landmark_error, box_method=policy.detection.box_method,

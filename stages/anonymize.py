@@ -21,6 +21,12 @@ withdrawn (``face_perturbation_withdrawn``: "lost" or "verifies") and is checked
 without it, then re-rendered or sent to the fallback as before. Once the photo is settled,
 what the perturbation did to each face that kept it (PSNR cost, whether the white-box
 profiler was fooled) is measured on it.
+
+A face too small to synthesize (``min_synthesis_px``) or whose landmarks disagree with the
+detector's own points (``max_landmark_error``) is obfuscated over its enlarged detection box
+(``box_method``) instead of its landmark mask, and is not described by the verifier
+(``face_box_reasons``). The check searches the output with CenterFace and HOG
+(``check_detectors``); what either finds where no face was processed is taken in.
 """
 from __future__ import annotations
 
@@ -55,8 +61,7 @@ class AnonymizeSettings:
     on_no_face: str                         # "release" | "quarantine"
     release_distance: float                 # smallest verifier distance at which a face may be released
     feather_fraction: float
-    detector: str = "hog"
-    upsample: int = 1
+    upsample: int = 1                       # dlib HOG's, in the leak check
     max_side: int = 1600
     threshold: float = 0.5                  # CenterFace's score for a face (its second opinion in the check)
     tile_side: int = 1024

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stages.anonymize import AnonymizeSettings, anonymize_photo, box_reason
+from stages.anonymize import AnonymizeSettings, anonymize_photo
 from stages.faces import (
     ALIGNED_SIZE,
     AlignedFace,
@@ -26,6 +26,7 @@ from stages.faces import (
 from stages.facetable import load_crops
 from stages.imageio import ImageRejected, load_rgb
 from stages.ingest import InputPhoto, ingest_photo
+from stages.obfuscate import box_protection_reason
 from stages.parallel import map_in_processes
 
 if TYPE_CHECKING:  # the generator (torch) is imported only by releases that use it
@@ -108,16 +109,21 @@ def face_row(image_id: str, index: int, face: DetectedFace, align: AlignedFace, 
     }
 
 
+def _landmark_error(row: dict) -> float | None:
+    """A face row's ``landmark_error`` (None: the detector gave no points; NaN once in pandas)."""
+    error = row.get("landmark_error")
+    return None if error is None or error != error else float(error)
+
+
 def faces_from_rows(face_rows: list[dict], crops: list[np.ndarray]) -> tuple[list[DetectedFace], list[AlignedFace]]:
     """Rebuild detection and alignment objects from face-table rows and their aligned crops."""
     detected, aligned = [], []
     for row, crop in zip(face_rows, crops, strict=True):
         landmarks = np.asarray(row["landmarks"], dtype=np.float64).reshape(68, 2)
         matrix = np.asarray(row["align_matrix"], dtype=np.float64).reshape(2, 3)
-        error = row.get("landmark_error")
         detected.append(DetectedFace(box=(row["box_left"], row["box_top"], row["box_right"], row["box_bottom"]),
                                      score=row["detector_score"], landmarks=landmarks, detector=row["detector"],
-                                     landmark_error=None if error is None or error != error else float(error)))
+                                     landmark_error=_landmark_error(row)))
         aligned.append(AlignedFace(crop=crop, matrix=matrix, inverse=invert_affine(matrix),
                                    landmarks=apply_affine(matrix, landmarks)))
     return detected, aligned
@@ -155,9 +161,8 @@ def render_faces(face_rows: list[dict], crops: dict[tuple[str, int], np.ndarray]
     from stages.synthesis import cached_synthesizer
 
     chosen = [row for row in face_rows if row.get("target_attributes") is not None
-              and box_reason(DetectedFace(box=(row["box_left"], row["box_top"], row["box_right"], row["box_bottom"]),
-                                          score=row["detector_score"], landmarks=np.zeros((68, 2)),
-                                          landmark_error=row.get("landmark_error")), settings) is None]
+              and box_protection_reason(row["box_right"] - row["box_left"], _landmark_error(row),
+                                        settings.min_synthesis_px, settings.max_landmark_error) is None]
     if not chosen:
         return {}
     wanted = [(row["image_id"], row["face_index"]) for row in chosen]
