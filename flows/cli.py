@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import click
@@ -39,6 +40,7 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
     from stages.ingest import InputError
     from stages.ppas import PolicyInfeasible
 
+    server_starting = _start_temporary_server_early()
     try:
         loaded = load_policy(policy)  # fail fast, before Prefect starts, with file:line errors
         _check_feasible(loaded)
@@ -57,6 +59,7 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
                        "own (slow); start one with `prefect server start` and export PREFECT_API_URL "
                        "(README: Operations)", err=True)
         release = release.with_options(task_runner=dask_task_runner(dask_workers or 2, dask_address))
+    server_starting.join()   # the flow would otherwise start a second one while this one is not yet up
     try:
         return release(input=input_location, output=output, policy=policy, batch_size=batch_size,
                        manifest_root=manifest_root, show_progress=True, dataset=dataset, ledger=ledger,
@@ -65,6 +68,34 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
                        photo_workers=photo_workers)
     except (InputError, PrivacyBudgetExceeded, PolicyInfeasible, ModelFileError, ReleaseBusy) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _start_temporary_server_early() -> threading.Thread:
+    """Start Prefect's temporary server (several seconds: a uvicorn process that imports
+    Prefect's API and migrates its database) in a thread now, so it comes up while this
+    process checks the policy, imports the stages and the workers load their models,
+    instead of when the flow begins. Does nothing where a server is configured
+    (PREFECT_API_URL) or the temporary one is turned off; if it fails here, the flow starts
+    it again and reports the error. Join the thread before running a flow."""
+    def start() -> None:
+        try:
+            from prefect.settings import (
+                PREFECT_API_URL,
+                PREFECT_SERVER_EPHEMERAL_ENABLED,
+            )
+
+            if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+                return
+            from prefect.server.api.server import SubprocessASGIServer
+
+            # The flow's client asks for the same instance (port None) and finds it running.
+            SubprocessASGIServer().start()
+        except Exception:   # noqa: BLE001 - the flow starts the server itself and reports what fails
+            pass
+
+    thread = threading.Thread(target=start, name="prefect-server", daemon=True)
+    thread.start()
+    return thread
 
 
 def _check_feasible(loaded) -> None:

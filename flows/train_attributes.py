@@ -185,7 +185,7 @@ def _write_population(population: dict, directory: Path) -> None:
 # Manifest names of the installed files, with what each one is.
 INSTALLED_FILES = {
     "attributes_cnn": (attribute_files.CNN_FILE, "Stage I CNN weights (torch state dict)"),
-    "attributes_forests": (attribute_files.FORESTS_FILE, "Stage I: 40 random forests (skops)"),
+    "attributes_forests": (attribute_files.FORESTS_FILE, "Stage I: 40 random forests (plain arrays, no pickle)"),
     "attributes_config": (attribute_files.CONFIG_FILE, "Stage I configuration, calibration and test metrics"),
     "attribute_population": (POPULATION_FILE, "CelebA attribute prevalences and joint frequencies"),
     "attribute_combinations": (COMBINATIONS_FILE, "CelebA attribute combinations and their counts"),

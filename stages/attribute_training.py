@@ -24,6 +24,7 @@ from models.attributes import (
     PIXEL_STD,
     AttributeModel,
     AttributeNet,
+    PackedForests,
     log_odds,
 )
 
@@ -224,4 +225,5 @@ def attribute_metrics(probabilities: np.ndarray, labels: np.ndarray, train_preva
 
 
 def assemble_model(net: AttributeNet, forests: list, calibration: np.ndarray, config: dict) -> AttributeModel:
-    return AttributeModel(net=net.cpu().eval(), forests=forests, calibration=calibration, config=config)
+    return AttributeModel(net=net.cpu().eval(), forests=PackedForests.from_sklearn(forests), calibration=calibration,
+                          config=config)

@@ -2,7 +2,7 @@
 check of a release's predicted prevalences against CelebA's population.
 
 The shipped checkpoint is verified against ``models/manifest.json`` before it is loaded
-(torch ``weights_only=True``, skops with a closed list of trusted types), so a tampered or
+(torch ``weights_only=True``, the forests as plain arrays without pickle), so a tampered or
 missing model stops the run with an error that says how to restore it.
 """
 from __future__ import annotations

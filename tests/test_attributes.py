@@ -6,28 +6,48 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import skops.io
 from sklearn.ensemble import RandomForestClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from flows import gates
 from models import registry
-from models.attributes import AttributeModel, AttributeNet, load_model, save_model
+from models.attributes import (
+    AttributeModel,
+    AttributeNet,
+    PackedForests,
+    load_model,
+    save_model,
+)
 from stages import attributes
 from stages.attribute_data import ATTRIBUTES, read_labels, split_of_identity
 from stages.faces import align_face, detect_faces
 from stages.facetable import ATTRIBUTE_COLUMNS
 
 
+def _tiny_forests(rng, features: np.ndarray) -> list[RandomForestClassifier]:
+    labels = rng.integers(0, 2, size=(len(features), 40))
+    return [RandomForestClassifier(n_estimators=3, max_leaf_nodes=8, random_state=i).fit(features, labels[:, i])
+            for i in range(40)]
+
+
 def _tiny_model(rng) -> AttributeModel:
     net = AttributeNet(channels=(4, 4, 8, 8), convs=(1, 1, 1, 1), feature_size=16)
-    features = rng.normal(size=(60, 16))
-    labels = rng.integers(0, 2, size=(60, 40))
-    forests = [RandomForestClassifier(n_estimators=3, max_leaf_nodes=8, random_state=i).fit(features, labels[:, i])
-               for i in range(40)]
+    forests = PackedForests.from_sklearn(_tiny_forests(rng, rng.normal(size=(60, 16))))
     calibration = np.tile([1.0, 0.0], (40, 1))
     return AttributeModel(net=net.eval(), forests=forests, calibration=calibration, config={})
+
+
+def test_packed_forests_predict_exactly_as_scikit_learn():
+    rng = np.random.default_rng(3)
+    # float64 features that round differently to float32: scikit-learn compares as float32.
+    features = rng.normal(size=(200, 16)) * 10
+    forests = _tiny_forests(rng, features[:100])
+    expected = np.stack([forest.predict_proba(features)[:, 1] for forest in forests], axis=1)
+    packed = PackedForests.from_sklearn(forests)
+    assert packed.n_forests == 40 and packed.n_features == 16
+    np.testing.assert_array_equal(packed.predict_proba(features), expected)
+    # On the training points themselves (values equal to thresholds' neighbours) too.
+    np.testing.assert_array_equal(packed.predict_proba(features[:100]),
+                                  np.stack([f.predict_proba(features[:100])[:, 1] for f in forests], axis=1))
 
 
 def test_split_keeps_every_identity_in_one_split_and_is_stable():
@@ -63,18 +83,33 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
 
 
 class Payload:
-    """Stands for any class a crafted file could ask the loader to build."""
+    """Stands for any object a crafted file could ask the loader to build."""
 
 
-def test_forest_file_with_untrusted_or_wrong_types_is_refused(tmp_path):
+def test_forest_file_with_pickles_or_broken_trees_is_refused(tmp_path):
     rng = np.random.default_rng(0)
-    paths = save_model(_tiny_model(rng), tmp_path)
-    skops.io.dump([Payload()] * 40, paths["forests"])
-    with pytest.raises(ValueError, match="outside the trusted list"):
+    model = _tiny_model(rng)
+    paths = save_model(model, tmp_path)
+    arrays = {name: getattr(model.forests, name) for name in ("left", "right", "feature", "threshold", "positive",
+                                                              "roots", "forest_of_tree")}
+
+    def write(**changes):
+        with open(paths["forests"], "wb") as file:
+            np.savez(file, **(arrays | {"n_features": np.int64(16)} | changes))
+
+    write(left=np.array([Payload()] * len(arrays["left"]), dtype=object))   # a pickled object array
+    with pytest.raises(ValueError, match="allow_pickle=False"):
         load_model(paths["cnn"], paths["forests"], paths["config"])
-    # Types skops trusts by default still have to be the 40 forests the config describes.
-    skops.io.dump([make_pipeline(StandardScaler())] * 40, paths["forests"])
-    with pytest.raises(ValueError, match="does not hold 40 random forests"):
+    cycle = arrays["left"].copy()
+    cycle[arrays["roots"][0]] = arrays["roots"][0]                           # a node that is its own child
+    write(left=cycle)
+    with pytest.raises(ValueError, match="do not describe valid trees"):
+        load_model(paths["cnn"], paths["forests"], paths["config"])
+    write(feature=arrays["feature"] + 100)                                   # features the CNN does not have
+    with pytest.raises(ValueError, match="do not describe valid trees"):
+        load_model(paths["cnn"], paths["forests"], paths["config"])
+    write(forest_of_tree=arrays["forest_of_tree"] // 2)                      # 20 forests, not 40
+    with pytest.raises(ValueError, match="not 40 random forests"):
         load_model(paths["cnn"], paths["forests"], paths["config"])
 
 
@@ -151,7 +186,7 @@ def test_training_flow_on_a_tiny_subset(shared_data, tmp_path, prefect_harness):
                                epochs=1, limit=240, trees=3, max_leaf_nodes=8, progress=False)
     assert sum(summary["split_sizes"].values()) + summary["alignment"]["missed"] == 240
     model_dir = run_dir / "model"
-    model = load_model(model_dir / "attributes_cnn.pt", model_dir / "attributes_forests.skops",
+    model = load_model(model_dir / "attributes_cnn.pt", model_dir / "attributes_forests.npz",
                        model_dir / "attributes.json")
     assert model.predict(np.zeros((2, 128, 128, 3), np.uint8)).shape == (2, 40)
     metrics = json.loads((run_dir / "metrics.json").read_text())
