@@ -9,9 +9,12 @@ heatmap, the box size (log scale), a sub-pixel offset of the centre and five lan
 / 0.78 (easy / medium / hard), far above dlib's HOG on small and turned faces.
 
 Photos are detected at their own resolution (never upsampled: the network already finds
-faces down to about 8 pixels); photos larger than ``max_side`` are cut into overlapping
-tiles of at most ``max_side`` so a 4,000-pixel crowd photo keeps its small faces, plus one
-pass over a copy scaled to ``max_side`` so faces larger than a tile are found whole.
+faces down to about 8 pixels); photos larger than ``max_side`` are cut into as few
+overlapping tiles of at most ``max_side`` as cover them, so a 4,000-pixel crowd photo keeps
+its small faces. At full resolution the network loses faces wider than about 500 pixels (a
+close-up: it finds part of the face, or nothing), so every photo larger than
+``LARGE_FACE_SIDE`` is also searched once scaled down to that side, where such a face is
+found whole.
 """
 from __future__ import annotations
 
@@ -27,6 +30,11 @@ STRIDE = 4
 # Input sides must be multiples of 32 (five stride-2 stages).
 SIDE_MULTIPLE = 32
 TILE_OVERLAP = 160       # pixels shared by neighbouring tiles: a face up to this size lies whole in one
+# Side of the scaled-down pass for large faces. Measured on a close-up scaled to several
+# sizes: a face up to about 490 px is found whole at full resolution, a 700 px one only in
+# parts and a 1,500 px one not at all; scaled so the photo is 640 px, a face filling it is
+# within what the network finds.
+LARGE_FACE_SIDE = 640
 NMS_IOU = 0.3
 
 
@@ -118,12 +126,15 @@ def suppress_overlaps(faces: list[FaceBox], iou: float = NMS_IOU) -> list[FaceBo
     return kept
 
 
-def _tiles(length: int, tile: int) -> list[int]:
+def _tiles(length: int, tile: int) -> tuple[list[int], int]:
+    """Starts and side of the fewest tiles of at most ``tile`` that cover ``length`` with
+    neighbours sharing at least ``TILE_OVERLAP`` pixels (all the same side, evenly spread)."""
     if length <= tile:
-        return [0]
+        return [0], length
     count = -(-(length - TILE_OVERLAP) // (tile - TILE_OVERLAP))
-    step = (length - tile) / max(count - 1, 1)
-    return [round(i * step) for i in range(count)]
+    side = min(tile, -(-(length + (count - 1) * TILE_OVERLAP) // count))
+    step = (length - side) / (count - 1)
+    return [round(i * step) for i in range(count)], side
 
 
 def _shifted(face: FaceBox, dx: float, dy: float, factor: float = 1.0) -> FaceBox:
@@ -132,24 +143,29 @@ def _shifted(face: FaceBox, dx: float, dy: float, factor: float = 1.0) -> FaceBo
                    face.score, (face.points + (dx, dy)) * factor)
 
 
-def detect_face_boxes(rgb: np.ndarray, threshold: float = 0.5, max_side: int = 2048) -> list[FaceBox]:
+def detect_face_boxes(rgb: np.ndarray, threshold: float = 0.5, max_side: int = 1024) -> list[FaceBox]:
     """Every face CenterFace finds in an RGB photo with a score above ``threshold``.
 
-    Up to ``max_side`` the photo is detected in one pass at its own size. A larger photo is
-    detected in overlapping tiles at full resolution (small faces stay detectable) and once
-    scaled down to ``max_side`` (faces larger than a tile are found whole); overlapping
-    findings are merged by non-maximum suppression."""
+    The photo is searched at full resolution, in one pass up to ``max_side`` and in
+    overlapping tiles of at most ``max_side`` beyond, and, when it is larger than
+    ``LARGE_FACE_SIDE``, once more scaled down to that side for faces too large for the
+    network at full resolution; overlapping findings are merged by non-maximum suppression."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     height, width = rgb.shape[:2]
-    if max(height, width) <= max_side:
-        return suppress_overlaps(_run(rgb, threshold))
+    rows, tile_height = _tiles(height, max_side)
+    columns, tile_width = _tiles(width, max_side)
     found = []
-    for top in _tiles(height, max_side):
-        for left in _tiles(width, max_side):
-            tile = rgb[top:top + max_side, left:left + max_side]
+    for top in rows:
+        for left in columns:
+            tile = rgb[top:top + tile_height, left:left + tile_width]
             found += [_shifted(face, left, top) for face in _run(tile, threshold)]
-    factor = max_side / max(height, width)
-    small = cv2.resize(rgb, (max(1, round(width * factor)), max(1, round(height * factor))),
-                       interpolation=cv2.INTER_AREA)
-    found += [_shifted(face, 0, 0, 1 / factor) for face in _run(small, threshold)]
+    if max(height, width) > LARGE_FACE_SIDE:
+        factor = LARGE_FACE_SIDE / max(height, width)
+        small = cv2.resize(rgb, (max(1, round(width * factor)), max(1, round(height * factor))),
+                           interpolation=cv2.INTER_AREA)
+        # Only what the full-resolution passes can miss: faces a tile border may cut (wider
+        # than the tiles' overlap) and faces too large for the network at full resolution.
+        # Smaller ones they have seen at full resolution; here they would add false alarms.
+        found += [face for face in (_shifted(face, 0, 0, 1 / factor) for face in _run(small, threshold))
+                  if face.width >= TILE_OVERLAP]
     return suppress_overlaps(found)

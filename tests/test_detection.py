@@ -48,11 +48,24 @@ def test_large_photo_is_searched_in_tiles_at_full_resolution(face_patch):
 
 
 def test_tiles_cover_the_photo_with_overlap():
-    for length, tile in ((2600, 1024), (1025, 1024), (5000, 1024)):
-        starts = _tiles(length, tile)
-        assert starts[0] == 0 and starts[-1] + tile == length
-        assert all(b - a <= tile - 150 for a, b in zip(starts, starts[1:]))
-    assert _tiles(800, 1024) == [0]
+    for length, tile in ((2600, 1024), (1025, 1024), (5000, 1024), (4000, 2560), (2561, 2560)):
+        starts, side = _tiles(length, tile)
+        assert starts[0] == 0 and starts[-1] + side == length and side <= tile
+        assert all(b - a <= side - 160 for a, b in zip(starts, starts[1:]))   # neighbours overlap
+        # The fewest tiles that can: one fewer could not cover the photo with that overlap.
+        assert (len(starts) - 1) * (tile - 160) + 160 < length
+    assert _tiles(800, 1024) == ([0], 800)
+
+
+def test_close_up_face_is_found_whole(astronaut):
+    # A face filling most of a 1,600 px photo: at full resolution the network finds only
+    # parts of it; the scaled-down pass finds it whole.
+    top, bottom, left, right = 18, 218, 152, 300
+    crop = astronaut[top:bottom, left:right]
+    photo = cv2.resize(crop, (1600, round(1600 * crop.shape[0] / crop.shape[1])), interpolation=cv2.INTER_CUBIC)
+    found = detect_face_boxes(photo, threshold=0.5)
+    widest = max(b.box[2] - b.box[0] for b in found)
+    assert widest > 0.5 * photo.shape[1], [round(b.box[2] - b.box[0]) for b in found]
 
 
 def test_box_reason_and_box_obfuscation():
