@@ -36,6 +36,12 @@ TILE_OVERLAP = 160       # pixels shared by neighbouring tiles: a face up to thi
 # within what the network finds.
 LARGE_FACE_SIDE = 640
 NMS_IOU = 0.3
+# A box lying mostly (this share of it) inside a box less than 2.5x wider is part of the
+# same face: at full resolution the network frames pieces of a large face (half a face,
+# the eyes), which overlap the whole face's box too little for NMS_IOU.
+NESTED_INSIDE = 0.6
+NESTED_MIN_WIDTH_RATIO = 0.4
+PIECE_MAX_WIDTH_RATIO = 1.25   # a box this much wider over a kept one is its whole face, not a rival framing
 
 
 @dataclass(frozen=True)
@@ -117,11 +123,32 @@ def _iou(a: tuple, b: tuple) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
+def _inside(small: tuple, large: tuple) -> float:
+    """Share of ``small``'s area that lies inside ``large``."""
+    width = min(small[2], large[2]) - max(small[0], large[0])
+    height = min(small[3], large[3]) - max(small[1], large[1])
+    area = (small[2] - small[0]) * (small[3] - small[1])
+    return width * height / area if width > 0 and height > 0 and area > 0 else 0.0
+
+
+def _piece_of(face: FaceBox, other: FaceBox) -> bool:
+    """Whether the narrower of the two boxes is a piece of the wider one's face."""
+    small, large = sorted((face, other), key=lambda f: f.width)
+    return small.width >= NESTED_MIN_WIDTH_RATIO * large.width and _inside(small.box, large.box) >= NESTED_INSIDE
+
+
 def suppress_overlaps(faces: list[FaceBox], iou: float = NMS_IOU) -> list[FaceBox]:
-    """Greedy non-maximum suppression: the best-scoring box of each overlapping group."""
+    """Greedy non-maximum suppression: the best-scoring box of each overlapping group, and
+    of a face found whole and in pieces the whole face, whatever the pieces scored (the
+    box that covers it is the one to protect)."""
     kept: list[FaceBox] = []
     for face in sorted(faces, key=lambda f: -f.score):
-        if all(_iou(face.box, other.box) <= iou for other in kept):
+        same = [k for k, other in enumerate(kept) if _iou(face.box, other.box) > iou or _piece_of(face, other)]
+        if not same:
+            kept.append(face)
+        elif all(face.width >= PIECE_MAX_WIDTH_RATIO * kept[k].width and _piece_of(kept[k], face) for k in same):
+            for k in reversed(same):
+                del kept[k]
             kept.append(face)
     return kept
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stages.anonymize import AnonymizeSettings, anonymize_photo
-from stages.centerface import _tiles, detect_face_boxes
+from stages.centerface import FaceBox, _tiles, detect_face_boxes, suppress_overlaps
 from stages.faces import align_face, box_overlap, detect_faces
 from stages.imageio import decode_bytes
 from stages.obfuscate import box_protection_reason, enlarged_box, obfuscate_boxes
@@ -66,6 +66,18 @@ def test_close_up_face_is_found_whole(astronaut):
     found = detect_face_boxes(photo, threshold=0.5)
     widest = max(b.box[2] - b.box[0] for b in found)
     assert widest > 0.5 * photo.shape[1], [round(b.box[2] - b.box[0]) for b in found]
+
+
+def test_pieces_of_a_face_give_way_to_the_whole_face():
+    def box(left, top, right, bottom, score):
+        return FaceBox((left, top, right, bottom), score, np.zeros((5, 2)))
+
+    whole = box(300, 400, 900, 1300, 0.9)
+    piece = box(450, 700, 820, 1150, 0.95)          # half the face, framed alone, scored higher
+    neighbour = box(950, 420, 1500, 1250, 0.8)      # the next face: kept
+    small_face = box(500, 500, 560, 570, 0.7)       # a small face over the large box: not a piece
+    kept = suppress_overlaps([piece, whole, neighbour, small_face])
+    assert sorted(f.box for f in kept) == sorted([whole.box, neighbour.box, small_face.box])
 
 
 def test_box_reason_and_box_obfuscation():
