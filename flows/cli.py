@@ -33,6 +33,19 @@ def main():
 def _run_release(input_location: str, output: str, policy: str | None, batch_size: int,
                  manifest_root: str | None, dataset: str | None = None, ledger: str | None = None,
                  incremental: bool = True, dask_workers: int = 0, dask_address: str | None = None) -> dict:
+    # Under Dask the batches run in other processes, which start Prefect's own servers.
+    server = None if dask_workers or dask_address else _TemporaryServer()
+    try:
+        return _release_on(server, input_location, output, policy, batch_size, manifest_root, dataset, ledger,
+                           incremental, dask_workers, dask_address)
+    finally:
+        if server:
+            server.stop()
+
+
+def _release_on(server: _TemporaryServer | None, input_location: str, output: str, policy: str | None,
+                batch_size: int, manifest_root: str | None, dataset: str | None, ledger: str | None,
+                incremental: bool, dask_workers: int, dask_address: str | None) -> dict:
     from flows.privacy_ledger import PrivacyBudgetExceeded
     from flows.resume import ReleaseBusy
     from models.registry import ModelFileError
@@ -40,7 +53,6 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
     from stages.ingest import InputError
     from stages.ppas import PolicyInfeasible
 
-    server_starting = _start_temporary_server_early()
     try:
         loaded = load_policy(policy)  # fail fast, before Prefect starts, with file:line errors
         _check_feasible(loaded)
@@ -59,43 +71,103 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
                        "own (slow); start one with `prefect server start` and export PREFECT_API_URL "
                        "(README: Operations)", err=True)
         release = release.with_options(task_runner=dask_task_runner(dask_workers or 2, dask_address))
-    server_starting.join()   # the flow would otherwise start a second one while this one is not yet up
+    api_url = server.ready() if server else None
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     try:
-        return release(input=input_location, output=output, policy=policy, batch_size=batch_size,
-                       manifest_root=manifest_root, show_progress=True, dataset=dataset, ledger=ledger,
-                       incremental=incremental,
-                       # Dask already runs batches in parallel processes: one per batch there.
-                       photo_workers=photo_workers)
+        with temporary_settings({PREFECT_API_URL: api_url} if api_url else {}):
+            return release(input=input_location, output=output, policy=policy, batch_size=batch_size,
+                           manifest_root=manifest_root, show_progress=True, dataset=dataset, ledger=ledger,
+                           incremental=incremental,
+                           # Dask already runs batches in parallel processes: one per batch there.
+                           photo_workers=photo_workers)
     except (InputError, PrivacyBudgetExceeded, PolicyInfeasible, ModelFileError, ReleaseBusy) as exc:
         raise click.ClickException(str(exc)) from None
 
 
-def _start_temporary_server_early() -> threading.Thread:
-    """Start Prefect's temporary server (several seconds: a uvicorn process that imports
-    Prefect's API and migrates its database) in a thread now, so it comes up while this
-    process checks the policy, imports the stages and the workers load their models,
-    instead of when the flow begins. Does nothing where a server is configured
-    (PREFECT_API_URL) or the temporary one is turned off; if it fails here, the flow starts
-    it again and reports the error. Join the thread before running a flow."""
-    def start() -> None:
+class _TemporaryServer:
+    """Prefect's API server for this command alone, started in a thread at once, so it comes
+    up (several seconds: a uvicorn process that imports Prefect's API and checks its
+    database) while this process checks the policy, imports the stages and the workers load
+    their models, instead of when the flow begins. It is the server Prefect starts for a
+    flow when no PREFECT_API_URL is set (the same app, settings and ephemeral mode), started
+    here because Prefect would start it only when the flow begins, and would first import
+    its whole API into this process (seconds of CPU) to do so. Nothing is started where a
+    server is configured or the temporary one is turned off; if it fails, the flow starts
+    Prefect's own and reports what fails."""
+
+    def __init__(self) -> None:
+        import atexit
+
+        self.api_url: str | None = None
+        self.process = None
+        self._stopped = False
+        self._lock = threading.Lock()   # a stop while the thread starts the process stops it too
+        atexit.register(self.stop)
+        self._thread = threading.Thread(target=self._start, name="prefect-server", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        import socket
+        import subprocess
+        import time
+        import urllib.request
+
         try:
+            import prefect
             from prefect.settings import (
                 PREFECT_API_URL,
                 PREFECT_SERVER_EPHEMERAL_ENABLED,
+                get_current_settings,
             )
 
             if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
                 return
-            from prefect.server.api.server import SubprocessASGIServer
+            with socket.socket() as probe:   # a free port, chosen by the system
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            environment = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                           "PREFECT__SERVER_FINAL": "1",
+                           **get_current_settings().to_environment_variables(exclude_unset=True)}
+            with self._lock:
+                if self._stopped:
+                    return
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+                     "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                     "--log-level", "error", "--lifespan", "on"], env=environment)
+            url = f"http://127.0.0.1:{port}/api"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self.process is not None and self.process.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                        if response.status == 200:
+                            self.api_url = url
+                            return
+                except OSError:
+                    time.sleep(0.1)
+            self.stop()
+        except Exception:   # noqa: BLE001 - the flow starts Prefect's own server and reports what fails
+            self.stop()
 
-            # The flow's client asks for the same instance (port None) and finds it running.
-            SubprocessASGIServer().start()
-        except Exception:   # noqa: BLE001 - the flow starts the server itself and reports what fails
-            pass
+    def ready(self) -> str | None:
+        """Wait until the server answers; its API URL, or None (no server of ours)."""
+        self._thread.join()
+        if self.api_url:
+            click.echo(f"temporary Prefect server on {self.api_url.removesuffix('/api')} (for this command only; "
+                       "set PREFECT_API_URL to use a running server)", err=True)
+        return self.api_url
 
-    thread = threading.Thread(target=start, name="prefect-server", daemon=True)
-    thread.start()
-    return thread
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except Exception:   # noqa: BLE001 - it did not stop in time
+                process.kill()
 
 
 def _check_feasible(loaded) -> None:
