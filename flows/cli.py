@@ -34,13 +34,9 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
                  manifest_root: str | None, dataset: str | None = None, ledger: str | None = None,
                  incremental: bool = True, dask_workers: int = 0, dask_address: str | None = None) -> dict:
     # Under Dask the batches run in other processes, which start Prefect's own servers.
-    server = None if dask_workers or dask_address else _TemporaryServer()
-    try:
-        return _release_on(server, input_location, output, policy, batch_size, manifest_root, dataset, ledger,
-                           incremental, dask_workers, dask_address)
-    finally:
-        if server:
-            server.stop()
+    server = None if dask_workers or dask_address else _TemporaryServer.for_this_process()
+    return _release_on(server, input_location, output, policy, batch_size, manifest_root, dataset, ledger,
+                       incremental, dask_workers, dask_address)
 
 
 def _release_on(server: _TemporaryServer | None, input_location: str, output: str, policy: str | None,
@@ -94,7 +90,17 @@ class _TemporaryServer:
     here because Prefect would start it only when the flow begins, and would first import
     its whole API into this process (seconds of CPU) to do so. Nothing is started where a
     server is configured or the temporary one is turned off; if it fails, the flow starts
-    Prefect's own and reports what fails."""
+    Prefect's own and reports what fails. One per process, stopped when the process exits
+    (after Prefect's own exit handlers, which still talk to it), as Prefect's own is."""
+
+    _current: _TemporaryServer | None = None
+
+    @classmethod
+    def for_this_process(cls) -> _TemporaryServer:
+        server = cls._current
+        if server is None or server._stopped or (server.process is not None and server.process.poll() is not None):
+            server = cls._current = cls()
+        return server
 
     def __init__(self) -> None:
         import atexit
