@@ -82,7 +82,7 @@ def _release_on(server: _TemporaryServer | None, input_location: str, output: st
 
 
 class _TemporaryServer:
-    """Prefect's API server for this command alone, started in a thread at once, so it comes
+    """Prefect's temporary API server for this process, started in a thread at once, so it comes
     up (several seconds: a uvicorn process that imports Prefect's API and checks its
     database) while this process checks the policy, imports the stages and the workers load
     their models, instead of when the flow begins. It is the server Prefect starts for a
@@ -124,6 +124,7 @@ class _TemporaryServer:
             from prefect.settings import (
                 PREFECT_API_URL,
                 PREFECT_SERVER_EPHEMERAL_ENABLED,
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
                 get_current_settings,
             )
 
@@ -143,7 +144,7 @@ class _TemporaryServer:
                      "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
                      "--log-level", "error", "--lifespan", "on"], env=environment)
             url = f"http://127.0.0.1:{port}/api"
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
             while time.monotonic() < deadline and self.process is not None and self.process.poll() is None:
                 try:
                     with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
