@@ -12,7 +12,7 @@ from flows.release import release
 from flows.train import fit_alignment_template
 from models.registry import model_path
 from policy.loader import load_policy
-from stages.faces import box_overlap, detect_faces, face_descriptor
+from stages.faces import SAME_FACE_OVERLAP, box_overlap, detect_faces, face_descriptor
 from stages.imageio import load_rgb
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
@@ -86,9 +86,15 @@ KNOWN_MISSES = {("crowd/stadium_crowd.jpg", 226, 222, 262, 284)}
 
 def test_no_published_face_verifies_as_its_original(wild_release):
     """Independent of the gate: re-run the verifier on every published photo at full
-    resolution and compare each face found with the original face it overlaps; and every
-    face >= 20 px that dlib's HOG finds at that resolution in the original (the release
-    detects with CenterFace) is changed in what was published."""
+    resolution and compare each face found with the original face it overlaps and with
+    the original photo described at the found face's own landmarks (the same place: a face
+    HOG finds only in the output is measured too); and every face >= 20 px that dlib's HOG
+    finds at that resolution in the original (the release detects with CenterFace) is
+    changed in what was published. "Overlaps" means is the same face: a box that only
+    touches a neighbour's is another person, and in a crowd of 50 px faces the verifier
+    puts different people within 0.6 of each other (3 of the 78 pairs of people HOG finds
+    in the original stadium photo), so comparing across neighbours tests for look-alikes,
+    not for a face that was not changed enough."""
     wild, output, _ = wild_release
     photos = lineage.read_table(output, "photos")
     published = photos[(photos.status == "released") & (photos.n_faces > 0)]
@@ -101,8 +107,10 @@ def test_no_published_face_verifies_as_its_original(wild_release):
             if face.box[2] - face.box[0] >= 20 and face.score >= INDEPENDENT_MIN_SCORE:
                 assert _change(original, out, face.box) >= UNTOUCHED_BELOW, f"{row.image_id}: {face.box} untouched"
         for face, descriptor in zip(*_faces_and_descriptors(out)):
-            candidates = [d for f, d in zip(original_faces, original_descriptors) if box_overlap(f.box, face.box) > 0]
-            for candidate in candidates or original_descriptors:
+            candidates = [d for f, d in zip(original_faces, original_descriptors)
+                          if box_overlap(f.box, face.box) > SAME_FACE_OVERLAP]
+            candidates.append(face_descriptor(original, face.landmarks))   # the original at the same place
+            for candidate in candidates:
                 distance = float(np.linalg.norm(descriptor - candidate))
                 assert distance >= 0.6, f"{row.image_id}: published face verifies as its original ({distance:.3f})"
             checked += 1
