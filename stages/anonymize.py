@@ -46,7 +46,7 @@ from stages.faces import (
     align_face,
     face_descriptor,
 )
-from stages.identity import CHECK_DETECTORS, changed_regions, check_identity_leaks
+from stages.identity import CHECK_DETECTORS, check_identity_leaks
 from stages.imageio import decode_bytes, encode_clean, output_format_for
 from stages.obfuscate import box_protection_reason, obfuscate, obfuscate_boxes
 from stages.perturbation import ReleasePerturbation, apply_perturbation, measure_effect
@@ -166,7 +166,6 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
     discovery_rounds = 0
     stage_four_seconds = 0.0
     descriptor_cache: dict = {}             # faces whose pixels a round did not change are not described again
-    previous = None                         # the last round's published pixels and check
     while True:
         unrenderable = [i for i, crop in enumerate(edited) if crop is None and not boxed[i]]
         if unrenderable:
@@ -186,12 +185,9 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
         stage_four_seconds += time.perf_counter() - started
         encoded = encode_clean(output, fmt, settings.jpeg_quality)
         published = decode_bytes(encoded)
-        # After the first round only what this round changed is searched again.
-        regions = changed_regions(previous[0], published) if previous else None
         report = check_identity_leaks(published, faces, originals, settings.upsample, settings.max_side,
                                       settings.threshold, settings.tile_side, settings.check_detectors,
-                                      descriptor_cache, previous[1] if previous else None, regions)
-        previous = (published, report)
+                                      descriptor_cache)
         leaking = report.leaking(settings.release_distance)
         result = AnonymizeResult(
             "released", None, encoded, fmt, suffix,

@@ -137,32 +137,3 @@ def test_second_opinion_takes_in_a_face_ingest_missed(astronaut, face_patch):
     found_again = detect_faces(published, detector="centerface")
     for face in found_again:   # whatever is still a face is one of the protected ones
         assert any(box_overlap(face.box, d.box) > 0.3 for d, _ in result.discovered)
-
-
-def test_later_rounds_search_only_what_changed(astronaut, face_patch):
-    """The check of a later round searches the changed regions and takes the rest from the
-    round before: it measures what a whole-photo check measures, and a face that appears in
-    a changed region is found."""
-    from stages.faces import face_descriptor
-    from stages.identity import changed_regions, check_identity_leaks
-    from stages.obfuscate import obfuscate_boxes
-
-    faces = detect_faces(astronaut, detector="centerface")
-    originals = [face_descriptor(astronaut, f.landmarks) for f in faces]
-    first = check_identity_leaks(astronaut, faces, originals, threshold=0.2)
-    assert changed_regions(astronaut, astronaut.copy()) == []
-    # Round two: the face is pixelated, and a face nobody processed appears far from it.
-    second = obfuscate_boxes(astronaut, [faces[0].box], "pixelate", {"blocks": 8}, 0.1)
-    small = cv2.resize(face_patch, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
-    second[400:400 + small.shape[0], 10:10 + small.shape[1]] = small
-    regions = changed_regions(astronaut, second)
-    assert regions and len(regions) == 2
-    assert sum((r[2] - r[0]) * (r[3] - r[1]) for r in regions) < 0.5 * astronaut.shape[0] * astronaut.shape[1]
-    limited = check_identity_leaks(second, faces, originals, threshold=0.2, previous=first, regions=regions)
-    whole = check_identity_leaks(second, faces, originals, threshold=0.2)
-    assert len(limited.unprocessed_faces) == len(whole.unprocessed_faces) >= 1
-    assert any(f.box[0] < 120 and f.box[1] > 380 for f in limited.unprocessed_faces)   # the new face
-    for face in limited.unprocessed_faces:   # the same faces, up to the detector's grid
-        assert any(box_overlap(face.box, other.box) > 0.8 for other in whole.unprocessed_faces)
-    assert limited.distances == whole.distances
-    assert limited.output_faces_found == whole.output_faces_found
