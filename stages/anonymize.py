@@ -53,7 +53,7 @@ from stages.perturbation import ReleasePerturbation, apply_perturbation, measure
 # scored just under the threshold at ingest can score just over it in the output (seen: 0.21
 # to 0.29 at a threshold of 0.2), one or two more each round as their neighbours change.
 # Each round protects what it finds; a photo still growing faces after this many is held back.
-MAX_DISCOVERY_ROUNDS = 4
+MAX_DISCOVERY_ROUNDS = 2
 
 
 @dataclass
