@@ -69,7 +69,7 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
         for face in faces[:MAX_ROWS]:
             distance = face.get("leak_distance")
             shown = "not found again" if distance is None or distance == float("inf") else f"{distance:.3f}"
-            if face.get("protected_over") == "box":
+            if face.get("protected_over") == "box" and not _measured_box(face):
                 shown = "not measured (box)"
             tried = " → ".join(face.get("methods_tried") or [])
             changed = face.get("changed_attributes")
@@ -95,15 +95,26 @@ def _leak_check_lines(photos: list[dict], faces: list[dict], policy: Policy) -> 
                      + " and ".join(names.get(j, j) for j in judges)
                      + "; a face found where none was de-identified was de-identified too (or the photo held "
                        "back), and every face found over a de-identified one was measured by dlib's verifier.")
-    boxed = [f for f in faces if f.get("protected_over") == "box"]
+    boxed = [f for f in faces if f.get("protected_over") == "box" and not _measured_box(f)]
+    done = {"pixelate": "pixelated", "blur": "blurred", "mask": "masked"}[policy.detection.box_method]
     if boxed:
         small = sum(str(f.get("box_reason") or "").startswith("small") for f in boxed)
-        done = {"pixelate": "pixelated", "blur": "blurred", "mask": "masked"}[policy.detection.box_method]
         lines.append(f"{len(boxed)} face(s) were {done} over their enlarged box instead of "
                      f"being synthesized: {small} narrower than {policy.detection.min_synthesis_px} px, "
                      f"{len(boxed) - small} too turned or covered for reliable landmarks (reasons per face in "
                      "lineage, `box_reason`). They are not measured by the verifier.")
+    escalated = [f for f in faces if f.get("protected_over") == "box" and _measured_box(f)]
+    if escalated:
+        lines.append(f"{len(escalated)} face(s) still verified as their original after every method of the "
+                     f"fallback chain and were {done} over their enlarged box as well; they were measured "
+                     "again like every other face.")
     return lines + ([""] if lines else [])
+
+
+def _measured_box(face: dict) -> bool:
+    """A face protected over its box because the fallback chain left it verifiable: it was
+    described and measured (the others over their box were not)."""
+    return str(face.get("box_reason") or "").startswith("still verified")
 
 
 def _drift_section(run: dict) -> list[str]:

@@ -25,7 +25,9 @@ profiler was fooled) is measured on it.
 A face too small to synthesize (``min_synthesis_px``) or whose landmarks disagree with the
 detector's own points (``max_landmark_error``) is obfuscated over its enlarged detection box
 (``box_method``) instead of its landmark mask, and is not described by the verifier
-(``face_box_reasons``). The check searches the output with CenterFace and HOG
+(``face_box_reasons``). A face that still verifies after the whole fallback chain is
+protected over its enlarged box too, as the chain's last step, and is still measured: if it
+verifies even then, the photo is held back. The check searches the output with CenterFace and HOG
 (``check_detectors``); what either finds where no face was processed is taken in.
 """
 from __future__ import annotations
@@ -247,6 +249,22 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
                 result.perturbation_seconds += time.perf_counter() - started
             return result
         exhausted = [i for i in leaking if step[i] + 1 >= len(chains[i])]
+        escalated = [i for i in exhausted if not boxed[i] and settings.on_leak == "fallback"]
+        if escalated:
+            # The whole chain left the face verifiable: what is left of it outside the
+            # landmark mask (hair, outline, a small face's context) is what dlib still
+            # recognises. Cover its enlarged box as well, and measure it again like any face.
+            for i in escalated:
+                boxed[i] = (f"still verified after {'/'.join(chains[i][: step[i] + 1])}: distance "
+                            f"{report.distances[i]:.3f}, the release needs >= {settings.release_distance:.2f}")
+                chains[i] = chains[i][: step[i] + 1] + [settings.box_method]
+                step[i] += 1
+                edited[i] = None
+            for i in leaking:
+                if i not in exhausted:
+                    step[i] += 1
+                    edited[i] = edit(i)
+            continue
         if exhausted:
             result.status, result.encoded = "quarantined", None
             tried = "/".join(chains[exhausted[0]][: step[exhausted[0]] + 1])

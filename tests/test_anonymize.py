@@ -46,10 +46,26 @@ def test_unchanged_face_is_quarantined_when_policy_says_so(astronaut, astronaut_
     assert "still verifies as its original" in result.reason and ">= 0.65" in result.reason
 
 
-def test_fallback_exhausted_quarantines(astronaut, astronaut_faces, identity_method):
+def test_face_still_verified_after_the_chain_is_protected_over_its_box_and_measured(astronaut, astronaut_faces,
+                                                                                    identity_method):
     faces, aligned = astronaut_faces
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings(identity_method, fallback=["identity"]))
+    assert result.status == "released"
+    real = max(range(len(faces)), key=lambda i: -faces[i].box[1])
+    assert result.face_methods_tried[real] == ["identity", "identity", "pixelate"]
+    assert result.face_box_reasons[real].startswith("still verified after identity/identity")
+    assert result.face_distances[real] >= 0.65     # measured again (inf: no detector finds a face there)
+    left, top, right, bottom = (int(v) for v in faces[real].box)
+    published = decode_bytes(result.encoded)
+    assert np.abs(published[top:bottom, left:right].astype(int) - astronaut[top:bottom, left:right]).mean() > 10
+
+
+def test_fallback_and_box_exhausted_quarantines(astronaut, astronaut_faces, identity_method):
+    faces, aligned = astronaut_faces
+    result = anonymize_photo(astronaut, "PNG", faces, aligned,
+                             _settings(identity_method, fallback=["identity"], box_method=identity_method))
     assert result.status == "quarantined" and result.encoded is None
+    assert "identity/identity/identity" in result.reason
 
 
 def test_face_missed_by_ingest_is_found_and_obfuscated(astronaut):
