@@ -94,7 +94,7 @@ def _one_pass(paths: list[Path], policy, progress: bool, label: str) -> tuple[di
             encoded = encode_clean(output, fmt, policy.output.jpeg_quality)
             seconds[f"{method}:encode"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            check_identity_leaks(decode_bytes(encoded), faces, originals,   # as in a release
+            check_identity_leaks(decode_bytes(encoded), rgb, faces, originals,   # as in a release
                                  detection.upsample, detection.max_side, detection.threshold, detection.tile_side)
             seconds[f"{method}:identity_check"] += time.perf_counter() - clock
         if faces:

@@ -141,7 +141,7 @@ def compose_detectable(rgb: np.ndarray, faces: list[DetectedFace], aligned: list
         carrying = [perturbation is not None and not w for w in withdrawn]
         if any(carrying):
             output = apply_perturbation(output, aligned, carrying, perturbation, feather)
-            report = check_identity_leaks(output, faces, originals, detection.upsample, detection.max_side,
+            report = check_identity_leaks(output, rgb, faces, originals, detection.upsample, detection.max_side,
                                           detectors=("hog",))
             distances, found_any = report.distances, report.output_faces_found > 0
             seen = {i for i, distance in enumerate(distances) if distance < float("inf")}

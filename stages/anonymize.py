@@ -185,7 +185,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
         stage_four_seconds += time.perf_counter() - started
         encoded = encode_clean(output, fmt, settings.jpeg_quality)
         published = decode_bytes(encoded)
-        report = check_identity_leaks(published, faces, originals, settings.upsample, settings.max_side,
+        report = check_identity_leaks(published, rgb, faces, originals, settings.upsample, settings.max_side,
                                       settings.threshold, settings.tile_side, settings.check_detectors,
                                       descriptor_cache)
         leaking = report.leaking(settings.release_distance)

@@ -4,7 +4,8 @@ import pytest
 
 from stages import obfuscate
 from stages.anonymize import AnonymizeSettings, anonymize_photo
-from stages.faces import align_face, detect_faces
+from stages.faces import align_face, detect_faces, face_descriptor
+from stages.identity import check_identity_leaks
 from stages.imageio import decode_bytes
 
 
@@ -88,3 +89,17 @@ def test_baseline_methods_change_the_crop_and_keep_its_shape(astronaut_faces):
         assert out.shape == crop.shape and out.dtype == np.uint8 and not np.array_equal(out, crop)
     with pytest.raises(ValueError, match="unknown obfuscation method"):
         obfuscate.obfuscate(crop, "swirl")
+
+
+def test_check_measures_the_original_at_the_output_faces_landmarks(astronaut, astronaut_faces):
+    """An original described at landmarks off the face (as a CenterFace box can give) is a
+    poor likeness of it: an unchanged face must still be caught, by describing the original
+    where the check finds the face in the output."""
+    faces, _ = astronaut_faces
+    real = max(range(len(faces)), key=lambda i: -faces[i].box[1])
+    width = faces[real].box[2] - faces[real].box[0]
+    off_face = faces[real].landmarks * 1.25 - faces[real].landmarks.mean(axis=0) * 0.25 + (0.5 * width, 0.0)
+    poor = face_descriptor(astronaut, off_face)
+    assert np.linalg.norm(poor - face_descriptor(astronaut, faces[real].landmarks)) > 0.65   # a poor likeness
+    report = check_identity_leaks(astronaut, astronaut, [faces[real]], [poor], detectors=("hog",))
+    assert report.distances[0] < 0.1 and report.leaking(0.65) == [0]
