@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.facetable import leaks
+
 
 @dataclass
 class GateResult:
@@ -199,15 +201,22 @@ def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, release_distance: fl
     if faces.empty:
         return photo_result
     released_ids = set(photos.loc[released, "image_id"])
-    face_frame = faces[faces["image_id"].isin(released_ids)][["image_id", "face_index", "leak_distance", "method"]]
+    distances = ["leak_distance", "leak_distance_at_box", "membership_distance", "blank_distance"]
+    face_frame = faces[faces["image_id"].isin(released_ids)][["image_id", "face_index", *distances, "method",
+                                                                "verifiable", "protected_over"]]
     if face_frame.empty:
         return photo_result
-    face_frame = face_frame.assign(leak_distance=face_frame["leak_distance"].astype(float))
+    face_frame = face_frame.assign(**{column: face_frame[column].astype(float) for column in distances})
+    face_frame["verifies"] = [leaks(row, release_distance) for row in face_frame.to_dict("records")]
     face_result = validate("gate:publish:faces", face_frame, [
-        gxe.ExpectColumnValuesToNotBeNull(column="leak_distance"),
-        # Zero leaks: a released face is at least the policy's release distance
-        # (threshold + safety margin) from its original.
-        gxe.ExpectColumnValuesToBeBetween(column="leak_distance", min_value=release_distance),
+        *[gxe.ExpectColumnValuesToNotBeNull(column=column) for column in distances],
+        gxe.ExpectColumnValuesToNotBeNull(column="verifiable"),
+        # Zero leaks: no released face is within the policy's release distance (threshold +
+        # safety margin) of its original, found again or at its box, nor of another original
+        # face of its photo; a distance counts when it is also below the original's distance
+        # to a blank chip (stages.facetable.leaks).
+        # A face the verifier does not describe is protected over its box (leaks() checks it).
+        gxe.ExpectColumnValuesToBeInSet(column="verifies", value_set=[False]),
         gxe.ExpectColumnValuesToNotBeNull(column="method"),
     ])
     return _merge("gate:publish", photo_result, face_result)

@@ -20,7 +20,6 @@ biometric data (face descriptors) and no pixels are ever written here.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from stages.facetable import FACE_SCHEMA, WORK_ONLY_COLUMNS
+from stages.imageio import temporary_beside
 
 LINEAGE_DIR = "_lineage"
 LINEAGE_VERSION = "1"
@@ -59,6 +59,7 @@ RUN_SCHEMA = pa.schema([
     pa.field("n_faces", pa.int64()),
     pa.field("n_faces_fallback", pa.int64()),        # faces that needed a fallback method
     pa.field("n_leaks_published", pa.int64()),       # must be 0
+    pa.field("n_unmeasured_published", pa.int64()),  # faces published without a distance at their box: must be 0
     # Faces protected over their (enlarged) detection box: too small, turned or covered to align.
     pa.field("n_faces_box", pa.int64()),
     # Stage I: predicted attribute prevalences against CelebA's (JSON: faces, threshold,
@@ -160,7 +161,7 @@ def write_table(release_dir: str | Path, name: str, run_id: str, rows: list[dict
     target = part_path(release_dir, name, run_id, part)
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".", suffix=".partial", dir=folder)
+    fd, temporary = temporary_beside(target)
     os.close(fd)
     try:
         pq.write_table(table, temporary)
@@ -212,15 +213,20 @@ def summarize(release_dir: str | Path) -> str:
     if len(latest_faces):
         methods = latest_faces.method.value_counts().to_dict()
         finite = latest_faces.leak_distance[latest_faces.leak_distance < float("inf")]
+        at_box = latest_faces.leak_distance_at_box
         lines.append(f"Faces in run {latest}: methods {methods}; "
                      + (f"closest verifier distance {finite.min():.3f}" if len(finite) else
                         "no face was found again in any output"))
-        if len(finite):
-            unmeasured = latest_faces[~(latest_faces.leak_distance < float("inf"))]
-            lines.append(f"  verifier found {len(finite)} face(s) again (median distance {finite.median():.3f}); "
-                         f"{len(unmeasured)} without a measurable distance: methods "
-                         f"{unmeasured.method.value_counts().to_dict()}, detectors "
-                         f"{unmeasured.detector.value_counts().to_dict()}")
+        not_found = latest_faces[~(latest_faces.leak_distance < float("inf"))]
+        lines.append(f"  verifier found {len(finite)} face(s) again"
+                     + (f" (median distance {finite.median():.3f})" if len(finite) else "")
+                     + f"; {len(not_found)} not found again (methods {not_found.method.value_counts().to_dict()}, "
+                     f"detectors {not_found.detector.value_counts().to_dict()})")
+        lines.append(f"  at their original box: {int((at_box < float('inf')).sum())} face(s) measured, closest "
+                     f"{at_box.min():.3f}; {int((~(at_box < float('inf'))).sum())} not measured. Membership (closest "
+                     f"to another original face of the photo): {latest_faces.membership_distance.min():.3f}; "
+                     f"fallback steps for membership: "
+                     f"{sum(list(kinds).count('membership') for kinds in latest_faces.escalated_for.dropna())}")
         views = latest_faces.render_view.dropna()
         if len(views):
             lines.append(f"  synthesized faces published, by the view they were rendered from: "

@@ -46,6 +46,7 @@ from stages.attributes import (
     shipped_population,
 )
 from stages.faces import detector_model_names
+from stages.facetable import leaks, measured_at_box
 from stages.imageio import sha256_bytes, write_atomic
 from stages.ingest import InputPhoto, discover_inputs
 from stages.parallel import resolve_workers, warm_up
@@ -511,8 +512,9 @@ class _BatchJournal:
             n_rejected=int((statuses == "rejected").sum()), n_faces=len(faces),
             n_faces_fallback=sum(len(f.get("methods_tried") or []) > 1 for f in faces),
             n_faces_box=sum(f.get("protected_over") == "box" for f in faces),
-            n_leaks_published=sum(f["image_id"] in released and (f.get("leak_distance") is None
-                                                                  or f["leak_distance"] < threshold) for f in faces))
+            n_leaks_published=sum(f["image_id"] in released and leaks(f, threshold) for f in faces),
+            n_unmeasured_published=sum(f["image_id"] in released and f.get("verifiable") is not False
+                                       and not measured_at_box(f) for f in faces))
         if len(photos) > self.written_photos or len(faces) > self.written_faces or len(events) > self.written_events:
             self._write("end", events)
         lineage.write_table(self.release_dir, "runs", self.run_id, [run_row])

@@ -6,6 +6,7 @@ from collections import Counter
 
 from policy.schema import Policy
 from policy.tools import unrendered_notes
+from stages.facetable import measured_at_box
 
 MAX_ROWS = 200
 
@@ -64,23 +65,22 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
             lines.append(f"| … {len(held) - MAX_ROWS} more in lineage | | |")
         lines.append("")
     if faces:
-        lines += ["## Faces", "", "| photo | face | Stage II: changed attributes | method (tried) | verifier distance "
-                  "| status |", "|---|---:|---|---|---:|---|"]
+        lines += ["## Faces", "", "| photo | face | Stage II: changed attributes | method (tried) | found again "
+                  "| at its box | other faces | status |", "|---|---:|---|---|---:|---:|---:|---|"]
         for face in faces[:MAX_ROWS]:
-            distance = face.get("leak_distance")
-            shown = "not found again" if distance is None or distance == float("inf") else f"{distance:.3f}"
-            if face.get("protected_over") == "box" and not _measured_box(face):
-                shown = "not measured (box)"
             tried = " → ".join(face.get("methods_tried") or [])
             changed = face.get("changed_attributes")
             changed = "–" if changed is None else (", ".join(changed) or "none")
             lines.append(f"| `{_cell(face['image_id'])}` | {face['face_index']} | {_cell(changed)} "
-                         f"| {face.get('method')} ({tried}) | {shown} | {face.get('status')} |")
+                         f"| {face.get('method')} ({tried}) | {_shown(face.get('leak_distance'), 'not found again')} "
+                         f"| {_shown(face.get('leak_distance_at_box'), 'not measured')} "
+                         f"| {_shown(face.get('membership_distance'), '–')} | {face.get('status')} |")
         if len(faces) > MAX_ROWS:
-            lines.append(f"| … {len(faces) - MAX_ROWS} more in lineage | | | | | |")
+            lines.append(f"| … {len(faces) - MAX_ROWS} more in lineage | | | | | | | |")
         lines.append("")
-    lines += ["Verifier distance: dlib ResNet descriptor distance between the original face and the closest "
-              f"face found in the published photo; below {check.threshold} would be the same person.",
+    lines += ["Verifier distances (dlib's ResNet descriptor) of each published face: to its original where a "
+              "detector found it again, described at its original box, and to the nearest other original face "
+              f"of the photo; below {check.threshold} would be the same person.",
               "Lineage: `_lineage/` in the release folder (`anonymousnet lineage show`)."]
     return "\n".join(lines) + "\n"
 
@@ -95,26 +95,42 @@ def _leak_check_lines(photos: list[dict], faces: list[dict], policy: Policy) -> 
                      + " and ".join(names.get(j, j) for j in judges)
                      + "; a face found where none was de-identified was de-identified too (or the photo held "
                        "back), and every face found over a de-identified one was measured by dlib's verifier.")
-    boxed = [f for f in faces if f.get("protected_over") == "box" and not _measured_box(f)]
+    escalated = [f for f in faces if str(f.get("box_reason") or "").startswith("still verified")]
+    boxed = [f for f in faces if f.get("protected_over") == "box" and f not in escalated]
     done = {"pixelate": "pixelated", "blur": "blurred", "mask": "masked"}[policy.detection.box_method]
     if boxed:
         small = sum(str(f.get("box_reason") or "").startswith("small") for f in boxed)
         lines.append(f"{len(boxed)} face(s) were {done} over their enlarged box instead of "
                      f"being synthesized: {small} narrower than {policy.detection.min_synthesis_px} px, "
                      f"{len(boxed) - small} too turned or covered for reliable landmarks (reasons per face in "
-                     "lineage, `box_reason`). They are not measured by the verifier.")
-    escalated = [f for f in faces if f.get("protected_over") == "box" and _measured_box(f)]
+                     "lineage, `box_reason`). The verifier does not describe them: at that size or turn dlib's "
+                     "descriptor is not evidence of anyone; the box is their protection.")
     if escalated:
-        lines.append(f"{len(escalated)} face(s) still verified as their original after every method of the "
-                     f"fallback chain and were {done} over their enlarged box as well; they were measured "
-                     "again like every other face.")
+        lines.append(f"{len(escalated)} face(s) still verified after every method of the fallback chain and were "
+                     f"{done} over their enlarged box as well, then measured again.")
+    verifiable = [f for f in faces if f.get("verifiable") is not False]
+    not_found = sum(not _finite(f.get("leak_distance")) for f in verifiable)
+    unmeasured = sum(not measured_at_box(f) for f in verifiable)
+    lines.append(f"Each of the {len(verifiable)} face(s) the verifier describes was also measured at its original box "
+                 f"in the published photo, where someone who knows where the faces were would look ({not_found} that "
+                 f"no detector found again were measured only there; {unmeasured} not measured at all), and against "
+                 "every other original face of its photo.")
+    steps = [kind for f in faces for kind in (f.get("escalated_for") or [])]
+    if steps:
+        counts = {kind: steps.count(kind) for kind in ("found again", "at box", "membership")}
+        lines.append(f"Fallback steps taken: {len(steps)}; {counts['found again']} for a face found again close to "
+                     f"its original, {counts['at box']} for one close to it at its box, {counts['membership']} for "
+                     "one close to another original face of its photo (membership).")
     return lines + ([""] if lines else [])
 
 
-def _measured_box(face: dict) -> bool:
-    """A face protected over its box because the fallback chain left it verifiable: it was
-    described and measured (the others over their box were not)."""
-    return str(face.get("box_reason") or "").startswith("still verified")
+def _finite(value) -> bool:
+    return value is not None and value == value and value != float("inf")
+
+
+def _shown(value, missing: str) -> str:
+    """A distance for the faces table: 3 decimals, or what its absence means."""
+    return f"{value:.3f}" if _finite(value) else missing
 
 
 def _drift_section(run: dict) -> list[str]:

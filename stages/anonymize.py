@@ -24,10 +24,12 @@ profiler was fooled) is measured on it.
 
 A face too small to synthesize (``min_synthesis_px``) or whose landmarks disagree with the
 detector's own points (``max_landmark_error``) is obfuscated over its enlarged detection box
-(``box_method``) instead of its landmark mask, and is not described by the verifier
+(``box_method``, then a flat fill when that still verifies) instead of its landmark mask
 (``face_box_reasons``). A face that still verifies after the whole fallback chain is
-protected over its enlarged box too, as the chain's last step, and is still measured: if it
-verifies even then, the photo is held back. The check searches the output with CenterFace and HOG
+protected over its enlarged box too, as the chain's last steps. Every face is measured
+where the check finds it again, at its original box, and against the photo's other
+original faces (``stages.identity``); no face is published without a measurement at its
+box that passed. The check searches the output with CenterFace and HOG
 (``check_detectors``); what either finds where no face was processed is taken in.
 """
 from __future__ import annotations
@@ -46,9 +48,15 @@ from stages.faces import (
     align_face,
     face_descriptor,
 )
-from stages.identity import CHECK_DETECTORS, check_identity_leaks
+from stages.identity import CHECK_DETECTORS, LeakReport, check_identity_leaks
 from stages.imageio import decode_bytes, encode_clean, output_format_for
-from stages.obfuscate import box_protection_reason, obfuscate, obfuscate_boxes
+from stages.obfuscate import (
+    box_protection_reason,
+    enlarged_box,
+    obfuscate,
+    obfuscate_boxes,
+)
+from stages.obfuscate import mask as flat_fill
 from stages.perturbation import ReleasePerturbation, apply_perturbation, measure_effect
 
 # Changing a crowd's faces changes what the detector makes of their neighbours: a face that
@@ -97,7 +105,11 @@ class AnonymizeResult:
     suffix: str | None
     face_methods: list[str] = field(default_factory=list)
     face_methods_tried: list[list[str]] = field(default_factory=list)
-    face_distances: list[float] = field(default_factory=list)
+    face_distances: list[float] = field(default_factory=list)          # found again (inf: not found)
+    face_distances_at_box: list[float] = field(default_factory=list)   # described at its original box
+    face_membership_distances: list[float] = field(default_factory=list)   # to the photo's other originals
+    face_blank_distances: list[float] = field(default_factory=list)   # the same measurement, face removed
+    face_verifiable: list[bool] = field(default_factory=list)   # described by the verifier (not boxed from the start)
     face_status: list[str] = field(default_factory=list)
     # Per face: index into Stage III's RENDER_VIEWS of the render used (None: not rendered).
     face_render_views: list[int | None] = field(default_factory=list)
@@ -114,12 +126,32 @@ class AnonymizeResult:
     # Per face: why it was protected over its box instead of aligned (None: it was aligned).
     face_box_reasons: list[str | None] = field(default_factory=list)
     detectors: tuple[str, ...] = ()         # detectors whose findings in the output the check judged
+    # Per face: why each fallback step was taken ("found again", "at box", "membership").
+    face_escalated_for: list[list[str]] = field(default_factory=list)
 
 
 def box_reason(face: DetectedFace, settings: AnonymizeSettings) -> str | None:
     """Why ``face`` is protected over its box (too small or unreliable landmarks), or None."""
     return box_protection_reason(face.box[2] - face.box[0], face.landmark_error, settings.min_synthesis_px,
                                  settings.max_landmark_error)
+
+
+def leak_kind(report: LeakReport, index: int, release_distance: float) -> str:
+    """Why leaking face ``index`` verifies: "found again" or "at box" (close to its own
+    original), or "membership" (close to another original face of the photo)."""
+    own = min(report.distances[index], report.at_box[index])
+    if own < min(release_distance, report.blank[index]):
+        return "found again" if own == report.distances[index] else "at box"
+    return "membership"
+
+
+def verified_as(report: LeakReport, index: int, release_distance: float) -> str:
+    """What leaking face ``index`` still verifies as, and how close."""
+    kind = leak_kind(report, index, release_distance)
+    if kind == "membership":
+        return f"distance {report.membership[index]:.3f} to another original face of the photo"
+    where = "where the check found it again" if kind == "found again" else "at its box"
+    return f"distance {min(report.distances[index], report.at_box[index]):.3f} to its original {where}"
 
 
 def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFace],
@@ -139,13 +171,20 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
     crop_size = aligned[0].crop.shape[0] if aligned else ALIGNED_SIZE
     chain = [settings.method] + (settings.fallback if settings.on_leak == "fallback" else [])
     boxed = [box_reason(face, settings) for face in faces]
-    # A face protected over its box is not verified (dlib cannot describe it reliably, and
-    # nothing of it is left to describe): no descriptor, no distance.
+    # A face protected over its box from the start (narrower than min_synthesis_px, or with
+    # landmarks that disagree with the detector's) is not described: dlib's descriptor of a
+    # 20 px face is not evidence of anyone (a flat-filled one in a crowd measured 0.33 from
+    # a neighbour's original). The box method is its protection. Every other face is
+    # described, and measured at its box every round.
     originals = [None if reason else face_descriptor(rgb, face.landmarks) for face, reason in zip(faces, boxed)]
-    chains = [[settings.box_method] if reason else chain for reason in boxed]
+    # Over the box, a flat fill is the last resort when the policy allows fallbacks.
+    box_chain = [settings.box_method] + (["mask"] if settings.box_method != "mask" and settings.on_leak == "fallback"
+                                         else [])
+    chains = [list(box_chain) if reason else chain for reason in boxed]
     step = [0] * len(faces)
     view = [0] * len(faces)
     withdrawn: list[str | None] = [None] * len(faces)   # why Stage IV was taken off a face
+    escalated_for: list[list[str]] = [[] for _ in faces]   # per face: what each step past the first answered
 
     def edit(i: int) -> np.ndarray | None:
         """Face i edited with its chain's current method, skipping ``gan`` where nothing was
@@ -175,8 +214,10 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
         inside = [i for i in range(len(faces)) if not boxed[i]]
         clean = compose_faces(rgb, [aligned[i] for i in inside], [edited[i] for i in inside],
                               settings.feather_fraction, [synthesized[i] for i in inside])
-        clean = obfuscate_boxes(clean, [faces[i].box for i in range(len(faces)) if boxed[i]], settings.box_method,
-                                settings.method_params.get(settings.box_method), settings.box_margin)
+        for method in box_chain:   # over its enlarged box, each face with its chain's current method
+            clean = obfuscate_boxes(clean, [faces[i].box for i in range(len(faces)) if boxed[i]
+                                            and chains[i][step[i]] == method],
+                                    method, settings.method_params.get(method), settings.box_margin)
         perturbed = [settings.perturbation is not None and flag and withdrawn[i] is None
                      for i, flag in enumerate(synthesized)]
         started = time.perf_counter()
@@ -185,15 +226,28 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
         stage_four_seconds += time.perf_counter() - started
         encoded = encode_clean(output, fmt, settings.jpeg_quality)
         published = decode_bytes(encoded)
+        def removed(box: tuple, output: np.ndarray = output) -> np.ndarray:
+            """What would be published with the face at ``box`` filled flat over its enlarged
+            box (as the chain's last step does), encoded and decoded the same way: for the
+            face that already is, the very same pixels."""
+            left, top, right, bottom = enlarged_box(box, settings.box_margin, output.shape)
+            copy = output.copy()
+            copy[top:bottom, left:right] = flat_fill(copy[top:bottom, left:right], settings.method_params.get("mask") or {})
+            return decode_bytes(encode_clean(copy, fmt, settings.jpeg_quality))
+
         report = check_identity_leaks(published, rgb, faces, originals, settings.upsample, settings.max_side,
                                       settings.threshold, settings.tile_side, settings.check_detectors,
-                                      descriptor_cache)
+                                      descriptor_cache, settings.release_distance, removed)
         leaking = report.leaking(settings.release_distance)
         result = AnonymizeResult(
             "released", None, encoded, fmt, suffix,
             face_methods=[chain[i] for chain, i in zip(chains, step)],
             face_methods_tried=[chain[: i + 1] for chain, i in zip(chains, step)],
             face_distances=report.distances,
+            face_distances_at_box=report.at_box,
+            face_membership_distances=report.membership,
+            face_blank_distances=report.blank,
+            face_verifiable=[original is not None for original in originals],
             face_status=["leaking" if i in leaking else "anonymized" for i in range(len(faces))],
             face_render_views=[view[i] if chains[i][step[i]] == "gan" else None for i in range(len(faces))],
             discovered=list(zip(faces[ingest_count:], aligned[ingest_count:])),
@@ -203,6 +257,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             face_perturbation_withdrawn=[withdrawn[i] if synthesized[i] else None for i in range(len(faces))],
             perturbation_seconds=stage_four_seconds,
             face_box_reasons=list(boxed), detectors=report.detectors,
+            face_escalated_for=[list(reasons) for reasons in escalated_for],
         )
         if report.unprocessed_faces:
             if discovery_rounds >= MAX_DISCOVERY_ROUNDS:
@@ -219,10 +274,11 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
                 aligned.append(align)
                 boxed.append(reason)
                 originals.append(None if reason else face_descriptor(rgb, face.landmarks))
-                chains.append([settings.box_method] if reason else chain)
+                chains.append(list(box_chain) if reason else chain)
                 step.append(0)
                 view.append(0)
                 withdrawn.append(None)
+                escalated_for.append([])
                 edited.append(edit(len(faces) - 1))
             continue
         back = [i for i, flag in enumerate(perturbed) if flag and (report.distances[i] == float("inf") or i in leaking)]
@@ -255,22 +311,17 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
             # landmark mask (hair, outline, a small face's context) is what dlib still
             # recognises. Cover its enlarged box as well, and measure it again like any face.
             for i in escalated:
-                boxed[i] = (f"still verified after {'/'.join(chains[i][: step[i] + 1])}: distance "
-                            f"{report.distances[i]:.3f}, the release needs >= {settings.release_distance:.2f}")
-                chains[i] = chains[i][: step[i] + 1] + [settings.box_method]
-                step[i] += 1
-                edited[i] = None
-            for i in leaking:
-                if i not in exhausted:
-                    step[i] += 1
-                    edited[i] = edit(i)
-            continue
-        if exhausted:
+                boxed[i] = (f"still verified after {'/'.join(chains[i][: step[i] + 1])}: "
+                            f"{verified_as(report, i, settings.release_distance)}, the release needs >= {settings.release_distance:.2f}")
+                chains[i] = chains[i][: step[i] + 1] + box_chain
+        stuck = [i for i in exhausted if i not in escalated]
+        if stuck:
             result.status, result.encoded = "quarantined", None
-            tried = "/".join(chains[exhausted[0]][: step[exhausted[0]] + 1])
-            result.reason = (f"face {exhausted[0]} still verifies as its original after {tried} "
-                             f"(distance {report.distances[exhausted[0]]:.3f}, release needs >= {settings.release_distance:.2f})")
+            tried = "/".join(chains[stuck[0]][: step[stuck[0]] + 1])
+            result.reason = (f"face {stuck[0]} still verifies after {tried} "
+                             f"({verified_as(report, stuck[0], settings.release_distance)}, release needs >= {settings.release_distance:.2f})")
             return result
         for i in leaking:
+            escalated_for[i].append(leak_kind(report, i, settings.release_distance))
             step[i] += 1
             edited[i] = edit(i)

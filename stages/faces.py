@@ -138,19 +138,27 @@ def _five_points(landmarks: np.ndarray) -> np.ndarray:
 def _centerface_faces(rgb: np.ndarray, threshold: float, tile_side: int) -> list[DetectedFace]:
     from stages.centerface import detect_face_boxes
 
-    predictor = _landmark_predictor()
     faces = []
     for found in detect_face_boxes(rgb, threshold, tile_side):
-        left, top, right, bottom = found.box
-        width, height = right - left, bottom - top
-        fraction = CENTERFACE_TO_DLIB_BOX
-        rect = (left + fraction[0] * width, top + fraction[1] * height,
-                left + fraction[2] * width, top + fraction[3] * height)
-        landmarks = _shape_to_array(predictor(rgb, _dlib_rect(rect)))
+        width = found.box[2] - found.box[0]
+        landmarks = landmarks_in_box(rgb, found.box, "centerface")
         error = float(np.linalg.norm(_five_points(landmarks) - found.points, axis=1).mean() / max(width, 1.0))
         faces.append(DetectedFace(box=found.box, score=found.score, landmarks=landmarks, detector="centerface",
                                   landmark_error=error))
     return faces
+
+
+def landmarks_in_box(rgb: np.ndarray, box: tuple, detector: str) -> np.ndarray:
+    """dlib's 68 landmarks fitted inside a face box that ``detector`` drew (a CenterFace box
+    is first mapped to the box dlib's detector draws around the same face, which is what
+    the landmark model was trained in)."""
+    if detector == "centerface":
+        left, top, right, bottom = box
+        width, height = right - left, bottom - top
+        fraction = CENTERFACE_TO_DLIB_BOX
+        box = (left + fraction[0] * width, top + fraction[1] * height,
+               left + fraction[2] * width, top + fraction[3] * height)
+    return _shape_to_array(_landmark_predictor()(np.ascontiguousarray(rgb), _dlib_rect(box)))
 
 
 def detect_faces(rgb: np.ndarray, detector: str = "hog", upsample: int = 1,

@@ -43,7 +43,23 @@ FACE_SCHEMA = pa.schema([
     # Anonymize: method finally used, every method tried in order, and the identity check.
     pa.field("method", pa.string()),
     pa.field("methods_tried", pa.list_(pa.string())),
+    # The verifier's distances of the published face: to its original where a check detector
+    # found it again (inf: not found again), described at its original box (always measured),
+    # and to the nearest OTHER original face of its photo when that is within the release
+    # distance and closer than with the face removed (inf: none is).
     pa.field("leak_distance", pa.float64()),
+    pa.field("leak_distance_at_box", pa.float64()),
+    pa.field("membership_distance", pa.float64()),
+    # The closest of those measurements taken again with the face's enlarged box filled flat
+    # (inf: not needed, nothing was close): a distance is evidence of identity only when it
+    # is smaller (stages.identity.LeakReport.blank).
+    pa.field("blank_distance", pa.float64()),
+    # Whether the verifier describes the face: false for one protected over its box from the
+    # start (too small or turned for dlib's descriptor to mean anything); its box is its
+    # protection, and it has no distances.
+    pa.field("verifiable", pa.bool_()),
+    # Why each fallback step was taken: "found again", "at box" or "membership".
+    pa.field("escalated_for", pa.list_(pa.string())),
     # Stage III: the view of the crop the published rendering was drawn from (RENDER_VIEWS:
     # "aligned" unless the verifier lost the first rendering); null when not rendered.
     pa.field("render_view", pa.string()),
@@ -60,8 +76,8 @@ FACE_SCHEMA = pa.schema([
     # its original); null when the face kept it or was not synthesized.
     pa.field("perturbation_withdrawn", pa.string()),
     # Where the method was applied: "mask" (the aligned face's landmark mask: synthesized or
-    # obfuscated and verified) or "box" (the detection box, enlarged: a face too small, turned
-    # or covered to align; not verifiable, so never synthesized), and why it was a box.
+    # obfuscated) or "box" (the detection box, enlarged: a face too small, turned or covered
+    # to align, so never synthesized, or one still verified after the whole chain), and why.
     pa.field("protected_over", pa.string()),
     pa.field("box_reason", pa.string()),
     pa.field("status", pa.string()),
@@ -70,6 +86,30 @@ FACE_SCHEMA = pa.schema([
 # Columns only meaningful inside a run (they point into the deleted work folder).
 WORK_ONLY_COLUMNS = ("crop_file", "crop_row")
 
+
+def _distance(row: dict, column: str) -> float:
+    """A face row's distance in ``column``; missing (None, NaN) reads as inf: not measured."""
+    value = row.get(column)
+    return float("inf") if value is None or value != value else float(value)
+
+
+def measured_at_box(row: dict) -> bool:
+    """Whether the verifier measured the face at its original box (a finite distance)."""
+    return _distance(row, "leak_distance_at_box") < float("inf")
+
+
+def leaks(row: dict, threshold: float) -> bool:
+    """A published face row that verifies, or that the verifier should have measured and did
+    not: closer than ``threshold`` to its original (found again or at its box) and closer to
+    it than with the face removed, or closer than ``threshold`` to another original face of
+    its photo (``membership_distance`` holds only such evidence). A face that is not
+    ``verifiable`` must be protected over its box instead."""
+    if row.get("verifiable") is False or row.get("verifiable") == 0:
+        return row.get("protected_over") != "box"
+    if not measured_at_box(row):
+        return True
+    own = min(_distance(row, "leak_distance"), _distance(row, "leak_distance_at_box"))
+    return own < min(threshold, _distance(row, "blank_distance")) or _distance(row, "membership_distance") < threshold
 
 
 def load_crops(face_rows: list[dict]) -> list[np.ndarray]:

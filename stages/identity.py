@@ -4,19 +4,27 @@ Follows EVALUATION.md's verifier: dlib's HOG detector + 68 landmarks find faces 
 output, and so does CenterFace (a second opinion made for crowds, with dlib's landmarks
 fitted in its boxes); dlib's ResNet descriptor describes them, and a Euclidean distance below the
 threshold (dlib's documented 0.6) means "same person". Each output face is compared with the
-original face(s) its box overlaps (comparing across people would flag look-alikes in group
-photos: two different people can be 0.6 apart), twice: with the original described where
-ingest put its landmarks, and with the original photo described at the output face's own
-landmarks (the same place). Landmarks fitted in a CenterFace box can sit off the face, and
-an original described there is a poor likeness: a synthesized face measured 0.84 from it
-and 0.52 from the same original described at HOG's landmarks. The smaller distance counts. A face found in the output that overlaps
-no original face was never processed (ingest missed it); it is reported separately so
-the caller can process it or hold the photo back.
+original face(s) its box overlaps, twice: with the original described where ingest put its
+landmarks, and with the original photo described at the output face's own landmarks (the
+same place). Landmarks fitted in a CenterFace box can sit off the face, and an original
+described there is a poor likeness: a synthesized face measured 0.84 from it and 0.52
+from the same original described at HOG's landmarks. The smaller distance counts.
+
+A face the detectors do not find again is still measured: every original face is also
+described in the output at landmarks fitted inside its original box, as someone who knows
+where the faces were would do (the release keeps the geometry). And what the output shows
+of each face is compared with every other original face of the photo (membership): a
+published face close to another person's original tells whoever holds that person's
+photo that they are in this one.
+
+A face found in the output that overlaps no original face was never processed (ingest
+missed it); it is reported separately so the caller can process it or hold the photo back.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -27,7 +35,9 @@ from stages.faces import (
     chip_descriptor,
     detect_faces,
     face_chip,
+    landmarks_in_box,
 )
+from stages.obfuscate import enlarged_box
 
 # The detectors whose findings in a published photo the release's check judges: CenterFace
 # (made for crowds: it sees small, turned and covered faces that dlib misses, so a face that
@@ -37,17 +47,49 @@ CHECK_DETECTORS = ("centerface", "hog")
 
 @dataclass
 class LeakReport:
-    # Per original face: smallest descriptor distance to any face found in the output
-    # (inf when no output face was found at all, or the face is not verified: box-protected).
+    # Per original face: smallest descriptor distance to any face found in the output over
+    # it (inf when no output face was found there: "not found again").
     distances: list[float]
+    # Per original face: the output described at landmarks fitted inside the face's original
+    # box, where someone who knows where the face was would look (inf: the face has no
+    # original descriptor, i.e. it was not measured).
+    at_box: list[float] = field(default_factory=list)
+    # Per original face: smallest distance below the release distance from what the output
+    # shows of it (found again or at its box) to any OTHER original face of the photo, that
+    # is also smaller than with the face removed: whoever holds that person's photo must not
+    # learn that they are in this one (inf: none).
+    membership: list[float] = field(default_factory=list)
+    # Per original face whose closest own distance is below the release distance: the same
+    # measurement (same landmarks, same original) on the published photo with the face's
+    # enlarged box filled flat, i.e. with nothing of the face left (inf: not needed). dlib's
+    # descriptor puts what is not a face (a flat fill, a badge HOG took for a face) close to
+    # everything else that is not one: a grey box measured 0.49 from a mission patch's
+    # "face". A distance is evidence of identity only when it is smaller than this: what is
+    # published then shows more of that face than its removal would.
+    blank: list[float] = field(default_factory=list)
     # Output faces that overlap no original face: never processed by the pipeline.
     unprocessed_faces: list[DetectedFace] = field(default_factory=list)
     output_faces_found: int = 0
     detectors: tuple[str, ...] = CHECK_DETECTORS
 
     def leaking(self, release_distance: float) -> list[int]:
-        """Faces closer to their original than ``release_distance``."""
-        return [i for i, d in enumerate(self.distances) if d < release_distance]
+        """Faces that verify as their original (found again or at their box: closer than
+        ``release_distance`` and than a blank chip), or as another original face of the
+        photo (``membership``, judged the same way when measured)."""
+        return [i for i in range(len(self.distances))
+                if min(self.distances[i], self.at_box[i]) < min(release_distance, self.blank[i])
+                or self.membership[i] < release_distance]
+
+    def closest(self, index: int) -> float:
+        """The smallest of face ``index``'s three distances."""
+        return min(self.distances[index], self.at_box[index], self.membership[index])
+
+    def unmeasured(self) -> list[int]:
+        """Faces with no measurement at their box (no original descriptor)."""
+        return [i for i, distance in enumerate(self.at_box) if distance == float("inf")]
+
+
+BLANK_GREY = 128   # the default mask colour, which fills a removed face by default
 
 
 def same_face_as(face: DetectedFace, original_faces: list[DetectedFace]) -> list[int]:
@@ -71,22 +113,39 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
                          original_descriptors: list[np.ndarray | None], upsample: int = 1, max_side: int = 1600,
                          threshold: float = 0.5, tile_side: int = 1024,
                          detectors: tuple[str, ...] = CHECK_DETECTORS,
-                         descriptor_cache: dict | None = None) -> LeakReport:
+                         descriptor_cache: dict | None = None, release_distance: float = 0.65,
+                         removed: Callable[[tuple], np.ndarray] | None = None) -> LeakReport:
     """Find faces in ``output_rgb`` with every detector in ``detectors`` and measure each one
     that overlaps an original face against that original's descriptor (None: the original
-    is not verified, e.g. protected over its box) and against ``original_rgb`` described at
-    the output face's landmarks. A face no original overlaps is returned
-    as unprocessed: a face ingest missed, which the caller must protect or hold back. Both
-    detectors search the whole photo: what either calls a face is protected (HOG's false
-    alarms included, e.g. a badge it takes for a face), so no detector the project has finds
-    an untouched face in what is published. ``descriptor_cache`` (a dict kept across the
-    rounds of one photo) spares describing a face again whose pixels did not change."""
+    is not described, so not measured) and against ``original_rgb`` described at the output
+    face's landmarks. Every described original is also measured at its box in the output,
+    and what the output shows of each face is compared with every other original face
+    (membership). A face no original overlaps is returned as unprocessed: a face ingest
+    missed, which the caller must protect or hold back. Both detectors search the whole
+    photo: what either calls a face is protected (HOG's false alarms included, e.g. a badge
+    it takes for a face), so no detector the project has finds an untouched face in what is
+    published. ``descriptor_cache`` (a dict kept across the rounds of one photo) spares
+    describing a face again whose pixels did not change. A face measured closer than
+    ``release_distance`` is measured again on ``removed(box)``: the published photo as it
+    would be with that face's box filled flat (``LeakReport.blank``; by default the box,
+    enlarged by a quarter, filled grey in ``output_rgb``)."""
+    if removed is None:
+        def removed(box: tuple) -> np.ndarray:
+            left, top, right, bottom = enlarged_box(box, 0.25, output_rgb.shape)
+            copy = output_rgb.copy()
+            copy[top:bottom, left:right] = BLANK_GREY
+            return copy
+
     found: list[DetectedFace] = []
     if "hog" in detectors:
         found += detect_faces(output_rgb, detector="hog", upsample=upsample, max_side=max_side)
     if "centerface" in detectors:
         found += detect_faces(output_rgb, detector="centerface", threshold=threshold, tile_side=tile_side)
-    distances = [float("inf")] * len(original_faces)
+    count = len(original_faces)
+    distances = [float("inf")] * count
+    closest: list[tuple[np.ndarray, np.ndarray] | None] = [None] * count   # (landmarks, target) of the closest
+    # What the output shows of each face: (landmarks, descriptor) found again and at its box.
+    shown: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(count)]
     measured_by_hog: set[int] = set()
     unprocessed: list[DetectedFace] = []
     for face in found:
@@ -106,9 +165,47 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
         if not measured:
             continue
         descriptor = _described(output_rgb, face, descriptor_cache)
-        same_place = float(np.linalg.norm(descriptor - _described(original_rgb, face, descriptor_cache)))
+        same_place = _described(original_rgb, face, descriptor_cache)
         for index in measured:
-            distance = min(same_place, float(np.linalg.norm(descriptor - original_descriptors[index])))
-            distances[index] = min(distances[index], distance)
-    return LeakReport(distances=distances, unprocessed_faces=unprocessed, output_faces_found=len(found),
-                      detectors=tuple(detectors))
+            for target in (same_place, original_descriptors[index]):
+                distance = float(np.linalg.norm(descriptor - target))
+                if distance < distances[index]:
+                    distances[index], closest[index] = distance, (face.landmarks, target)
+            shown[index].append((face.landmarks, descriptor))
+    at_box = [float("inf")] * count
+    for index, (original, descriptor) in enumerate(zip(original_faces, original_descriptors)):
+        if descriptor is None:
+            continue
+        landmarks = landmarks_in_box(output_rgb, original.box, original.detector)
+        at_place = _described(output_rgb, replace(original, landmarks=landmarks), descriptor_cache)
+        at_box[index] = float(np.linalg.norm(at_place - descriptor))
+        if at_box[index] < distances[index]:
+            closest[index] = (landmarks, descriptor)
+        shown[index].append((landmarks, at_place))
+    without: dict[int, np.ndarray] = {}   # the output with face i removed, made when first needed
+
+    def without_face(index: int, landmarks: np.ndarray) -> np.ndarray:
+        """The descriptor at ``landmarks`` of the output with face ``index`` removed."""
+        if index not in without:
+            without[index] = removed(original_faces[index].box)
+        return chip_descriptor(face_chip(without[index], landmarks))
+
+    blank = [float("inf")] * count
+    for index in range(count):
+        if min(distances[index], at_box[index]) < release_distance:
+            landmarks, target = closest[index]
+            blank[index] = float(np.linalg.norm(without_face(index, landmarks) - target))
+    # Membership: what the output shows of face i against every other original j, counted
+    # (like its own distances) only when it is closer to j than with face i removed.
+    membership = [float("inf")] * count
+    for index, views in enumerate(shown):
+        for other, original in enumerate(original_descriptors):
+            if other == index or original is None:
+                continue
+            for landmarks, descriptor in views:
+                distance = float(np.linalg.norm(descriptor - original))
+                if (distance < min(release_distance, membership[index])
+                        and distance < float(np.linalg.norm(without_face(index, landmarks) - original))):
+                    membership[index] = distance
+    return LeakReport(distances=distances, at_box=at_box, membership=membership, blank=blank,
+                      unprocessed_faces=unprocessed, output_faces_found=len(found), detectors=tuple(detectors))

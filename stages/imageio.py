@@ -193,11 +193,40 @@ def decode_bytes(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+def _process_umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere it can only be read by
+    setting it (and setting it back), which is done once, at import."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Published files (photos, lineage, reports) get the mode an ordinary file would get under
+# the user's umask (0644 under the usual 022): the temporary files they are written
+# through are created 0600, and a rename keeps that, so others sharing the release
+# folder could not read what was published.
+PUBLISHED_FILE_MODE = 0o666 & ~_process_umask()
+
+
+def temporary_beside(path: Path) -> tuple[int, str]:
+    """An open descriptor and name of a new hidden temporary file in ``path``'s folder, with
+    :data:`PUBLISHED_FILE_MODE`, to be renamed onto ``path`` once complete."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.fchmod(fd, PUBLISHED_FILE_MODE)
+    return fd, name
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp_name = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

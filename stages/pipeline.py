@@ -201,15 +201,20 @@ def _anonymize_one(row: dict, faces: list[dict], source: Path | None, settings: 
         faces.append(face_row(row["image_id"], len(faces), extra, extra_aligned, row["width"], row["height"],
                               "identity-check"))
     views = [None if view is None else render_view_name(view) for view in result.face_render_views]
-    for face, method, tried, distance, status, view, perturbed, cost, fooled, changed, withdrawn, boxed in zip(
-            faces, result.face_methods, result.face_methods_tried, result.face_distances, result.face_status, views,
-            result.face_perturbed, result.face_perturbation_psnr, result.face_profiler_fooled,
-            result.face_preserved_changed, result.face_perturbation_withdrawn, result.face_box_reasons):
-        face.update(method=method, methods_tried=tried, leak_distance=distance, render_view=view,
+    for (face, method, tried, distance, at_box, membership, status, view, perturbed, cost, fooled, changed, withdrawn,
+         boxed) in zip(faces, result.face_methods, result.face_methods_tried, result.face_distances,
+                       result.face_distances_at_box, result.face_membership_distances, result.face_status, views,
+                       result.face_perturbed, result.face_perturbation_psnr, result.face_profiler_fooled,
+                       result.face_preserved_changed, result.face_perturbation_withdrawn, result.face_box_reasons):
+        face.update(method=method, methods_tried=tried, leak_distance=distance, leak_distance_at_box=at_box,
+                    membership_distance=membership, render_view=view,
                     perturbed=perturbed, perturbation_psnr_db=cost, profiler_fooled=fooled,
                     preserved_changed=changed, perturbation_withdrawn=withdrawn,
                     protected_over="box" if boxed else "mask", box_reason=boxed,
                     status=status if result.status == "released" else "quarantined")
+    for face, reasons, blank, verifiable in zip(faces, result.face_escalated_for, result.face_blank_distances,
+                                                result.face_verifiable):
+        face.update(escalated_for=reasons, blank_distance=blank, verifiable=verifiable)
     row.update(status=result.status, reason=result.reason, output_format=result.output_format,
                output_suffix=result.suffix, n_faces=len(faces), perturbation_seconds=result.perturbation_seconds,
                check_detectors="+".join(result.detectors))

@@ -1,7 +1,9 @@
 """The release flow end to end under prefect_test_harness, on public-domain photos and bad files."""
 import io
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +112,19 @@ def test_outputs_carry_no_metadata_and_faces_are_obfuscated(released, astronaut)
             assert min(np.linalg.norm(descriptor - o) for o in original) >= 0.6
 
 
+def test_published_files_have_ordinary_modes(released):
+    """Readable by others who share the release folder, as any file written under the
+    user's umask would be (the temporary files they go through are created 0600)."""
+    _, output, _ = released
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in output.rglob("*"):   # the folder itself is pytest's (0700)
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+        else:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask, path
+
+
 def test_lineage_schema_and_run_record(released):
     _, output, summary = released
     for name, schema in lineage.SCHEMAS.items():
@@ -198,7 +213,7 @@ def test_unchanged_faces_are_never_published(inputs, tmp_path, prefect_harness, 
     assert summary["n_quarantined"] == 1 and summary["n_released"] == 0
     assert not (tmp_path / "q" / "astronaut.jpg").exists()
     reason = lineage.read_table(tmp_path / "q", "photos").reason.iloc[0]
-    assert "still verifies as its original" in reason
+    assert "still verifies after blur" in reason and "to its original" in reason
 
     blur_first = tmp_path / "blur-first.yaml"
     blur_first.write_text("version: 1\nname: blur-first\nobfuscation:\n  method: blur\n")
