@@ -54,7 +54,9 @@ def test_face_still_verified_after_the_chain_is_protected_over_its_box_and_measu
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings(identity_method, fallback=["identity"]))
     assert result.status == "released"
     real = max(range(len(faces)), key=lambda i: -faces[i].box[1])
-    assert result.face_methods_tried[real] == ["identity", "identity", "pixelate"]
+    # pixelated over its box, then filled flat over it if even that still verifies
+    assert result.face_methods_tried[real] in (["identity", "identity", "pixelate"],
+                                               ["identity", "identity", "pixelate", "mask"])
     assert result.face_box_reasons[real].startswith("still verified after identity/identity")
     assert result.face_distances[real] >= 0.65     # measured again (inf: no detector finds a face there)
     left, top, right, bottom = (int(v) for v in faces[real].box)
