@@ -50,9 +50,9 @@ class LeakReport:
     # Per original face: smallest descriptor distance to any face found in the output over
     # it (inf when no output face was found there: "not found again").
     distances: list[float]
-    # Per original face: the output described at landmarks fitted inside the face's original
-    # box, where someone who knows where the face was would look (inf: the face has no
-    # original descriptor, i.e. it was not measured).
+    # Per original face: the output described where the face was, at its original landmarks
+    # and at landmarks fitted inside its original box (the smaller), as someone who knows
+    # where the face was would look (inf: no original descriptor, i.e. not measured).
     at_box: list[float] = field(default_factory=list)
     # Per original face: smallest distance below the release distance from what the output
     # shows of it (found again or at its box) to any OTHER original face of the photo, that
@@ -79,14 +79,6 @@ class LeakReport:
         return [i for i in range(len(self.distances))
                 if min(self.distances[i], self.at_box[i]) < min(release_distance, self.blank[i])
                 or self.membership[i] < release_distance]
-
-    def closest(self, index: int) -> float:
-        """The smallest of face ``index``'s three distances."""
-        return min(self.distances[index], self.at_box[index], self.membership[index])
-
-    def unmeasured(self) -> list[int]:
-        """Faces with no measurement at their box (no original descriptor)."""
-        return [i for i, distance in enumerate(self.at_box) if distance == float("inf")]
 
 
 BLANK_GREY = 128   # the default mask colour, which fills a removed face by default
