@@ -97,12 +97,13 @@ def ingest_gate(photos: pd.DataFrame, faces: pd.DataFrame) -> GateResult:
     import great_expectations.expectations as gxe
 
     photo_frame = photos[["image_id", "status"]].copy()
-    rejected = photos["status"] == "rejected"
-    photo_frame["rejected_has_reason"] = ~rejected | photos["reason"].notna()
+    # A photo that could not be searched for faces (detector error) is quarantined at ingest.
+    set_aside = photos["status"].isin(["rejected", "quarantined"])
+    photo_frame["set_aside_has_reason"] = ~set_aside | photos["reason"].notna()
     photo_result = validate("gate:ingest:photos", photo_frame, [
         gxe.ExpectColumnValuesToBeUnique(column="image_id"),
-        gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["ingested", "rejected"]),
-        gxe.ExpectColumnValuesToBeInSet(column="rejected_has_reason", value_set=[True]),
+        gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["ingested", "rejected", "quarantined"]),
+        gxe.ExpectColumnValuesToBeInSet(column="set_aside_has_reason", value_set=[True]),
     ])
     if faces.empty:
         return photo_result

@@ -88,6 +88,7 @@ PHOTO_SCHEMA = pa.schema([
     pa.field("source_format", pa.string()),
     pa.field("source_mode", pa.string()),
     pa.field("exif_rotated", pa.bool_()),
+    pa.field("frames", pa.int32()),                      # frames (pages) in the input file
     pa.field("n_faces", pa.int32()),
     pa.field("output_path", pa.string()),                # relative to the release folder
     pa.field("output_format", pa.string()),

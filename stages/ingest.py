@@ -17,6 +17,11 @@ RESERVED_TOP_LEVEL = {"_lineage", "_reports", "report.md"}
 MANIFEST_SUFFIXES = {".csv", ".parquet", ".pq"}
 MANIFEST_PATH_COLUMN = "path"
 
+# Photos with a side shorter than this are rejected: dlib's CNN detector cannot run on them
+# (its filters are larger than the image) and no detector can say whether they hold a face,
+# so they cannot be shown to hold none. Faces a verifier recognises are far larger.
+MIN_PHOTO_SIDE = 16
+
 
 @dataclass(frozen=True)
 class InputPhoto:
@@ -141,9 +146,28 @@ def ingest_photo(photo: InputPhoto, detection: dict, max_pixels: int, aligned_si
     except ImageRejected as exc:
         row.update(status="rejected", reason=str(exc), input_sha256=exc.sha256, input_bytes=exc.size)
         return row, [], []
-    row.update(input_sha256=image.sha256, input_bytes=image.size, height=image.rgb.shape[0], width=image.rgb.shape[1], source_format=image.source_format,
-               source_mode=image.source_mode, exif_rotated=image.exif_rotated)
-    faces = detect_faces(image.rgb, **detection)
-    aligned = [align_face(image.rgb, face.landmarks, aligned_size) for face in faces]
+    height, width = image.rgb.shape[:2]
+    row.update(input_sha256=image.sha256, input_bytes=image.size, height=height, width=width,
+               source_format=image.source_format, source_mode=image.source_mode, exif_rotated=image.exif_rotated,
+               frames=image.frames)
+    if min(height, width) < MIN_PHOTO_SIDE:
+        row.update(status="rejected", reason=f"image too small: {width}x{height} pixels; a photo needs at least "
+                                             f"{MIN_PHOTO_SIDE} pixels a side to be searched for faces")
+        return row, [], []
+    try:
+        faces = detect_faces(image.rgb, **detection)
+        aligned = [align_face(image.rgb, face.landmarks, aligned_size) for face in faces]
+    except Exception as exc:  # noqa: BLE001 - one photo's failure is its own outcome, never the batch's
+        # Unsearched means unknown faces: never published (quarantined), and the run goes on.
+        row.update(status="quarantined", reason=f"face detection failed, so nothing was published: "
+                                                f"{failure_text(exc)}")
+        return row, [], []
     row.update(n_faces=len(faces))
     return row, faces, aligned
+
+
+def failure_text(exc: BaseException) -> str:
+    """An exception as one line for a photo's reason (dlib's messages span many lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = " ".join(lines)[:300]
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__

@@ -25,7 +25,7 @@ from stages.faces import (
 )
 from stages.facetable import load_crops
 from stages.imageio import ImageRejected, load_rgb
-from stages.ingest import InputPhoto, ingest_photo
+from stages.ingest import InputPhoto, failure_text, ingest_photo
 from stages.obfuscate import box_protection_reason
 from stages.parallel import map_in_processes
 
@@ -71,7 +71,11 @@ def ingest_batch(photos: list[InputPhoto], settings: IngestSettings, crops_file:
 
 def _ingest_one(photo: InputPhoto, settings: IngestSettings):
     started = time.perf_counter()
-    row, faces, aligned = ingest_photo(photo, settings.detection(), settings.max_pixels, settings.aligned_size)
+    try:
+        row, faces, aligned = ingest_photo(photo, settings.detection(), settings.max_pixels, settings.aligned_size)
+    except Exception as exc:  # noqa: BLE001 - one photo's failure is its own outcome, never the batch's
+        row, faces, aligned = {"image_id": photo.image_id, "status": "quarantined",
+                               "reason": f"could not be ingested, so nothing was published: {failure_text(exc)}"}, [], []
     if row["status"] is None:
         row["status"] = "ingested"
     row["seconds"] = time.perf_counter() - started
@@ -196,7 +200,12 @@ def _anonymize_one(row: dict, faces: list[dict], source: Path | None, settings: 
     if image.sha256 != row["input_sha256"]:
         return row | {"status": "quarantined", "reason": "file changed between ingest and anonymize; run again"}, faces
     detected, aligned = faces_from_rows(faces, crops)
-    result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings, rendered)
+    try:
+        result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings, rendered)
+    except Exception as exc:  # noqa: BLE001 - one photo's failure is its own outcome, never the batch's
+        why = f"de-identification failed, so nothing was published: {failure_text(exc)}"
+        return (row | {"status": "quarantined", "reason": why, "seconds": row.get("seconds", 0.0)
+                       + time.perf_counter() - started}, [face | {"status": "quarantined"} for face in faces])
     for extra, extra_aligned in result.discovered:
         faces.append(face_row(row["image_id"], len(faces), extra, extra_aligned, row["width"], row["height"],
                               "identity-check"))

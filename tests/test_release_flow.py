@@ -280,3 +280,54 @@ def test_manifest_release_accounts_for_refused_rows(inputs, tmp_path, prefect_ha
     photos = lineage.read_table(tmp_path / "m", "photos").set_index("image_id")
     assert summary["n_inputs"] == 3 and summary["n_released"] == 2 and summary["n_rejected"] == 1
     assert "outside the input root" in photos.loc["../../outside.jpg", "reason"]
+
+
+def test_a_batch_mixing_bad_photos_with_good_ones_still_releases(astronaut, tmp_path, prefect_harness, monkeypatch):
+    """One batch holds good photos, tiny and degenerate images, a face cut by the border, a
+    photo whose detector raises and one whose de-identification raises: each gets its own
+    outcome with a reason, the good ones are released, and the run completes."""
+    from stages import faces as faces_module
+    from stages import pipeline
+
+    photos_in = tmp_path / "in"
+    photos_in.mkdir()
+    Image.fromarray(astronaut).save(photos_in / "astronaut.png")
+    Image.fromarray(astronaut[40:, 200:]).save(photos_in / "border_cut.png")        # the face cut at the left edge
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(photos_in / "one_pixel.png")   # dlib's CNN raises on it
+    Image.fromarray(np.full((1, 500, 3), 200, np.uint8)).save(photos_in / "one_row.png")
+    Image.fromarray(np.full((7, 7), 90, np.uint8)).save(photos_in / "seven.png")
+    Image.fromarray(astronaut[:301, :301]).save(photos_in / "detector_raises.png")
+    Image.fromarray(astronaut[:302, :302]).save(photos_in / "anonymize_raises.png")
+    real_detect, real_anonymize = faces_module.detect_faces, pipeline.anonymize_photo
+
+    def detect(rgb, **kwargs):
+        if rgb.shape[:2] == (301, 301):
+            raise RuntimeError("Error detected at line 2957.\nFilter windows must be small enough")
+        return real_detect(rgb, **kwargs)
+
+    def anonymize(rgb, *args, **kwargs):
+        if rgb.shape[:2] == (302, 302):
+            raise ValueError("landmarks outside the image")
+        return real_anonymize(rgb, *args, **kwargs)
+
+    monkeypatch.setattr(faces_module, "detect_faces", detect)
+    monkeypatch.setattr(pipeline, "anonymize_photo", anonymize)
+    policy = tmp_path / "mixed.yaml"
+    policy.write_text("version: 1\nname: mixed\ndetection:\n  detector: hog+cnn\nobfuscation:\n  method: blur\n"
+                      "perturbation:\n  enabled: false\n")
+    summary = release(input=str(photos_in), output=str(tmp_path / "out"), policy=str(policy), batch_size=16,
+                      photo_workers=1)
+    assert summary["status"] == "completed" and summary["n_inputs"] == 7
+    photos = lineage.read_table(tmp_path / "out", "photos").set_index("image_id")
+    assert photos.loc["astronaut.png", "status"] == "released"
+    assert photos.loc["border_cut.png", "status"] in ("released", "quarantined")
+    for name in ("one_pixel.png", "one_row.png", "seven.png"):
+        assert photos.loc[name, "status"] == "rejected" and "image too small" in photos.loc[name, "reason"]
+    assert photos.loc["detector_raises.png", "status"] == "quarantined"
+    assert "face detection failed" in photos.loc["detector_raises.png", "reason"]
+    assert "Filter windows" in photos.loc["detector_raises.png", "reason"]          # dlib's message, on one line
+    assert photos.loc["anonymize_raises.png", "status"] == "quarantined"
+    assert "de-identification failed" in photos.loc["anonymize_raises.png", "reason"]
+    published = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").glob("*.png")}
+    assert published == set(photos.index[photos.status == "released"])
+    assert summary["n_leaks_published"] == 0 and summary["n_unmeasured_published"] == 0
