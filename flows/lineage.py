@@ -73,6 +73,9 @@ RUN_SCHEMA = pa.schema([
     pa.field("epsilon_release", pa.float64()),
     pa.field("epsilon_spent_before", pa.float64()),
     pa.field("epsilon_budget", pa.float64()),
+    # epsilon_release given back to the dataset's budget: the run failed or was interrupted
+    # before it published any photo (0 or missing: the charge stands)
+    pa.field("epsilon_refunded", pa.float64()),
     pa.field("t_closeness", pa.string()),
 ])
 
@@ -115,7 +118,7 @@ EVENT_SCHEMA = pa.schema([
 ])
 
 # The privacy ledger: one row per release that spent budget, written *before* any photo is
-# touched (a run that then fails has still spent it: the safe direction).
+# touched, and a refund row for a run that then failed before publishing anything.
 PRIVACY_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("dataset", pa.string(), nullable=False),
@@ -125,6 +128,10 @@ PRIVACY_SCHEMA = pa.schema([
     pa.field("policy_sha256", pa.string()),
     pa.field("release_dir", pa.string()),
     pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
+    # charge (the reservation, written before any photo is read) | refund (the same run gave
+    # it back: it failed or was interrupted before publishing anything; file <run_id>-refund)
+    pa.field("entry", pa.string()),
+    pa.field("reason", pa.string()),                     # why a refund was given
 ])
 
 SCHEMAS = {"privacy": PRIVACY_SCHEMA, "runs": RUN_SCHEMA, "photos": PHOTO_SCHEMA, "faces": FACE_LINEAGE_SCHEMA, "events": EVENT_SCHEMA}

@@ -358,6 +358,9 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
             run_row["status"] = "completed"
         except BaseException as exc:
             run_row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            if not journal.published_any():   # its selections reached nobody: give the budget back
+                run_row["epsilon_refunded"] = privacy_ledger.refund(
+                    ledger_dir, run_id, f"the run failed before publishing any photo: {run_row['error'][:300]}")
             raise
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -480,6 +483,9 @@ class _BatchJournal:
         self.photos: list[dict] = []
         self.faces: list[dict] = []
         self.written_photos = self.written_faces = self.written_events = 0
+
+    def published_any(self) -> bool:
+        return any(photo["status"] == "released" for photo in self.photos)
 
     def keep(self, photo_rows: list[dict], face_rows: list[dict]) -> None:
         self.photos += photo_rows

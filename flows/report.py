@@ -225,9 +225,16 @@ def _selection_section(run: dict, faces: list[dict], policy: Policy) -> list[str
              f"{', '.join(attributes.obfuscate) or 'none'} ({privacy.mechanism})",
              f"- Privacy: epsilon {run['epsilon_release']:g} per face; dataset `{_cell(run.get('dataset'))}` had spent "
              f"{run['epsilon_spent_before']:g} of its budget {run['epsilon_budget']:g} before this release, "
-             f"{run['epsilon_budget'] - run['epsilon_spent_before'] - run['epsilon_release']:g} remains",
+             f"{run['epsilon_budget'] - run['epsilon_spent_before'] - run['epsilon_release'] + (run.get('epsilon_refunded') or 0):g} "
+             "remains",
              "- Targets are recorded per face in lineage (`target_attributes`); method `gan` renders them "
              "(Stage III below), the other methods only record them.", ""]
+    if run.get("epsilon_refunded"):
+        lines[-1:-1] = [f"- The run failed before publishing any photo, so its epsilon {run['epsilon_refunded']:g} "
+                        "was given back to the dataset's budget (the ledger keeps the charge and the refund)"]
+    elif run.get("status") in ("failed", "interrupted") and run["epsilon_release"]:
+        lines[-1:-1] = [f"- The run stopped after publishing {run.get('n_released') or 0} photo(s): its epsilon "
+                        f"{run['epsilon_release']:g} stays charged to the dataset (what it published used it)"]
     selected = [f for f in faces if f.get("changed_attributes") is not None]
     if selected:
         mean_changed = sum(len(f["changed_attributes"]) for f in selected) / len(selected)

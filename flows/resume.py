@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows import lineage
+from flows import lineage, privacy_ledger
 from models.registry import sha256_of_file
 from stages.imageio import write_atomic
 from stages.ingest import InputPhoto
@@ -97,9 +97,11 @@ def recover_interrupted(release_dir: Path, recovered_by: str) -> Recovery:
         partial += 1
     withdrawn = []
     intents = release_dir / lineage.LINEAGE_DIR / INTENTS_DIR
+    withdrawn_intents = []
     for intent in sorted(intents.glob("*.json")) if intents.is_dir() else []:
         run_id, part = intent.stem.rsplit("-", 1)
         if not lineage.part_path(release_dir, "photos", run_id, part).exists():
+            withdrawn_intents.append(intent.stem)
             for relative, sha256 in json.loads(intent.read_text()).items():
                 published = release_dir / relative
                 if published.is_file() and sha256_of_file(published) == sha256:
@@ -124,6 +126,13 @@ def recover_interrupted(release_dir: Path, recovered_by: str) -> Recovery:
                        n_quarantined=int(counts.get("quarantined", 0)), n_rejected=int(counts.get("rejected", 0)),
                        n_faces=int((faces.run_id == run["run_id"]).sum()))
             run["models"] = dict(run["models"]) if run.get("models") is not None else None
+            withdrawn_here = any(name.startswith(f"{run['run_id']}-") for name in withdrawn_intents)
+            if run["n_released"] == 0 and not withdrawn_here and isinstance(run.get("ledger_dir"), str):
+                # Nothing of it was ever published (a withdrawn file was, for a moment): its
+                # selections reached nobody, so its reservation goes back to the dataset.
+                run["epsilon_refunded"] = privacy_ledger.refund(
+                    run["ledger_dir"], run["run_id"], f"the run was interrupted before publishing any photo; "
+                                                      f"found by run {recovered_by}")
             lineage.write_table(release_dir, "runs", run["run_id"], [run])
             for stale in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}{run['run_id']}-*"):
                 shutil.rmtree(stale, ignore_errors=True)

@@ -180,6 +180,82 @@ def test_ledger_refuses_release_over_budget(tmp_path):
     assert privacy_ledger.reserve(tmp_path, "other", 4.0, 10.0, "run3", "p", "sha", "out").spent_before == 0
 
 
+def test_ledger_refunds_a_run_that_published_nothing(tmp_path):
+    from flows import resume
+
+    privacy_ledger.reserve(tmp_path, "hr-photos", 4.0, 10.0, "kept", "p", "sha", "out")
+    privacy_ledger.reserve(tmp_path, "hr-photos", 4.0, 10.0, "failed", "p", "sha", "out")
+    assert privacy_ledger.refund(tmp_path, "failed", "it failed before publishing") == 4.0
+    assert privacy_ledger.refund(tmp_path, "failed", "twice") == 0.0             # given back once only
+    assert privacy_ledger.refund(tmp_path, "never-charged", "no such run") == 0.0
+    assert privacy_ledger.spent(tmp_path, "hr-photos") == [4.0]
+    ledger = lineage.read_table(tmp_path, "privacy")
+    assert sorted(ledger.entry) == ["charge", "charge", "refund"]                # the charge stays on record
+    assert ledger.loc[ledger.entry == "refund", "reason"].tolist() == ["it failed before publishing"]
+    assert privacy_ledger.reserve(tmp_path, "hr-photos", 4.0, 10.0, "next", "p", "sha", "out").spent_before == 4.0
+
+    # A run killed before publishing anything is refunded when the next run closes it; one
+    # that had published a photo keeps its charge.
+    release_dir = tmp_path / "release"
+    for run_id, released in (("killed-early", []), ("killed-late", ["a.jpg"])):
+        privacy_ledger.reserve(tmp_path, "d", 1.0, 10.0, run_id, "p", "sha", str(release_dir))
+        lineage.write_table(release_dir, "runs", run_id, [{"run_id": run_id, "status": "running",
+                                                           "ledger_dir": str(tmp_path), "epsilon_release": 1.0}])
+        lineage.write_table(release_dir, "photos", run_id, lineage.project("photos", [
+            {"image_id": name, "status": "released"} for name in released], run_id), "b00000")
+    resume.recover_interrupted(release_dir, "later")
+    runs = lineage.read_table(release_dir, "runs").set_index("run_id")
+    assert runs.loc["killed-early", "epsilon_refunded"] == 1.0 and pd.isna(runs.loc["killed-late", "epsilon_refunded"])
+    assert privacy_ledger.spent(tmp_path, "d") == [1.0]
+
+
+def test_a_failed_release_gives_its_epsilon_back_and_a_partial_one_keeps_it(tmp_path, astronaut, prefect_harness,
+                                                                           monkeypatch):
+    from PIL import Image
+
+    from flows import release as release_module
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.fromarray(astronaut).save(photos / name, quality=90)
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nname: four\ndetection:\n  detector: hog\nobfuscation:\n  method: blur\n"
+                      "perturbation:\n  enabled: false\nattributes:\n  obfuscate: [Young]\n"
+                      "privacy:\n  epsilon: 4\n  budget: 10\n  t: 0.7\n")
+    out = tmp_path / "out"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Stage II crashed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(release_module, "select_attributes_task", broken)
+        with pytest.raises(RuntimeError, match="Stage II crashed"):
+            release_module.release(input=str(photos), output=str(out), policy=str(policy))
+    run = lineage.read_table(out, "runs").iloc[0]
+    assert run.status == "failed" and run.epsilon_refunded == 4.0
+    assert privacy_ledger.spent(out, str(photos.resolve())) == []
+    assert "was given back to the dataset's budget" in (out / "report.md").read_text()
+
+    real_publish, calls = release_module.publish_task, []
+
+    def publish_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError("disk full")
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(release_module, "publish_task", publish_once)
+    with pytest.raises(OSError, match="disk full"):
+        release_module.release(input=str(photos), output=str(out), policy=str(policy), batch_size=1)
+    runs = lineage.read_table(out, "runs").sort_values("started_at")
+    partial = runs.iloc[-1]
+    assert partial.status == "failed" and partial.n_released == 1 and pd.isna(partial.epsilon_refunded)
+    assert partial.epsilon_spent_before == 0.0                 # the failed run's charge was given back
+    assert privacy_ledger.spent(out, str(photos.resolve())) == [4.0]
+    assert "stays charged to the dataset" in (out / "report.md").read_text()
+
+
 def test_three_releases_of_epsilon_4_against_budget_10(tmp_path, astronaut, prefect_harness):
     """Through the release flow: the third release is refused and writes nothing."""
     from PIL import Image
