@@ -284,6 +284,26 @@ def lineage_show(release_dir):
         raise click.ClickException(str(exc)) from None
 
 
+@main.command("verify")
+@click.argument("release_dir", type=click.Path(exists=True, file_okay=False))
+def verify_command(release_dir):
+    """Check that RELEASE_DIR holds exactly the files its lineage recorded (sha256), none
+    missing and none extra, and that no run's lineage was altered since it was written.
+    Exits non-zero with the list of problems."""
+    from flows.audit import verify_release
+
+    result = verify_release(release_dir, progress=True)
+    for problem in result.problems:
+        click.echo(f"PROBLEM {problem}")
+    if result.anchor:
+        click.echo(f"{result.runs_checked} run(s), {result.files_checked} released file(s) checked; newest run "
+                   f"{result.newest_run}, runs record sha256 {result.anchor} (keep it: no later run vouches for "
+                   f"the newest record yet, so compare it next time)")
+    if not result.ok:
+        raise click.ClickException(f"{len(result.problems)} problem(s) found in {release_dir}")
+    click.echo("OK: every released file is the one lineage recorded, and lineage is unaltered")
+
+
 @main.group("policy")
 def policy_group():
     """Check and inspect policy files."""

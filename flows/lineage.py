@@ -77,6 +77,13 @@ RUN_SCHEMA = pa.schema([
     # before it published any photo (0 or missing: the charge stands)
     pa.field("epsilon_refunded", pa.float64()),
     pa.field("t_closeness", pa.string()),
+    # The seal (``anonymousnet verify``): sha256 of every file this run wrote under the
+    # release folder (its lineage parts, privacy rows kept here, its report), keyed by path
+    # relative to the release folder, and of the previous run's runs file, so that changing
+    # any earlier run's records breaks the chain.
+    pa.field("sealed_files", pa.map_(pa.string(), pa.string())),
+    pa.field("previous_run_id", pa.string()),
+    pa.field("previous_run_sha256", pa.string()),
 ])
 
 PHOTO_SCHEMA = pa.schema([
@@ -178,6 +185,46 @@ def write_table(release_dir: str | Path, name: str, run_id: str, rows: list[dict
         Path(temporary).unlink(missing_ok=True)
         raise
     return target
+
+
+# Tables whose files a run's seal covers (the runs file itself is covered by the next run's).
+SEALED_TABLES = ("photos", "faces", "events", "privacy")
+
+
+def run_files(release_dir: str | Path, run_id: str) -> list[Path]:
+    """The lineage files of run ``run_id`` in the sealed tables: ``<run_id>.parquet`` and
+    ``<run_id>-<part>.parquet``."""
+    found = []
+    for name in SEALED_TABLES:
+        folder = Path(release_dir) / LINEAGE_DIR / name
+        if folder.is_dir():
+            found += [path for path in sorted(folder.glob(f"{run_id}*.parquet"))
+                      if path.stem == run_id or path.stem.startswith(f"{run_id}-")]
+    return found
+
+
+def previous_run(runs: pd.DataFrame, run_id: str, started_at) -> str | None:
+    """The run started last before ``started_at`` (the one this run's seal chains to)."""
+    earlier = runs[(runs.run_id != run_id) & (runs.started_at.isna() | (runs.started_at < started_at))]
+    if earlier.empty:
+        return None
+    return str(earlier.sort_values("started_at", na_position="first").iloc[-1].run_id)
+
+
+def seal_run(release_dir: str | Path, run_row: dict, extra_files: list[Path] = ()) -> Path:
+    """Write run ``run_row``'s final runs row with its seal: the sha256 of its lineage files
+    and ``extra_files`` (under the release folder), and of the previous run's runs file."""
+    from models.registry import sha256_of_file
+
+    release_dir = Path(release_dir)
+    run_id = run_row["run_id"]
+    files = run_files(release_dir, run_id) + [Path(f) for f in extra_files if Path(f).is_file()]
+    runs = read_table(release_dir, "runs")
+    previous = previous_run(runs, run_id, run_row.get("started_at") or pd.Timestamp.max.tz_localize("UTC"))
+    run_row.update(sealed_files={path.relative_to(release_dir).as_posix(): sha256_of_file(path) for path in files},
+                   previous_run_id=previous,
+                   previous_run_sha256=sha256_of_file(part_path(release_dir, "runs", previous)) if previous else None)
+    return write_table(release_dir, "runs", run_id, [run_row])
 
 
 def read_table(release_dir: str | Path, name: str) -> pd.DataFrame:

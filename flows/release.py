@@ -365,9 +365,13 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
             summary = journal.close(run_row, events, loaded.policy.identity_check.threshold)
-            report = release_report(summary, journal.photos, journal.faces, events, loaded.policy)
-            write_atomic(release_dir / "_reports" / f"{run_id}.md", report.encode())
-            write_atomic(release_dir / "report.md", report.encode())
+            run_report = release_dir / "_reports" / f"{run_id}.md"
+            try:
+                report = release_report(summary, journal.photos, journal.faces, events, loaded.policy)
+                write_atomic(run_report, report.encode())
+                write_atomic(release_dir / "report.md", report.encode())
+            finally:   # the final runs row, sealed over its lineage and report (anonymousnet verify)
+                lineage.seal_run(release_dir, run_row, [run_report])
             try:
                 _data_docs(release_dir, events)
             except Exception as exc:  # the gates' verdicts are in lineage; the HTML is their rendering
@@ -508,7 +512,8 @@ class _BatchJournal:
         resume.intent_path(self.release_dir, self.run_id, part).unlink(missing_ok=True)
 
     def close(self, run_row: dict, events: list[dict], threshold: float) -> dict:
-        """Write what no batch part holds and the run's final row; returns that row."""
+        """Write what no batch part holds and complete the run's final row (counts); returns
+        it. The caller seals and writes it (:func:`flows.lineage.seal_run`) once the report exists."""
         photos, faces = self.photos, self.faces
         statuses = pd.Series([p["status"] for p in photos], dtype=object)
         released = {p["image_id"] for p in photos if p["status"] == "released"}
@@ -523,5 +528,4 @@ class _BatchJournal:
                                        and not measured_at_box(f) for f in faces))
         if len(photos) > self.written_photos or len(faces) > self.written_faces or len(events) > self.written_events:
             self._write("end", events)
-        lineage.write_table(self.release_dir, "runs", self.run_id, [run_row])
         return run_row

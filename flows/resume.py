@@ -133,7 +133,7 @@ def recover_interrupted(release_dir: Path, recovered_by: str) -> Recovery:
                 run["epsilon_refunded"] = privacy_ledger.refund(
                     run["ledger_dir"], run["run_id"], f"the run was interrupted before publishing any photo; "
                                                       f"found by run {recovered_by}")
-            lineage.write_table(release_dir, "runs", run["run_id"], [run])
+            lineage.seal_run(release_dir, run)   # what it left, as recovery left it
             for stale in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}{run['run_id']}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             interrupted.append(run["run_id"])

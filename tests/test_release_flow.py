@@ -331,3 +331,63 @@ def test_a_batch_mixing_bad_photos_with_good_ones_still_releases(astronaut, tmp_
     published = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").glob("*.png")}
     assert published == set(photos.index[photos.status == "released"])
     assert summary["n_leaks_published"] == 0 and summary["n_unmeasured_published"] == 0
+
+
+def test_verify_finds_every_changed_missing_or_extra_file(released, tmp_path):
+    _, output, _ = released
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    runner = CliRunner()
+    result = runner.invoke(main, ["verify", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert "OK: every released file is the one lineage recorded" in result.output
+    photos = lineage.read_table(copy, "photos")
+    published = sorted(photos.output_path.dropna())
+    (copy / published[0]).write_bytes((copy / published[0]).read_bytes() + b"\0")   # changed
+    (copy / published[1]).unlink()                                                 # missing
+    (copy / "extra.jpg").write_bytes(b"not released")                              # extra
+    part = sorted((copy / "_lineage" / "faces").glob("*.parquet"))[0]
+    frame = pq.read_table(part)
+    pq.write_table(frame.slice(1), part)                                          # lineage edited
+    (copy / "_lineage" / "events" / "someone-else.parquet").write_bytes(b"x")      # lineage added
+    result = runner.invoke(main, ["verify", str(copy)])
+    assert result.exit_code != 0
+    assert f"changed: {published[0]}" in result.output and f"missing: {published[1]}" in result.output
+    assert "extra: extra.jpg" in result.output
+    assert f"{part.relative_to(copy).as_posix()} was changed after it was written" in result.output
+    assert "someone-else.parquet belongs to no recorded run" in result.output
+    assert "5 problem(s) found" in result.output
+
+
+def test_each_run_seals_its_lineage_and_chains_to_the_one_before(tmp_path):
+    import datetime as dt
+
+    from flows.audit import verify_release
+
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    for day, run_id in enumerate(("r1", "r2", "r3")):
+        lineage.write_table(tmp_path, "photos", run_id, lineage.project("photos", [
+            {"image_id": f"{run_id}.jpg", "status": "rejected", "reason": "corrupt"}], run_id), "b00000")
+        lineage.seal_run(tmp_path, {"run_id": run_id, "status": "completed", "started_at": start + dt.timedelta(day)})
+    result = verify_release(tmp_path)
+    assert result.ok and result.runs_checked == 3 and result.newest_run == "r3", result.problems
+    runs = lineage.read_table(tmp_path, "runs").set_index("run_id")
+    assert runs.loc["r2", "previous_run_id"] == "r1" and pd.isna(runs.loc["r1", "previous_run_id"])
+    assert dict(runs.loc["r2", "sealed_files"]) == {"_lineage/photos/r2-b00000.parquet": ANY_SHA256}
+
+    rewritten = runs.loc["r1"].to_dict() | {"run_id": "r1", "status": "failed"}   # history rewritten
+    rewritten["sealed_files"] = dict(rewritten["sealed_files"])
+    lineage.write_table(tmp_path, "runs", "r1", [rewritten])
+    assert verify_release(tmp_path).problems == ["run r1: its runs record was changed after run r2 sealed it"]
+    lineage.part_path(tmp_path, "runs", "r2").unlink()                              # a run removed
+    problems = verify_release(tmp_path).problems
+    assert any("run r3: chained to run r2, but the run before it is r1" in p for p in problems)
+    assert any("r2-b00000.parquet belongs to no recorded run" in p for p in problems)
+
+
+class _AnySha256:
+    def __eq__(self, other):
+        return isinstance(other, str) and len(other) == 64 and all(c in "0123456789abcdef" for c in other)
+
+
+ANY_SHA256 = _AnySha256()
