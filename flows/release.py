@@ -71,7 +71,8 @@ def _ingest_settings(policy: Policy, workers: int = 1) -> IngestSettings:
     detection = policy.detection
     return IngestSettings(detector=detection.detector, upsample=detection.upsample, max_side=detection.max_side,
                           cnn_max_side=detection.cnn_max_side, threshold=detection.threshold,
-                          tile_side=detection.tile_side, max_pixels=policy.input.max_pixels, workers=workers)
+                          tile_side=detection.tile_side, max_pixels=policy.input.max_pixels,
+                          multi_frame=policy.input.multi_frame, workers=workers)
 
 
 def anonymize_settings(policy: Policy, workers: int = 1) -> AnonymizeSettings:
@@ -89,6 +90,7 @@ def anonymize_settings(policy: Policy, workers: int = 1) -> AnonymizeSettings:
         max_landmark_error=policy.detection.max_landmark_error, box_method=policy.detection.box_method,
         box_margin=policy.detection.box_margin, output_format=policy.output.format,
         jpeg_quality=policy.output.jpeg_quality, synthesis_batch=obfuscation.gan.batch_size,
+        frame_detection=_ingest_settings(policy).detection(),
         rerender_views=obfuscation.gan.rerender_views, workers=workers,
         perturbation=(installed_perturbation(policy.perturbation.xi, policy.perturbation.min_psnr_db,
                                              tuple(policy.attributes.preserve))

@@ -32,6 +32,9 @@ class _Strict(BaseModel):
 class InputPolicy(_Strict):
     max_pixels: int = Field(40_000_000, ge=10_000, le=500_000_000,
                             description="Photos with more pixels are rejected before decoding (decompression-bomb guard).")
+    multi_frame: Literal["deidentify", "reject"] = Field(
+        "deidentify", description="Animated GIF/PNG/WebP and multi-page TIFF: deidentify every frame and publish them "
+                                  "all with their timing, or reject such files (with the reason).")
 
 
 class DetectionPolicy(_Strict):

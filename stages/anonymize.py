@@ -90,6 +90,9 @@ class AnonymizeSettings:
     synthesis_batch: int = 64
     rerender_views: int = 4                 # further views tried for a rendered face the check lost
     perturbation: ReleasePerturbation | None = None   # Stage IV on synthesized faces (None: off)
+    # stages.faces.detect_faces's keyword arguments at ingest: a multi-frame file's further
+    # frames are searched with them (stages.pipeline)
+    frame_detection: dict = field(default_factory=dict)
 
     @property
     def uses_generator(self) -> bool:

@@ -24,7 +24,8 @@ FACE_SCHEMA = pa.schema([
     pa.field("box_left", pa.float64()), pa.field("box_top", pa.float64()),
     pa.field("box_right", pa.float64()), pa.field("box_bottom", pa.float64()),
     pa.field("detector_score", pa.float64()),
-    pa.field("found_by", pa.string()),          # "ingest", or "identity-check" for a face ingest missed
+    pa.field("found_by", pa.string()),          # "ingest", "identity-check" (a face ingest missed) or "frame" (a further frame)
+    pa.field("frame", pa.int32()),              # frame of a multi-frame file (0: first; null: a single-frame photo)
     pa.field("detector", pa.string()),          # which detector found it: centerface | hog | cnn
     # Mean distance of dlib's fitted landmarks from the detector's own five points, over the
     # box width (CenterFace faces; null for dlib's detectors, which give no points).

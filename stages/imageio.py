@@ -46,7 +46,7 @@ class LoadedImage:
     source_format: str       # PIL format name of the input, e.g. "JPEG"
     source_mode: str         # PIL mode before conversion, e.g. "CMYK", "I;16", "P"
     exif_rotated: bool       # an EXIF orientation other than "normal" was applied
-    frames: int              # frames in the file; only the first is used
+    frames: int              # frames in the file (load_frames reads them all)
     sha256: str              # of the file's bytes as read
     size: int                # bytes
 
@@ -157,6 +157,77 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedIma
         sha256=sha256_bytes(data),
         size=len(data),
     )
+
+
+# A multi-frame file with more frames than this is rejected (each frame is searched and
+# checked like a photo; a long animation belongs in the video pipeline).
+MAX_FRAMES = 300
+
+
+@dataclass(frozen=True)
+class Frames:
+    """Every frame of a multi-frame file (animated GIF/PNG/WebP, multi-page TIFF), upright
+    8-bit RGB, with each frame's display time and the loop count."""
+    rgb: list[np.ndarray]
+    durations_ms: list[int]
+    loop: int
+    source_format: str
+    sha256: str
+
+
+def load_frames(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Frames:
+    """All frames of ``path`` (the first is what :func:`load_rgb` returns). Raises
+    :class:`ImageRejected` like it, and for more than :data:`MAX_FRAMES` frames."""
+    first = load_rgb(path, max_pixels)   # the checks (size, corruption) on the file
+    if first.frames > MAX_FRAMES:
+        raise ImageRejected(f"{first.frames} frames: more than the {MAX_FRAMES} a multi-frame image may have "
+                            "(release it as a video)")
+    frames, durations = [], []
+    try:
+        with Image.open(io.BytesIO(Path(path).read_bytes())) as image:
+            loop = int(image.info.get("loop", 0) or 0)
+            for index in range(first.frames):
+                image.seek(index)
+                durations.append(int(image.info.get("duration", 0) or 0))
+                frames.append(_to_uint8_rgb(ImageOps.exif_transpose(image.copy())))
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected(f"corrupt frame in a multi-frame image: {exc}") from exc
+    return Frames(frames, durations, loop, first.source_format, first.sha256)
+
+
+# Multi-frame files are released in a lossless container that keeps every frame and its
+# timing, so that each frame published is exactly the frame the identity check judged:
+# animated PNG for GIF (whose palette would alter the checked pixels) and anything else,
+# multi-page TIFF for TIFF, lossless animated WebP for WebP.
+_MULTI_FRAME_FORMATS = {"TIFF": ("TIFF", ".tif"), "WEBP": ("WEBP", ".webp")}
+
+
+def multi_frame_format_for(source_format: str) -> tuple[str, str]:
+    return _MULTI_FRAME_FORMATS.get(source_format.upper(), ("PNG", ".png"))
+
+
+def encode_frames(frames: list[np.ndarray], durations_ms: list[int], loop: int, fmt: str) -> bytes:
+    """Encode frames (pixels and timing only, no metadata from the input) losslessly."""
+    images = [Image.fromarray(frame, mode="RGB") for frame in frames]
+    buffer = io.BytesIO()
+    if fmt == "TIFF":
+        images[0].save(buffer, "TIFF", save_all=True, append_images=images[1:], compression="tiff_deflate")
+    elif fmt == "WEBP":
+        images[0].save(buffer, "WEBP", save_all=True, append_images=images[1:], lossless=True,
+                       duration=durations_ms, loop=loop)
+    else:
+        images[0].save(buffer, "PNG", save_all=True, append_images=images[1:], duration=durations_ms, loop=loop)
+    return buffer.getvalue()
+
+
+def decode_frames(data: bytes) -> list[np.ndarray]:
+    """Every frame of bytes produced by :func:`encode_frames`, as RGB."""
+    frames = []
+    with Image.open(io.BytesIO(data)) as image:
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            frames.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    return frames
 
 
 def output_format_for(source_format: str, requested: str = "same") -> tuple[str, str]:

@@ -126,10 +126,13 @@ def discover_inputs(location: str | Path, root: str | Path | None = None) -> tup
     return input_root, unique
 
 
-def ingest_photo(photo: InputPhoto, detection: dict, max_pixels: int, aligned_size: int):
+def ingest_photo(photo: InputPhoto, detection: dict, max_pixels: int, aligned_size: int,
+                 multi_frame: str = "deidentify"):
     """Load one photo, find its faces and align them.
 
-    ``detection`` holds :func:`stages.faces.detect_faces`'s keyword arguments.
+    ``detection`` holds :func:`stages.faces.detect_faces`'s keyword arguments. The faces are
+    the first frame's; a multi-frame file's further frames are searched at anonymize, or the
+    file is rejected when ``multi_frame`` is ``reject``.
     Returns ``(photo_row, faces, aligned_faces)`` where ``photo_row`` is a dict for the
     photos table (status ``rejected`` with a reason when the file cannot be used).
     """
@@ -150,6 +153,10 @@ def ingest_photo(photo: InputPhoto, detection: dict, max_pixels: int, aligned_si
     row.update(input_sha256=image.sha256, input_bytes=image.size, height=height, width=width,
                source_format=image.source_format, source_mode=image.source_mode, exif_rotated=image.exif_rotated,
                frames=image.frames)
+    if image.frames > 1 and multi_frame == "reject":
+        row.update(status="rejected", reason=f"multi-frame image ({image.frames} frames) and the policy says "
+                                             "input.multi_frame: reject")
+        return row, [], []
     if min(height, width) < MIN_PHOTO_SIDE:
         row.update(status="rejected", reason=f"image too small: {width}x{height} pixels; a photo needs at least "
                                              f"{MIN_PHOTO_SIDE} pixels a side to be searched for faces")

@@ -7,6 +7,7 @@ its end; it is never inside the release folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -20,11 +21,22 @@ from stages.faces import (
     ALIGNED_SIZE,
     AlignedFace,
     DetectedFace,
+    align_face,
     apply_affine,
+    detect_faces,
     invert_affine,
 )
 from stages.facetable import load_crops
-from stages.imageio import ImageRejected, load_rgb
+from stages.imageio import (
+    Frames,
+    ImageRejected,
+    decode_bytes,
+    decode_frames,
+    encode_frames,
+    load_frames,
+    load_rgb,
+    multi_frame_format_for,
+)
 from stages.ingest import InputPhoto, failure_text, ingest_photo
 from stages.obfuscate import box_protection_reason
 from stages.parallel import map_in_processes
@@ -42,6 +54,7 @@ class IngestSettings:
     threshold: float = 0.5
     tile_side: int = 1024
     max_pixels: int = 40_000_000
+    multi_frame: str = "deidentify"        # or "reject": multi-frame files are rejected
     aligned_size: int = ALIGNED_SIZE
     workers: int = 1                       # processes across the batch's photos (stages.parallel)
 
@@ -72,7 +85,8 @@ def ingest_batch(photos: list[InputPhoto], settings: IngestSettings, crops_file:
 def _ingest_one(photo: InputPhoto, settings: IngestSettings):
     started = time.perf_counter()
     try:
-        row, faces, aligned = ingest_photo(photo, settings.detection(), settings.max_pixels, settings.aligned_size)
+        row, faces, aligned = ingest_photo(photo, settings.detection(), settings.max_pixels, settings.aligned_size,
+                                           settings.multi_frame)
     except Exception as exc:  # noqa: BLE001 - one photo's failure is its own outcome, never the batch's
         row, faces, aligned = {"image_id": photo.image_id, "status": "quarantined",
                                "reason": f"could not be ingested, so nothing was published: {failure_text(exc)}"}, [], []
@@ -188,27 +202,49 @@ def _anonymize_one(row: dict, faces: list[dict], source: Path | None, settings: 
                    max_pixels: int, staging_dir: Path, crops: list[np.ndarray],
                    rendered: list[FaceRenders | None]) -> tuple[dict, list[dict]]:
     """Anonymize one photo (``crops`` and ``rendered``: its faces' aligned crops and Stage III
-    renders). Returns the photo row and its face rows, with the faces the identity check
-    found appended."""
+    renders), every frame of a multi-frame file. Returns the photo row and its face rows,
+    with the faces the identity check found appended."""
     if row["status"] != "ingested":
         return row, faces
     started = time.perf_counter()
+    multi_frame = (row.get("frames") or 1) > 1
     try:
-        image = load_rgb(source, max_pixels=max_pixels)
+        image = load_frames(source, max_pixels) if multi_frame else load_rgb(source, max_pixels=max_pixels)
     except ImageRejected as exc:  # vanished or damaged since ingest
         return row | {"status": "rejected", "reason": f"unreadable at anonymize: {exc}"}, faces
     if image.sha256 != row["input_sha256"]:
         return row | {"status": "quarantined", "reason": "file changed between ingest and anonymize; run again"}, faces
     detected, aligned = faces_from_rows(faces, crops)
     try:
-        result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings, rendered)
+        if multi_frame:
+            faces, outcome = _anonymize_frames(row, faces, detected, aligned, image, settings, rendered)
+        else:
+            result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings, rendered)
+            faces = _record_faces(row, faces, result, None)
+            outcome = {"status": result.status, "reason": result.reason, "output_format": result.output_format,
+                       "output_suffix": result.suffix, "perturbation_seconds": result.perturbation_seconds,
+                       "check_detectors": "+".join(result.detectors), "encoded": result.encoded}
     except Exception as exc:  # noqa: BLE001 - one photo's failure is its own outcome, never the batch's
         why = f"de-identification failed, so nothing was published: {failure_text(exc)}"
         return (row | {"status": "quarantined", "reason": why, "seconds": row.get("seconds", 0.0)
                        + time.perf_counter() - started}, [face | {"status": "quarantined"} for face in faces])
+    encoded = outcome.pop("encoded")
+    row.update(outcome, n_faces=len(faces))
+    if encoded is not None:
+        staged = staging_dir / (hashlib.sha256(row["image_id"].encode()).hexdigest()[:24] + ".bin")
+        staged.write_bytes(encoded)
+        row["staged_file"] = str(staged)
+    row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - started
+    return row, faces
+
+
+def _record_faces(row: dict, faces: list[dict], result, frame: int | None, first_index: int = 0) -> list[dict]:
+    """``faces`` (one frame's face rows) updated with what :func:`anonymize_photo` did to each,
+    and the faces its check found appended (numbered on from ``first_index + len(faces)``)."""
+    faces = list(faces)
     for extra, extra_aligned in result.discovered:
-        faces.append(face_row(row["image_id"], len(faces), extra, extra_aligned, row["width"], row["height"],
-                              "identity-check"))
+        faces.append(face_row(row["image_id"], first_index + len(faces), extra, extra_aligned, row["width"],
+                              row["height"], "identity-check") | {"frame": frame})
     views = [None if view is None else render_view_name(view) for view in result.face_render_views]
     for (face, method, tried, distance, at_box, membership, status, view, perturbed, cost, fooled, changed, withdrawn,
          boxed) in zip(faces, result.face_methods, result.face_methods_tried, result.face_distances,
@@ -224,12 +260,60 @@ def _anonymize_one(row: dict, faces: list[dict], source: Path | None, settings: 
     for face, reasons, blank, verifiable in zip(faces, result.face_escalated_for, result.face_blank_distances,
                                                 result.face_verifiable):
         face.update(escalated_for=reasons, blank_distance=blank, verifiable=verifiable)
-    row.update(status=result.status, reason=result.reason, output_format=result.output_format,
-               output_suffix=result.suffix, n_faces=len(faces), perturbation_seconds=result.perturbation_seconds,
-               check_detectors="+".join(result.detectors))
-    if result.encoded is not None:
-        staged = staging_dir / (hashlib.sha256(row["image_id"].encode()).hexdigest()[:24] + ".bin")
-        staged.write_bytes(result.encoded)
-        row["staged_file"] = str(staged)
-    row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - started
-    return row, faces
+    return faces
+
+
+def _collapse_repeats(frames: list[np.ndarray]) -> list[np.ndarray]:
+    """Frames with consecutive identical ones merged (animated PNG and WebP store them once,
+    adding up their display times)."""
+    kept: list[np.ndarray] = []
+    for frame in frames:
+        if not kept or not np.array_equal(kept[-1], frame):
+            kept.append(frame)
+    return kept
+
+
+def _anonymize_frames(row: dict, faces: list[dict], detected: list[DetectedFace], aligned: list[AlignedFace],
+                      frames: Frames, settings: AnonymizeSettings,
+                      rendered: list[FaceRenders | None]) -> tuple[list[dict], dict]:
+    """Every frame of a multi-frame file de-identified and checked like a photo of its own:
+    the first with ingest's faces (Stage II targets and III renders), each further frame with
+    the faces the ingest detector finds in it, which have no Stage II targets (a person in
+    many frames would otherwise spend epsilon once per frame), so the policy's first method
+    other than ``gan`` protects them. Frames are checked as lossless PNG and published in a
+    lossless multi-frame container with their timing; the file is held back when any frame is."""
+    lossless = dataclasses.replace(settings, output_format="png")
+    fmt, suffix = multi_frame_format_for(frames.source_format)
+    all_faces, checked, results = [], [], []
+    for index, rgb in enumerate(frames.rgb):
+        if index == 0:
+            frame_faces = [face | {"frame": 0} for face in faces]
+            result = anonymize_photo(rgb, "PNG", detected, aligned, lossless, rendered)
+        else:
+            found = detect_faces(rgb, **settings.frame_detection)
+            frame_aligned = [align_face(rgb, face.landmarks) for face in found]
+            frame_faces = [face_row(row["image_id"], len(all_faces) + i, face, align, row["width"], row["height"],
+                                    "frame") | {"frame": index, "status": "detected"}
+                           for i, (face, align) in enumerate(zip(found, frame_aligned))]
+            result = anonymize_photo(rgb, "PNG", found, frame_aligned, lossless, None)
+        all_faces += _record_faces(row, frame_faces, result, index, len(all_faces))
+        results.append(result)
+        if result.status != "released":
+            for face in all_faces:
+                face["status"] = "quarantined"
+            return all_faces, {"status": "quarantined", "reason": f"frame {index + 1} of {len(frames.rgb)}: "
+                               f"{result.reason}", "output_format": fmt, "output_suffix": suffix, "encoded": None,
+                               "perturbation_seconds": sum(r.perturbation_seconds for r in results)}
+        checked.append(decode_bytes(result.encoded))
+    encoded = encode_frames(checked, frames.durations_ms, frames.loop, fmt)
+    outcome = {"status": "released", "reason": None, "output_format": fmt, "output_suffix": suffix,
+               "encoded": encoded, "perturbation_seconds": sum(r.perturbation_seconds for r in results),
+               "check_detectors": "+".join(results[0].detectors)}
+    written = decode_frames(encoded)
+    if len(_collapse_repeats(written)) != len(_collapse_repeats(checked)) or not all(
+            np.array_equal(a, b) for a, b in zip(_collapse_repeats(written), _collapse_repeats(checked))):
+        outcome.update(status="quarantined", encoded=None,
+                       reason="the multi-frame file written does not decode to the frames the check judged")
+        for face in all_faces:
+            face["status"] = "quarantined"
+    return all_faces, outcome

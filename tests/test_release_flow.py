@@ -391,3 +391,57 @@ class _AnySha256:
 
 
 ANY_SHA256 = _AnySha256()
+
+
+def test_every_frame_of_a_multi_frame_file_is_deidentified(astronaut, tmp_path, prefect_harness):
+    """An animated GIF and a two-page TIFF: every frame de-identified and checked, all frames
+    and their timing published; ``input.multi_frame: reject`` rejects them with the reason."""
+    from skimage import data
+
+    photos_in = tmp_path / "in"
+    photos_in.mkdir()
+    shifted = np.roll(astronaut, (40, -60), axis=(0, 1))
+    coffee = np.asarray(Image.fromarray(data.coffee()).resize((512, 512)))
+    originals = [astronaut, shifted, coffee]
+    gif_frames = [Image.fromarray(frame).quantize(256) for frame in originals]
+    gif_frames[0].save(photos_in / "animated.gif", save_all=True, append_images=gif_frames[1:],
+                       duration=[100, 150, 200], loop=0)
+    pages = [Image.fromarray(frame) for frame in (shifted, astronaut)]
+    pages[0].save(photos_in / "pages.tif", save_all=True, append_images=pages[1:])
+    policy = tmp_path / "frames.yaml"
+    policy.write_text("version: 1\nname: frames\nobfuscation:\n  method: blur\nperturbation:\n  enabled: false\n")
+    summary = release(input=str(photos_in), output=str(tmp_path / "out"), policy=str(policy))
+    assert summary["status"] == "completed" and summary["n_released"] == 2 and summary["n_leaks_published"] == 0
+    photos = lineage.read_table(tmp_path / "out", "photos").set_index("image_id")
+    assert photos.loc["animated.gif", "frames"] == 3 and photos.loc["pages.tif", "frames"] == 2
+    faces = lineage.read_table(tmp_path / "out", "faces")
+    gif_faces = faces[faces.image_id == "animated.gif"]
+    assert {0, 1} <= set(gif_faces.frame) and gif_faces.face_index.is_unique
+    real = gif_faces[gif_faces.found_by != "identity-check"]   # the astronaut, not her mission patch (HOG's)
+    assert set(real.frame) == {0, 1} and (real.leak_distance_at_box >= 0.6).all()
+
+    with Image.open(tmp_path / "out" / photos.loc["animated.gif", "output_path"]) as published:
+        assert published.format == "PNG" and published.n_frames == 3
+        frames, durations = [], []
+        for index in range(3):
+            published.seek(index)
+            durations.append(published.info["duration"])
+            frames.append(np.asarray(published.convert("RGB")))
+    assert durations == [100, 150, 200]
+    with Image.open(tmp_path / "out" / photos.loc["pages.tif", "output_path"]) as published:
+        assert published.n_frames == 2
+    decoded = [np.asarray(frame.convert("RGB")) for frame in gif_frames]
+    for original, output in zip(decoded[:2], frames[:2]):   # the astronaut in each frame no longer verifies
+        for face in detect_faces(original, detector="hog"):
+            if face.box[1] < 300:   # her face; the mission patch below it is no one (0.49 from a grey chip)
+                distance = np.linalg.norm(face_descriptor(original, face.landmarks)
+                                          - face_descriptor(output, face.landmarks))
+                assert distance >= 0.6
+    assert np.abs(frames[2].astype(int) - decoded[2]).mean() < 1.0   # the frame without a face is kept as it was
+
+    reject = tmp_path / "reject.yaml"
+    reject.write_text("version: 1\nname: no-frames\ninput:\n  multi_frame: reject\nobfuscation:\n  method: blur\n")
+    release(input=str(photos_in), output=str(tmp_path / "rejected"), policy=str(reject))
+    refused = lineage.read_table(tmp_path / "rejected", "photos").set_index("image_id")
+    assert (refused.status == "rejected").all()
+    assert "multi-frame image (3 frames)" in refused.loc["animated.gif", "reason"]
