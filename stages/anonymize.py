@@ -46,6 +46,7 @@ from stages.faces import (
     AlignedFace,
     DetectedFace,
     align_face,
+    detect_faces,
     face_descriptor,
 )
 from stages.identity import CHECK_DETECTORS, LeakReport, check_identity_leaks
@@ -208,6 +209,10 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
     discovery_rounds = 0
     stage_four_seconds = 0.0
     descriptor_cache: dict = {}             # faces whose pixels a round did not change are not described again
+    # The verifier's own detector's faces in the original, found once: the check also
+    # describes each face through them (stages.identity.check_identity_leaks).
+    verifier_faces = (detect_faces(rgb, detector="hog", upsample=settings.upsample, max_side=settings.max_side)
+                      if "hog" in settings.check_detectors else [])
     while True:
         unrenderable = [i for i, crop in enumerate(edited) if crop is None and not boxed[i]]
         if unrenderable:
@@ -240,7 +245,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
 
         report = check_identity_leaks(published, rgb, faces, originals, settings.upsample, settings.max_side,
                                       settings.threshold, settings.tile_side, settings.check_detectors,
-                                      descriptor_cache, settings.release_distance, removed)
+                                      descriptor_cache, settings.release_distance, removed, verifier_faces)
         leaking = report.leaking(settings.release_distance)
         result = AnonymizeResult(
             "released", None, encoded, fmt, suffix,

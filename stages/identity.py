@@ -106,7 +106,8 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
                          threshold: float = 0.5, tile_side: int = 1024,
                          detectors: tuple[str, ...] = CHECK_DETECTORS,
                          descriptor_cache: dict | None = None, release_distance: float = 0.65,
-                         removed: Callable[[tuple], np.ndarray] | None = None) -> LeakReport:
+                         removed: Callable[[tuple], np.ndarray] | None = None,
+                         verifier_faces: list[DetectedFace] | None = None) -> LeakReport:
     """Find faces in ``output_rgb`` with every detector in ``detectors`` and measure each one
     that overlaps an original face against that original's descriptor (None: the original
     is not described, so not measured) and against ``original_rgb`` described at the output
@@ -120,7 +121,14 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
     describing a face again whose pixels did not change. A face measured closer than
     ``release_distance`` is measured again on ``removed(box)``: the published photo as it
     would be with that face's box filled flat (``LeakReport.blank``; by default the box,
-    enlarged by a quarter, filled grey in ``output_rgb``)."""
+    enlarged by a quarter, filled grey in ``output_rgb``).
+
+    ``verifier_faces`` are the faces the verifier's own detector (HOG) finds in the
+    original, found once per photo by the caller. Where one overlaps a described face, the
+    original is also described at its landmarks, and that face is also measured at its box
+    and landmarks: a verifier that looks with its own detector describes the faces a little
+    differently (seen: 0.58 to another person of the photo through HOG's landmarks, above
+    0.65 through CenterFace's box), and every description an attacker can make is judged."""
     if removed is None:
         def removed(box: tuple) -> np.ndarray:
             left, top, right, bottom = enlarged_box(box, 0.25, output_rgb.shape)
@@ -134,6 +142,18 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
     if "centerface" in detectors:
         found += detect_faces(output_rgb, detector="centerface", threshold=threshold, tile_side=tile_side)
     count = len(original_faces)
+    # Each described face's originals (the ingest description, then the verifier detector's)
+    # and the boxes and landmarks it is looked for at in the output.
+    targets: list[list[np.ndarray]] = [[] if d is None else [d] for d in original_descriptors]
+    places: list[list[tuple[tuple, np.ndarray, str]]] = [[(f.box, f.landmarks, f.detector)] for f in original_faces]
+    for index, original in enumerate(original_faces):
+        if original_descriptors[index] is None:
+            continue
+        for other in verifier_faces or []:
+            if box_overlap(other.box, original.box) > SAME_FACE_OVERLAP \
+                    and not np.allclose(other.landmarks, original.landmarks):
+                targets[index].append(_described(original_rgb, other, descriptor_cache))
+                places[index].append((other.box, other.landmarks, other.detector))
     distances = [float("inf")] * count
     closest: list[tuple[np.ndarray, np.ndarray] | None] = [None] * count   # (landmarks, target) of the closest
     # What the output shows of each face: (landmarks, descriptor) found again and at its box.
@@ -147,7 +167,7 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
             if all(box_overlap(face.box, other.box) <= SAME_FACE_OVERLAP for other in unprocessed):
                 unprocessed.append(face)
             continue
-        measured = [index for index in matches if original_descriptors[index] is not None]
+        measured = [index for index in matches if targets[index]]
         if face.detector == "hog":
             measured_by_hog.update(measured)
         else:
@@ -159,26 +179,29 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
         descriptor = _described(output_rgb, face, descriptor_cache)
         same_place = _described(original_rgb, face, descriptor_cache)
         for index in measured:
-            for target in (same_place, original_descriptors[index]):
+            for target in (same_place, *targets[index]):
                 distance = float(np.linalg.norm(descriptor - target))
                 if distance < distances[index]:
                     distances[index], closest[index] = distance, (face.landmarks, target)
             shown[index].append((face.landmarks, descriptor))
     at_box = [float("inf")] * count
-    for index, (original, descriptor) in enumerate(zip(original_faces, original_descriptors)):
-        if descriptor is None:
+    for index, original in enumerate(original_faces):
+        if not targets[index]:
             continue
         # Two ways to look where the face was: the original's own landmarks (lineage keeps
         # them), and landmarks fitted anew inside its box. They can differ by more than the
         # margin: a blurred 235 px face measured 0.60 at the first and 0.72 at the second.
-        for landmarks in (original.landmarks, landmarks_in_box(output_rgb, original.box, original.detector)):
-            at_place = _described(output_rgb, replace(original, landmarks=landmarks), descriptor_cache)
-            distance = float(np.linalg.norm(at_place - descriptor))
-            if distance < at_box[index]:
-                at_box[index] = distance
-                if distance < distances[index]:
-                    closest[index] = (landmarks, descriptor)
-            shown[index].append((landmarks, at_place))
+        # Both at the ingest detector's box and at the verifier detector's.
+        for box, known, detector in places[index]:
+            for landmarks in (known, landmarks_in_box(output_rgb, box, detector)):
+                at_place = _described(output_rgb, replace(original, landmarks=landmarks), descriptor_cache)
+                for descriptor in targets[index]:
+                    distance = float(np.linalg.norm(at_place - descriptor))
+                    if distance < at_box[index]:
+                        at_box[index] = distance
+                        if distance < distances[index]:
+                            closest[index] = (landmarks, descriptor)
+                shown[index].append((landmarks, at_place))
     without: dict[int, np.ndarray] = {}   # the output with face i removed, made when first needed
 
     def without_face(index: int, landmarks: np.ndarray) -> np.ndarray:
@@ -196,9 +219,8 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
     # (like its own distances) only when it is closer to j than with face i removed.
     membership = [float("inf")] * count
     for index, views in enumerate(shown):
-        for other, original in enumerate(original_descriptors):
-            if other == index or original is None:
-                continue
+        for other, original in ((other, original) for other in range(count) if other != index
+                                for original in targets[other]):
             for landmarks, descriptor in views:
                 distance = float(np.linalg.norm(descriptor - original))
                 if (distance < min(release_distance, membership[index])
