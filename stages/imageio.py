@@ -188,6 +188,7 @@ def load_frames(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Frame
             loop = int(image.info.get("loop", 0) or 0)
             for index in range(first.frames):
                 image.seek(index)
+                image.load()   # WebP sets a frame's duration when it decodes it
                 durations.append(int(image.info.get("duration", 0) or 0))
                 frames.append(_to_uint8_rgb(ImageOps.exif_transpose(image.copy())))
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -160,3 +160,41 @@ def test_write_atomic_leaves_no_partial_files(tmp_path):
     write_atomic(target, b"world")
     assert target.read_bytes() == b"world"
     assert [p.name for p in target.parent.iterdir()] == ["x.bin"]
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "TIFF"])
+def test_every_frame_and_its_timing_survive_a_round_trip(tmp_path, fmt):
+    from stages.imageio import (
+        MAX_FRAMES,
+        decode_frames,
+        encode_frames,
+        load_frames,
+        multi_frame_format_for,
+    )
+
+    rng = np.random.default_rng(1)
+    frames = [np.repeat(rng.integers(0, 255, (1, 1, 3), dtype=np.uint8), 32, axis=0).repeat(48, axis=1)
+              for _ in range(3)]
+    path = tmp_path / f"animated.{fmt.lower()}"
+    images = [Image.fromarray(frame) for frame in frames]
+    options = {} if fmt == "TIFF" else {"duration": [100, 150, 200], "loop": 0}
+    if fmt == "WEBP":
+        options["lossless"] = True
+    images[0].save(path, fmt, save_all=True, append_images=images[1:], **options)
+    loaded = load_frames(path)
+    assert len(loaded.rgb) == 3 and all(np.abs(a.astype(int) - b).max() <= 2 for a, b in zip(loaded.rgb, frames))
+    if fmt != "TIFF":
+        assert loaded.durations_ms == [100, 150, 200]
+    out_format, suffix = multi_frame_format_for(loaded.source_format)
+    assert (out_format, suffix) == {"TIFF": ("TIFF", ".tif"), "WEBP": ("WEBP", ".webp")}.get(fmt, ("PNG", ".png"))
+    encoded = encode_frames(loaded.rgb, loaded.durations_ms, loaded.loop, out_format)
+    assert all(np.array_equal(a, b) for a, b in zip(decode_frames(encoded), loaded.rgb))   # lossless
+    with Image.open(io.BytesIO(encoded)) as written:
+        durations = []
+        for index in range(written.n_frames):
+            written.seek(index)
+            written.load()
+            durations.append(written.info.get("duration"))
+    if fmt != "TIFF":
+        assert durations == [100, 150, 200]
+    assert MAX_FRAMES >= 100
