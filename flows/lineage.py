@@ -277,8 +277,12 @@ def summarize(release_dir: str | Path) -> str:
                      + (f" (median distance {finite.median():.3f})" if len(finite) else "")
                      + f"; {len(not_found)} not found again (methods {not_found.method.value_counts().to_dict()}, "
                      f"detectors {not_found.detector.value_counts().to_dict()})")
+        # A distance no smaller than the face-removed one shows nothing of anyone (README).
+        evidence = at_box[~(at_box >= latest_faces.blank_distance)]
         lines.append(f"  at their original box: {int((at_box < float('inf')).sum())} face(s) measured, closest "
-                     f"{at_box.min():.3f}; {int((~(at_box < float('inf'))).sum())} not measured. Membership (closest "
+                     f"{at_box.min():.3f}, closest that counts as evidence (below the same measurement with the "
+                     f"face removed) {evidence.min():.3f}; "
+                     f"{int((~(at_box < float('inf'))).sum())} not measured. Membership (closest "
                      f"to another original face of the photo): {latest_faces.membership_distance.min():.3f}; "
                      f"fallback steps for membership: "
                      f"{sum(list(kinds).count('membership') for kinds in latest_faces.escalated_for.dropna())}")
