@@ -97,11 +97,11 @@ def recover_interrupted(release_dir: Path, recovered_by: str) -> Recovery:
         partial += 1
     withdrawn = []
     intents = release_dir / lineage.LINEAGE_DIR / INTENTS_DIR
-    withdrawn_intents = []
+    withdrawn_runs = set()   # runs whose files were published without lineage, then withdrawn
     for intent in sorted(intents.glob("*.json")) if intents.is_dir() else []:
         run_id, part = intent.stem.rsplit("-", 1)
         if not lineage.part_path(release_dir, "photos", run_id, part).exists():
-            withdrawn_intents.append(intent.stem)
+            withdrawn_runs.add(run_id)
             for relative, sha256 in json.loads(intent.read_text()).items():
                 published = release_dir / relative
                 if published.is_file() and sha256_of_file(published) == sha256:
@@ -126,8 +126,7 @@ def recover_interrupted(release_dir: Path, recovered_by: str) -> Recovery:
                        n_quarantined=int(counts.get("quarantined", 0)), n_rejected=int(counts.get("rejected", 0)),
                        n_faces=int((faces.run_id == run["run_id"]).sum()))
             run["models"] = dict(run["models"]) if run.get("models") is not None else None
-            withdrawn_here = any(name.startswith(f"{run['run_id']}-") for name in withdrawn_intents)
-            if run["n_released"] == 0 and not withdrawn_here and isinstance(run.get("ledger_dir"), str):
+            if run["n_released"] == 0 and run["run_id"] not in withdrawn_runs and isinstance(run.get("ledger_dir"), str):
                 # Nothing of it was ever published (a withdrawn file was, for a moment): its
                 # selections reached nobody, so its reservation goes back to the dataset.
                 run["epsilon_refunded"] = privacy_ledger.refund(

@@ -178,19 +178,24 @@ class Frames:
 def load_frames(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Frames:
     """All frames of ``path`` (the first is what :func:`load_rgb` returns). Raises
     :class:`ImageRejected` like it, and for more than :data:`MAX_FRAMES` frames."""
-    first = load_rgb(path, max_pixels)   # the checks (size, corruption) on the file
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageRejected(f"cannot read file: {exc.strerror or exc}") from exc
+    first = decode_photo(data, max_pixels)   # the checks (size, corruption) on the file
     if first.frames > MAX_FRAMES:
         raise ImageRejected(f"{first.frames} frames: more than the {MAX_FRAMES} a multi-frame image may have "
                             "(release it as a video)")
-    frames, durations = [], []
+    frames, durations = [first.rgb], []
     try:
-        with Image.open(io.BytesIO(Path(path).read_bytes())) as image:
+        with Image.open(io.BytesIO(data)) as image:
             loop = int(image.info.get("loop", 0) or 0)
             for index in range(first.frames):
                 image.seek(index)
                 image.load()   # WebP sets a frame's duration when it decodes it
                 durations.append(int(image.info.get("duration", 0) or 0))
-                frames.append(_to_uint8_rgb(ImageOps.exif_transpose(image.copy())))
+                if index:      # the first frame is decode_photo's
+                    frames.append(_to_uint8_rgb(ImageOps.exif_transpose(image.copy())))
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected(f"corrupt frame in a multi-frame image: {exc}") from exc
     return Frames(frames, durations, loop, first.source_format, first.sha256)

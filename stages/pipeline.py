@@ -309,9 +309,8 @@ def _anonymize_frames(row: dict, faces: list[dict], detected: list[DetectedFace]
     outcome = {"status": "released", "reason": None, "output_format": fmt, "output_suffix": suffix,
                "encoded": encoded, "perturbation_seconds": sum(r.perturbation_seconds for r in results),
                "check_detectors": "+".join(results[0].detectors)}
-    written = decode_frames(encoded)
-    if len(_collapse_repeats(written)) != len(_collapse_repeats(checked)) or not all(
-            np.array_equal(a, b) for a, b in zip(_collapse_repeats(written), _collapse_repeats(checked))):
+    written, judged = _collapse_repeats(decode_frames(encoded)), _collapse_repeats(checked)
+    if len(written) != len(judged) or not all(np.array_equal(a, b) for a, b in zip(written, judged)):
         outcome.update(status="quarantined", encoded=None,
                        reason="the multi-frame file written does not decode to the frames the check judged")
         for face in all_faces:
