@@ -42,12 +42,12 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
 def _release_on(server: _TemporaryServer | None, input_location: str, output: str, policy: str | None,
                 batch_size: int, manifest_root: str | None, dataset: str | None, ledger: str | None,
                 incremental: bool, dask_workers: int, dask_address: str | None) -> dict:
-    from flows.privacy_ledger import PrivacyBudgetExceeded
-    from flows.resume import ReleaseBusy
+    from flows.release.privacy_ledger import PrivacyBudgetExceeded
+    from flows.release.resume import ReleaseBusy
     from models.registry import ModelFileError
     from policy.loader import PolicyError, load_policy
-    from stages.ingest import InputError
-    from stages.ppas import PolicyInfeasible
+    from stages.common.ingest import InputError
+    from stages.selection.ppas import PolicyInfeasible
 
     try:
         loaded = load_policy(policy)  # fail fast, before Prefect starts, with file:line errors
@@ -55,8 +55,8 @@ def _release_on(server: _TemporaryServer | None, input_location: str, output: st
         _check_perturbation(loaded)
     except (PolicyError, ModelFileError) as exc:
         raise click.ClickException(str(exc)) from None
-    from flows.release import dask_task_runner, release, warm_up_models
-    from stages.parallel import resolve_workers
+    from flows.release.flow import dask_task_runner, release, warm_up_models
+    from stages.common.parallel import resolve_workers
 
     photo_workers = 1 if dask_workers or dask_address else 0
     # The photo workers start and load their models while Prefect's server starts.
@@ -179,9 +179,9 @@ class _TemporaryServer:
 
 def _check_feasible(loaded) -> None:
     """Stage II's closed-form t-closeness check, reported like a policy error at privacy.t."""
-    from flows.release import plan_selection
     from policy.loader import PolicyError, key_position
-    from stages.ppas import PolicyInfeasible
+    from policy.settings import plan_selection
+    from stages.selection.ppas import PolicyInfeasible
 
     try:
         plan_selection(loaded.policy)
@@ -195,7 +195,7 @@ def _check_perturbation(loaded) -> None:
     """Stage IV's installed perturbation at the policy's xi (loaded and verified), reported
     like a policy error at perturbation.xi when the policy asks for what it cannot give."""
     from policy.loader import PolicyError, key_position
-    from stages.perturbation import PerturbationMismatch, installed_perturbation
+    from stages.perturbation.apply import PerturbationMismatch, installed_perturbation
 
     settings = loaded.policy.perturbation
     if not settings.enabled:
@@ -256,7 +256,7 @@ def release_command(input_location, output, policy, batch_size, manifest_root, d
 @click.option("--samples", default="samples/demo", show_default=True, help="Where the sample photos are written.")
 def demo_command(output, samples):
     """Write public-domain sample photos and release them under the default policy."""
-    from stages.samples import write_samples
+    from stages.common.samples import write_samples
 
     written = write_samples(samples)
     click.echo(f"wrote {len(written)} sample photos to {samples}")
@@ -276,7 +276,7 @@ def lineage_group():
 @click.argument("release_dir", type=click.Path(exists=True, file_okay=False))
 def lineage_show(release_dir):
     """Summarise the runs, outcomes and faces recorded in RELEASE_DIR."""
-    from flows.lineage import summarize
+    from flows.release.lineage import summarize
 
     try:
         click.echo(summarize(release_dir))
@@ -290,7 +290,7 @@ def verify_command(release_dir):
     """Check that RELEASE_DIR holds exactly the files its lineage recorded (sha256), none
     missing and none extra, and that no run's lineage was altered since it was written.
     Exits non-zero with the list of problems."""
-    from flows.audit import verify_release
+    from flows.release.audit import verify_release
 
     result = verify_release(release_dir, progress=True)
     for problem in result.problems:
@@ -348,7 +348,7 @@ def policy_check(files):
 @click.argument("file", type=click.Path())
 def policy_explain(file):
     """Say in plain words what FILE keeps, what it changes and what its numbers guarantee."""
-    from flows.release import plan_selection
+    from policy.settings import plan_selection
     from policy.tools import explain
 
     loaded = _load_policy_or_exit(file)
@@ -426,7 +426,11 @@ def evaluate_command(pairs, images, methods, policy, limit, workers, generator, 
     """De-identification, self de-identification, detection after, PSNR/SSIM/MS-SSIM and
     seconds per face for each method on the same-person pairs (EVALUATION.md); with
     --celeba, Stage I's accuracy on the policy's preserved attributes before and after."""
-    from flows.evaluate import attribute_preservation, evaluate, markdown_table
+    from flows.evaluation.evaluate import (
+        attribute_preservation,
+        evaluate,
+        markdown_table,
+    )
     from models.registry import ModelFileError
     from policy.loader import PolicyError, load_policy
 
@@ -456,7 +460,11 @@ def evaluate_command(pairs, images, methods, policy, limit, workers, generator, 
 @click.option("-o", "--output", default=None, help="Write the results JSON here.")
 def evaluate_detection_command(wild, annotations, output):
     """Recall per face size and precision of each detector against hand-checked boxes."""
-    from flows.detection_eval import ANNOTATIONS, detectors_table, evaluate_detectors
+    from flows.evaluation.detection import (
+        ANNOTATIONS,
+        detectors_table,
+        evaluate_detectors,
+    )
 
     results = evaluate_detectors(wild, annotations=annotations or ANNOTATIONS)
     _emit(results, detectors_table(results), output)
@@ -472,11 +480,15 @@ def evaluate_detection_command(wild, annotations, output):
 @click.option("-o", "--output", default=None, help="Write the results JSON here.")
 def benchmark_scaleout_command(images, workers, repeats, limit, batch_size, policy, output):
     """Release speed with a Dask task runner of N local workers (needs PREFECT_API_URL)."""
-    from flows.scaleout import measure_scaleout, scaleout_table
+    from flows.evaluation.scaleout import measure_scaleout, scaleout_table
+    from flows.release.flow import dask_task_runner, release
+
+    def run_release(count: int, **arguments) -> dict:
+        return release.with_options(task_runner=dask_task_runner(count))(**arguments)
 
     try:
         counts = tuple(int(part) for part in workers.split(","))
-        results = measure_scaleout(images, counts, repeats, limit, batch_size, policy)
+        results = measure_scaleout(run_release, images, counts, repeats, limit, batch_size, policy)
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     _emit(results, scaleout_table(results), output)
@@ -498,7 +510,7 @@ def benchmark_scaleout_command(images, workers, repeats, limit, batch_size, poli
 @click.option("-o", "--output", default=None, help="Write the results JSON here.")
 def benchmark_command(images, repeats, limit, policy, stage, batch_size, generator, output):
     """Faces per second per stage and end to end, blur baseline as the in-run reference."""
-    from flows.benchmark import (
+    from flows.evaluation.benchmark import (
         benchmark,
         benchmark_attributes,
         benchmark_synthesis,
@@ -514,7 +526,7 @@ def benchmark_command(images, repeats, limit, policy, stage, batch_size, generat
         _emit(results, table, output)
         return
     if stage == "release":
-        from flows.benchmark import benchmark_release, release_table
+        from flows.evaluation.benchmark import benchmark_release, release_table
 
         results = benchmark_release(Path(images), repeats=repeats, batch_size=batch_size or 32, policy_path=policy)
         _emit(results, release_table(results), output)
@@ -541,7 +553,7 @@ def train_group():
 @click.option("--limit", default=3000, show_default=True, help="Use the first N images.")
 def train_template(images, limit):
     """Refit the 68-point alignment template and update its sha256 in models/manifest.json."""
-    from flows.train import fit_alignment_template
+    from flows.training.template import fit_alignment_template
 
     click.echo(json.dumps(fit_alignment_template(Path(images), limit), indent=2))
 
@@ -569,7 +581,7 @@ def _celeba_files(celeba: str, *names: str) -> list[Path]:
 @click.option("--install", is_flag=True, help="Copy the trained model into models/ and update the manifest.")
 def train_attributes_command(celeba, run_dir, epochs, seed, limit, trees, max_leaf_nodes, install):
     """Train Stage I (CNN + 40 random forests) on CelebA aligned by our own aligner."""
-    from flows.train_attributes import train_attributes
+    from flows.training.attributes import train_attributes
 
     needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv", "annotations_full.zip")
     summary = train_attributes(images=str(needed[0]), labels=str(needed[1]), annotations=str(needed[2]),
@@ -590,7 +602,7 @@ def train_attributes_command(celeba, run_dir, epochs, seed, limit, trees, max_le
 @click.option("--install", is_flag=True, help="Copy the model into models/ and update the manifest.")
 def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
     """Distil dlib's face descriptor into a small CNN (Stage III's identity loss)."""
-    from flows.train_identity import train_identity
+    from flows.training.identity import train_identity
 
     needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv")
     summary = train_identity(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, epochs=epochs,
@@ -619,8 +631,8 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
 def train_generator_command(celeba, run_dir, steps, critic_steps, learning_rate, batch_size, width, blocks,
                             lambda_ver, lambda_ssim, identity, seed, limit, install):
     """Train Stage III's generator (StarGAN objective + verification and SSIM terms)."""
-    from flows.train_generator import train_generator
-    from stages.gan_training import GanSettings
+    from flows.training.generator import train_generator
+    from stages.synthesis.training import GanSettings
 
     needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv")
     settings = GanSettings(steps=steps, critic_steps=critic_steps, learning_rate=learning_rate,
@@ -671,7 +683,7 @@ def _fraction(text: str) -> float:
 def train_perturbation_command(celeba, run_dir, attributes, xi, norm, delta, max_passes, train_faces, unseen_epochs,
                                synthesized, inside_mask, keep, seed, limit, install):
     """Compute Stage IV's universal adversarial perturbation against Stage I's CNN."""
-    from flows.train_perturbation import train_perturbation
+    from flows.training.perturbation import train_perturbation
 
     needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv")
     names = tuple(name.strip() for name in attributes.split(",") if name.strip())

@@ -268,7 +268,7 @@ def load_network(cnn_path: Path, config_path: Path, device: str = "cpu") -> Attr
 
 def load_model(cnn_path: Path, forests_path: Path, config_path: Path, device: str = "cpu") -> AttributeModel:
     """Load a checkpoint without unpickling: torch ``weights_only=True`` and the forests'
-    plain arrays. Verify hashes before calling this (see ``stages.attributes``)."""
+    plain arrays. Verify hashes before calling this (see ``stages.attributes.predict``)."""
     network = load_network(cnn_path, config_path, device)
     config = network.config
     forests = PackedForests.load(forests_path)

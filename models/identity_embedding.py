@@ -9,7 +9,7 @@ than the verifier that decides what gets published.
 
 The teacher is dlib's descriptor of the aligned crop itself, with the alignment template's
 landmarks, which stays close to the gate's descriptor on the full photo
-(``tests/test_generator.py`` checks it on the astronaut). ``anonymousnet train identity``
+(``tests/stages/synthesis/test_generator.py`` checks it on the astronaut). ``anonymousnet train identity``
 reports how well the student's distances agree with dlib's on held-out people.
 """
 from __future__ import annotations

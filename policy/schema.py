@@ -2,7 +2,10 @@
 
 The models forbid unknown keys so a typo is an error, not a silently ignored setting.
 ``anonymousnet policy schema`` exports it as JSON Schema (``policy/policy.schema.json``) for
-editor completion. Later issues extend it (synthesis, perturbation).
+editor completion. It covers the whole release: input limits, face detection, obfuscation
+(Stage III synthesis with ``gan``, or blur, pixelate, mask), the Stage IV perturbation, the
+identity check and its fallbacks, the attributes kept or re-selected (Stage I/II), Stage II's
+privacy (mechanism, epsilon, t-closeness, budget) and the output format.
 """
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stages.attribute_names import ATTRIBUTES
-from stages.ppas import EXPONENTIAL_MAX_ATTRIBUTES
+from stages.attributes.names import ATTRIBUTES
+from stages.selection.ppas import EXPONENTIAL_MAX_ATTRIBUTES
 
 ObfuscationName = Literal["gan", "blur", "pixelate", "mask"]
 
@@ -119,7 +122,7 @@ class PerturbationPolicy(_Strict):
 
 
 class IdentityCheckPolicy(_Strict):
-    """How the released photos are checked for identity leaks (see stages/identity.py)."""
+    """How the released photos are checked for identity leaks (see stages/common/identity.py)."""
 
     threshold: float = Field(0.6, gt=0, le=2,
                              description="Verifier distance below which an output face counts as its original (dlib: 0.6).")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from policy.loader import DEFAULT_POLICY, LoadedPolicy
 from policy.schema import Policy
-from stages.attribute_names import ATTRIBUTES
-from stages.ppas import Selection
+from stages.attributes.names import ATTRIBUTES
+from stages.selection.ppas import Selection
 
 VERBS = {"gan": "replaced by a newly synthesized face that carries the Stage II target attributes",
          "blur": "blurred", "pixelate": "pixelated", "mask": "covered with a solid mask"}

@@ -6,14 +6,14 @@ import cv2
 import numpy as np
 import pytest
 
-from flows import lineage
-from flows.detection_eval import evaluate_detectors, read_annotations
-from flows.evaluate import attribute_preservation, evaluate
-from flows.release import release
-from flows.train import fit_alignment_template
+from flows.evaluation.detection import evaluate_detectors, read_annotations
+from flows.evaluation.evaluate import attribute_preservation, evaluate
+from flows.release import lineage
+from flows.release.flow import release
+from flows.training.template import fit_alignment_template
 from models.registry import model_path
 from policy.loader import load_policy
-from stages.faces import (
+from stages.common.faces import (
     SAME_FACE_OVERLAP,
     box_overlap,
     chip_descriptor,
@@ -21,8 +21,8 @@ from stages.faces import (
     face_descriptor,
     landmarks_in_box,
 )
-from stages.imageio import load_rgb
-from stages.obfuscate import enlarged_box
+from stages.common.imageio import load_rgb
+from stages.common.obfuscate import enlarged_box
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 

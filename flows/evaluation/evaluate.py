@@ -1,0 +1,376 @@
+"""The privacy and quality protocol of EVALUATION.md on verification pairs.
+
+For each same-person pair (A, B) of a ``rel_a, rel_b, same`` CSV:
+
+* the verifier (dlib HOG detector, upsample 1, 68 landmarks, ResNet descriptor) describes
+  the subject of A and of B (the detected face nearest the image centre; pairs where
+  either has no face are counted as not evaluable);
+* each method de-identifies A into A' with the release pipeline's own detection, alignment,
+  obfuscation and compose (the method alone, before any gate fallback);
+* the verifier looks for faces in A'. A' "still verifies as B" when any face found in A'
+  is closer than 0.6 to B; "still verifies as A" likewise for A itself.
+
+Reported per method: de-identification rate = 1 - fraction of pairs where A' verifies as B
+(over all evaluable pairs, and over the pairs that verified before), self
+de-identification rate, detection rate after, PSNR / SSIM / MS-SSIM of A' against A (whole
+image), and seconds per face of the de-identification. The row ``original`` is A' = A.
+Method ``gan+perturbation`` is ``gan`` with Stage IV's universal perturbation added as the
+release adds it (policy's ξ, inside the face mask, before re-detection), on the *same*
+renders as the ``gan`` row of the pair, so the two rows differ by the perturbation alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from policy.schema import Policy
+from policy.settings import anonymize_settings, plan_selection
+from stages.attributes.predict import default_model as attribute_model
+from stages.common.anonymize import PhotoEscalation
+from stages.common.compose import compose_faces
+from stages.common.faces import (
+    AlignedFace,
+    DetectedFace,
+    align_face,
+    detect_faces,
+    face_descriptor,
+)
+from stages.common.facetable import ATTRIBUTE_COLUMNS
+from stages.common.imageio import ImageRejected, load_rgb
+from stages.common.obfuscate import obfuscate
+from stages.common.quality import ms_ssim, psnr, ssim
+from stages.perturbation.apply import (
+    ReleasePerturbation,
+    apply_perturbation,
+    installed_perturbation,
+)
+from stages.selection.ppas import Selection, stage_two_targets
+from stages.synthesis.render import FaceRenders, cached_synthesizer
+
+VERIFIER_THRESHOLD = 0.6   # dlib's documented same-person threshold (EVALUATION.md)
+VERIFIER_UPSAMPLE = 1
+GAN_METHODS = ("gan", "gan+perturbation")     # methods that synthesize (Stage III, and Stage IV for the second)
+
+
+def _subject_descriptor(rgb: np.ndarray) -> np.ndarray | None:
+    faces = detect_faces(rgb, detector="hog", upsample=VERIFIER_UPSAMPLE)
+    if not faces:
+        return None
+    centre = np.array(rgb.shape[1::-1], float) / 2
+    subject = min(faces, key=lambda f: np.linalg.norm(np.array([(f.box[0] + f.box[2]) / 2,
+                                                                 (f.box[1] + f.box[3]) / 2]) - centre))
+    return face_descriptor(rgb, subject.landmarks)
+
+
+def _all_descriptors(rgb: np.ndarray) -> list[np.ndarray]:
+    return [face_descriptor(rgb, f.landmarks) for f in detect_faces(rgb, detector="hog", upsample=VERIFIER_UPSAMPLE)]
+
+
+def find_and_align(rgb: np.ndarray, policy: Policy) -> tuple[list[DetectedFace], list[AlignedFace]]:
+    """The release's own detection and alignment of every face in ``rgb``."""
+    detection = policy.detection
+    faces = detect_faces(rgb, detector=detection.detector, upsample=detection.upsample, max_side=detection.max_side,
+                         cnn_max_side=detection.cnn_max_side, threshold=detection.threshold,
+                         tile_side=detection.tile_side)
+    return faces, [align_face(rgb, face.landmarks) for face in faces]
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    """What the ``gan`` method needs besides the policy: Stage II's mechanism for the
+    policy and the generator (a run's ``model/`` folder, or None for the shipped one), and
+    for ``gan+perturbation`` Stage IV's perturbation at the policy's ξ."""
+    selection: Selection
+    generator: str | None = None
+    perturbation: ReleasePerturbation | None = None
+
+
+def plan_synthesis(methods: list[str], policy: Policy, generator: str | None = None) -> Synthesis | None:
+    """What the chosen methods need besides the policy, loaded (and verified) once, here:
+    a missing generator or perturbation fails before any pair is read."""
+    if not any(method in GAN_METHODS for method in methods):
+        return None
+    perturbation = None
+    if "gan+perturbation" in methods:
+        perturbation = installed_perturbation(policy.perturbation.xi, policy.perturbation.min_psnr_db,
+                                              tuple(policy.attributes.preserve))
+    cached_synthesizer(generator)
+    return Synthesis(plan_selection(policy), generator, perturbation)
+
+
+def synthesize(aligned: list[AlignedFace], synthesis: Synthesis, batch_size: int = 64) -> list[FaceRenders]:
+    """The release's Stage I -> Stage II -> Stage III on aligned faces: each face's renders,
+    the first view rendered now."""
+    if not aligned:
+        return []
+    crops = np.stack([a.crop for a in aligned])
+    targets = stage_two_targets(crops, synthesis.selection)
+    return cached_synthesizer(synthesis.generator).renders(crops, targets, batch_size)
+
+
+def compose_detectable(rgb: np.ndarray, faces: list[DetectedFace], aligned: list[AlignedFace],
+                       renders: list[FaceRenders], policy: Policy,
+                       perturbation: ReleasePerturbation | None = None) -> tuple[np.ndarray, dict]:
+    """The release's Stage III compose (and Stage IV's perturbation, when given) before the
+    leak gate's fallback: the release's own steps (``stages.common.anonymize.PhotoEscalation``)
+    up to the escalation, with the verifier's detector (HOG) as the only one that looks. A
+    face that carries the perturbation and that the check loses or finds verifying is
+    composed again without it; a rendered face the check does not find is rendered from the
+    next view of its crop (``policy.obfuscation.gan.rerender_views`` at most). Every face is
+    rendered (none is protected over its box: this is the method alone). Returns the photo
+    and what was done: whether the detector found any face in the first composition, how many
+    faces were rendered again, how many had the perturbation withdrawn."""
+    settings = dataclasses.replace(
+        anonymize_settings(policy), method="gan", fallback=[], on_leak="quarantine", check_detectors=("hog",),
+        min_synthesis_px=0, max_landmark_error=float("inf"), output_format="png", perturbation=perturbation)
+    photo = PhotoEscalation(rgb, "PNG", faces, aligned, settings, renders)
+    first_found = None
+    while True:
+        composition = photo.compose_and_check()
+        if first_found is None:
+            first_found = composition.report.output_faces_found > 0
+        if not (photo.withdraw_perturbation(composition.report) or photo.rerender_lost()):
+            withdrawn = sum(outcome.withdrawn is not None for outcome in photo.faces)
+            return composition.output, {
+                "detected_first_render": first_found,
+                "faces_rerendered": sum(outcome.view > 0 for outcome in photo.faces),
+                "perturbation_withdrawn": withdrawn if perturbation is not None else None}
+
+
+def deidentify(rgb: np.ndarray, faces: list[DetectedFace], aligned: list[AlignedFace], method: str, policy: Policy,
+               synthesis: Synthesis | None = None, renders: list[FaceRenders] | None = None) -> tuple[np.ndarray, dict]:
+    """A': every face obfuscated with ``method`` and composed back; with what ``gan`` did
+    besides (whether its first composition was detected, faces rendered again). ``renders``:
+    Stage III's renders of ``aligned`` when already made (shared by the gan methods)."""
+    if method in GAN_METHODS:
+        if synthesis is None or (method == "gan+perturbation" and synthesis.perturbation is None):
+            raise ValueError(f"method {method} needs the policy's Stage II selection (Synthesis, plan_synthesis)")
+        if renders is None:
+            renders = synthesize(aligned, synthesis, policy.obfuscation.gan.batch_size)
+        perturbation = synthesis.perturbation if method == "gan+perturbation" else None
+        return compose_detectable(rgb, faces, aligned, renders, policy, perturbation)
+    edited = [obfuscate(a.crop, method, policy.obfuscation.params_for(method)) for a in aligned]
+    return compose_faces(rgb, aligned, edited, policy.obfuscation.feather_fraction), {}
+
+
+def evaluate_pair(job: tuple[Path, Path, list[str], Policy, Synthesis | None]) -> list[dict]:
+    path_a, path_b, methods, policy, synthesis = job
+    pair = {"rel_a": path_a.name, "rel_b": path_b.name}
+    try:
+        image_a, image_b = load_rgb(path_a).rgb, load_rgb(path_b).rgb
+    except ImageRejected as exc:
+        return [pair | {"method": m, "evaluable": False, "note": str(exc)} for m in ["original", *methods]]
+    descriptor_a, descriptor_b = _subject_descriptor(image_a), _subject_descriptor(image_b)
+    if descriptor_a is None or descriptor_b is None:
+        return [pair | {"method": m, "evaluable": False, "note": "verifier found no face in A or B"}
+                for m in ["original", *methods]]
+    verified_before = float(np.linalg.norm(descriptor_a - descriptor_b)) < VERIFIER_THRESHOLD
+    # Detection and alignment are shared by every method; their time is charged to each.
+    started = time.perf_counter()
+    faces, aligned = find_and_align(image_a, policy)
+    detection_seconds = time.perf_counter() - started
+    renders, render_seconds = None, 0.0
+    if synthesis is not None and any(method in GAN_METHODS for method in methods):
+        # One Stage II draw and one rendering per pair, shared by the gan methods (and charged to each).
+        started = time.perf_counter()
+        renders = synthesize(aligned, synthesis, policy.obfuscation.gan.batch_size)
+        render_seconds = time.perf_counter() - started
+    rows = []
+    for method in ["original", *methods]:
+        started = time.perf_counter()
+        extra = {}
+        if method == "original":
+            output, treated, seconds = image_a, 0, 0.0
+        else:
+            output, extra = deidentify(image_a, faces, aligned, method, policy, synthesis, renders)
+            treated = len(aligned)
+            seconds = detection_seconds + time.perf_counter() - started
+            seconds += render_seconds if method in GAN_METHODS else 0.0
+        found = _all_descriptors(output)
+        to_b = min((float(np.linalg.norm(d - descriptor_b)) for d in found), default=float("inf"))
+        to_a = min((float(np.linalg.norm(d - descriptor_a)) for d in found), default=float("inf"))
+        rows.append(pair | {
+            "method": method, "evaluable": True, "verified_before": verified_before,
+            "faces_treated": treated, "seconds": seconds,
+            "detected_after": bool(found), "distance_to_b": to_b, "distance_to_a": to_a,
+            "verifies_as_b": to_b < VERIFIER_THRESHOLD, "verifies_as_a": to_a < VERIFIER_THRESHOLD,
+            "psnr": psnr(image_a, output), "ssim": ssim(image_a, output), "ms_ssim": ms_ssim(image_a, output),
+        } | extra)
+    return rows
+
+
+def _finite_median(values: pd.Series) -> float | None:
+    finite = values[np.isfinite(values.astype(float))]
+    return float(finite.median()) if len(finite) else None
+
+
+def summarize(rows: pd.DataFrame) -> dict[str, dict]:
+    summary = {}
+    for method, group in rows.groupby("method", sort=False):
+        usable = group[group["evaluable"]]
+        verified = usable[usable["verified_before"]]
+        treated = usable["faces_treated"].sum()
+        summary[method] = {
+            "pairs": int(len(group)), "evaluable_pairs": int(len(usable)),
+            "verification_rate_before": float(usable["verified_before"].mean()),
+            "deid_rate": float(1 - usable["verifies_as_b"].mean()),
+            "deid_rate_of_verified": float(1 - verified["verifies_as_b"].mean()) if len(verified) else None,
+            "self_deid_rate": float(1 - usable["verifies_as_a"].mean()),
+            "detection_rate_after": float(usable["detected_after"].mean()),
+            "psnr": float(usable["psnr"].replace(np.inf, np.nan).mean()) if method != "original" else None,
+            "ssim": float(usable["ssim"].mean()), "ms_ssim": float(usable["ms_ssim"].mean()),
+            "seconds_per_face": float(usable["seconds"].sum() / treated) if treated else None,
+            "faces_treated": int(treated),
+            # Medians over the pairs where the verifier found a face in A' (distance finite).
+            "median_distance_to_b": _finite_median(usable["distance_to_b"]),
+            "median_distance_to_a": _finite_median(usable["distance_to_a"]),
+            "median_seconds_per_photo": float(usable["seconds"].median()) if method != "original" else None,
+        }
+        if "detected_first_render" in usable and len(usable) and usable["detected_first_render"].notna().all():
+            # gan: the detector's verdict on the first rendering, before any re-render
+            summary[method]["detection_rate_first_render"] = float(usable["detected_first_render"].astype(bool).mean())
+            summary[method]["faces_rerendered"] = int(usable["faces_rerendered"].sum())
+        if "perturbation_withdrawn" in usable and len(usable) and usable["perturbation_withdrawn"].notna().all():
+            # gan+perturbation: faces composed without it because it lost them or brought them back
+            summary[method]["faces_perturbation_withdrawn"] = int(usable["perturbation_withdrawn"].sum())
+    return summary
+
+
+def evaluate(pairs_csv: Path, images: Path, methods: list[str], policy: Policy, limit: int | None = None,
+             workers: int = 2, progress: bool = False, generator: str | None = None) -> dict:
+    pairs = pd.read_csv(pairs_csv)
+    missing = {"rel_a", "rel_b", "same"} - set(pairs.columns)
+    if missing:
+        raise ValueError(f"{pairs_csv} lacks column(s) {sorted(missing)}; expected rel_a, rel_b, same")
+    same = pairs[pairs["same"].astype(int) == 1]
+    if limit:
+        same = same.head(limit)
+    synthesis = plan_synthesis(methods, policy, generator)
+    jobs = [(images / a, images / b, methods, policy, synthesis) for a, b in zip(same["rel_a"], same["rel_b"])]
+    started = time.time()
+    rows: list[dict] = []
+    bar = tqdm(total=len(jobs), unit="pair", desc="evaluate", disable=not progress)
+    if workers > 1 and len(jobs) > 1:
+        # spawn, not fork: forking a process with live threads (Prefect's client, logging)
+        # can deadlock the child on a lock held at fork time. dlib models load once per worker.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for result in pool.imap(evaluate_pair, jobs, chunksize=4):
+                rows += result
+                bar.update()
+    else:
+        for job in jobs:
+            rows += evaluate_pair(job)
+            bar.update()
+    bar.close()
+    frame = pd.DataFrame(rows)
+    return {"protocol": "EVALUATION.md privacy + quality on same-person pairs; verifier dlib ResNet, "
+                        f"HOG upsample {VERIFIER_UPSAMPLE}, threshold {VERIFIER_THRESHOLD}",
+            "pairs_csv": str(pairs_csv), "images": str(images), "same_pairs": int(len(jobs)),
+            "policy": policy.name, "wall_seconds": time.time() - started, "workers": workers,
+            "generator": (generator or "shipped") if synthesis else None,
+            "methods": summarize(frame)}
+
+
+def markdown_table(results: dict) -> str:
+    def fmt(value, digits=3, percent=False):
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
+
+    lines = [f"Same-person pairs: {results['same_pairs']} ({results['pairs_csv']})", "",
+             "| method | de-ID rate | de-ID of verified | self de-ID | detected after | PSNR | SSIM | MS-SSIM | s/face |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, m in results["methods"].items():
+        lines.append(f"| {method} | {fmt(m['deid_rate'], percent=True)} | {fmt(m['deid_rate_of_verified'], percent=True)} "
+                     f"| {fmt(m['self_deid_rate'], percent=True)} | {fmt(m['detection_rate_after'], percent=True)} "
+                     f"| {fmt(m['psnr'], 2)} | {fmt(m['ssim'], 4)} | {fmt(m['ms_ssim'], 4)} | {fmt(m['seconds_per_face'], 3)} |")
+    for method, m in results["methods"].items():
+        if "detection_rate_first_render" in m:
+            lines.append(f"\n{method}: detected after the first rendering {fmt(m['detection_rate_first_render'], percent=True)}; "
+                         f"{m['faces_rerendered']} face(s) rendered again from another view because dlib lost them"
+                         + (f"; the perturbation withdrawn from {m['faces_perturbation_withdrawn']} of "
+                            f"{m['faces_treated']} face(s) (lost or within the release distance of the original "
+                            "with it)" if "faces_perturbation_withdrawn" in m else ""))
+    first = next(iter(results["methods"].values()))
+    lines.append(f"\nEvaluable pairs: {first['evaluable_pairs']} of {first['pairs']}; verification rate before: "
+                 f"{fmt(first['verification_rate_before'], percent=True)}")
+    preservation = results.get("attribute_preservation")
+    if preservation:
+        names = preservation["preserved"]
+        lines += ["", f"Attribute preservation (Stage I accuracy on the preserved attributes, CelebA test split, "
+                      f"{preservation['faces']} faces):", "",
+                  "| faces | mean | ratio to original | " + " | ".join(names) + " |",
+                  "|---|---:|---:|" + "---:|" * len(names)]
+        rows = [("original", preservation["original"] | {"ratio_to_original": 1.0})]
+        rows += list(preservation["methods"].items())
+        for method, m in rows:
+            lines.append(f"| {method} | {fmt(m['mean'], percent=True)} | {fmt(m['ratio_to_original'], 3)} | "
+                         + " | ".join(fmt(m["per_attribute"][n], percent=True) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def attribute_preservation(celeba: Path, methods: list[str], policy: Policy, generator: str | None = None,
+                           limit: int | None = None, cache_dir: Path | None = None, seed: int = 0,
+                           progress: bool = False) -> dict:
+    """Stage I's accuracy, against CelebA's labels, on the policy's preserved attributes of
+    the identity-disjoint test split (the people Stage I never trained on): on the original
+    aligned faces and on the same faces de-identified by each method. ``limit``: use only
+    the first N labelled images (their test-split share).
+
+    The de-identified face is the method's crop pasted into the aligned original through
+    the release's own compose (feathered landmark mask at the alignment template, colour
+    matching for ``gan``), then judged by the release's Stage I, as a release would judge a
+    re-detected face."""
+    from flows.training.attributes import align_task, split_rows
+    from stages.common.faces import ALIGNED_SIZE, AlignedFace, template
+
+    images, labels = celeba / "img_align_celeba_89x109", celeba / "labels.csv"
+    # Stage I's training flow keeps its aligned crops here: the same alignment, done once.
+    cache = cache_dir or Path(".data/train-attributes/aligned-cache")
+    aligned_file = align_task(str(images), str(labels), str(cache), limit, 2, progress)
+    data = split_rows(str(labels), aligned_file, seed, limit)
+    test = data["splits"]["test"]
+    with np.load(aligned_file) as stored:
+        crops = stored["crops"][test]
+    preserved = list(policy.attributes.preserve)
+    columns = [ATTRIBUTE_COLUMNS.index(f"attr_{name}") for name in preserved]
+    truth = data["labels"][test][:, columns].astype(bool)
+    identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    faces = [AlignedFace(crop=c, matrix=identity, inverse=identity, landmarks=template(ALIGNED_SIZE)) for c in crops]
+    synthesis = plan_synthesis(methods, policy, generator)
+
+    def accuracy(batch: np.ndarray) -> dict:
+        predicted = attribute_model().predict(batch)[:, columns] >= 0.5
+        per_attribute = (predicted == truth).mean(axis=0)
+        return {"mean": float(per_attribute.mean()),
+                "per_attribute": {name: float(v) for name, v in zip(preserved, per_attribute)}}
+
+    results = {"faces": int(len(test)), "preserved": preserved, "original": accuracy(crops), "methods": {}}
+    rendered = None
+    feather = policy.obfuscation.feather_fraction
+    for method in methods:
+        if method in GAN_METHODS:
+            # Aligned crops have no photo around them to re-detect in: the first view, one
+            # rendering shared by the gan methods.
+            rendered = rendered or [renders[0] for renders in synthesize(faces, synthesis,
+                                                                         policy.obfuscation.gan.batch_size)]
+            edited = rendered
+        else:
+            edited = [obfuscate(f.crop, method, policy.obfuscation.params_for(method)) for f in faces]
+        synthesized = method in GAN_METHODS
+        composed = [compose_faces(f.crop, [f], [e], feather, [synthesized]) for f, e in zip(faces, edited)]
+        if method == "gan+perturbation":
+            composed = [apply_perturbation(c, [f], [True], synthesis.perturbation, feather)
+                        for f, c in zip(faces, composed)]
+        composed = np.stack(composed)
+        scores = accuracy(composed)
+        scores["ratio_to_original"] = scores["mean"] / results["original"]["mean"]
+        results["methods"][method] = scores
+    return results

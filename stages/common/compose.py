@@ -1,0 +1,104 @@
+"""Paste an edited aligned face back into its photo through the inverse alignment and the
+feathered landmark mask."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from stages.common.faces import AlignedFace, apply_affine, face_mask
+
+
+def match_colour(source: np.ndarray, reference: np.ndarray, region: np.ndarray,
+                 max_gain: float = 1.5) -> np.ndarray:
+    """``source`` (RGB uint8) shifted so that, inside ``region`` (bool), its mean and spread
+    per CIELAB channel match ``reference``'s (Reinhard et al.'s colour transfer).
+
+    A synthesized face carries the lighting and skin tone of the faces it was trained on;
+    pasted as is, the mask's edge shows as a seam. The gain is bounded so a flat region
+    (a masked face, a dark photo) cannot blow up the noise."""
+    if region.sum() < 16:
+        return source
+    lab_source = cv2.cvtColor(source.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    lab_reference = cv2.cvtColor(reference.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    picked_source, picked_reference = lab_source[region], lab_reference[region]
+    mean_source, mean_reference = picked_source.mean(axis=0), picked_reference.mean(axis=0)
+    gain = np.clip(picked_reference.std(axis=0) / np.maximum(picked_source.std(axis=0), 1e-3),
+                   1 / max_gain, max_gain)
+    matched = (lab_source - mean_source) * gain + mean_reference
+    rgb = cv2.cvtColor(matched.astype(np.float32), cv2.COLOR_LAB2RGB)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class FaceRegion:
+    """Where an aligned crop lands in its photo: the bounding rectangle (clipped to the
+    photo), the crop -> rectangle transform, and the feathered landmark mask over it."""
+    left: int
+    top: int
+    right: int
+    bottom: int
+    to_roi: np.ndarray          # 2×3: aligned-crop pixels -> rectangle pixels
+    alpha: np.ndarray           # H×W×1 float32 in [0, 1]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as OpenCV takes it."""
+        return self.right - self.left, self.bottom - self.top
+
+    def of(self, image: np.ndarray) -> np.ndarray:
+        return image[self.top:self.bottom, self.left:self.right]
+
+    def warp(self, crop: np.ndarray, border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
+        """``crop`` (aligned geometry) warped onto the rectangle."""
+        return cv2.warpAffine(crop, self.to_roi, self.size, flags=cv2.INTER_LINEAR, borderMode=border)
+
+
+def face_region(photo_shape: tuple[int, ...], aligned: AlignedFace, crop_size: int,
+                feather_fraction: float = 0.06) -> FaceRegion | None:
+    """The region of ``photo_shape`` that face ``aligned`` covers; None when it lies
+    outside the photo. Only this rectangle is ever warped, so a face in a 40 MP photo costs
+    what the face's own size costs."""
+    height, width = photo_shape[:2]
+    corners = apply_affine(aligned.inverse, np.array([[0, 0], [crop_size, 0], [0, crop_size],
+                                                      [crop_size, crop_size]], float))
+    left, top = np.floor(corners.min(axis=0)).astype(int)
+    right, bottom = np.ceil(corners.max(axis=0)).astype(int)
+    left, top = max(left, 0), max(top, 0)
+    right, bottom = min(right, width), min(bottom, height)
+    if right <= left or bottom <= top:
+        return None
+    # Crop -> region-of-interest transform: the inverse alignment shifted to the ROI origin.
+    to_roi = aligned.inverse.copy()
+    to_roi[:, 2] -= (left, top)
+    roi_landmarks = apply_affine(to_roi, aligned.landmarks)
+    alpha = face_mask(roi_landmarks, (bottom - top, right - left), feather_fraction)[:, :, None]
+    return FaceRegion(int(left), int(top), int(right), int(bottom), to_roi, alpha.astype(np.float32))
+
+
+def compose_face(photo: np.ndarray, aligned: AlignedFace, edited_crop: np.ndarray,
+                 feather_fraction: float = 0.06, colour_match: bool = False) -> np.ndarray:
+    """``photo`` with the masked region of ``edited_crop`` warped back into place, with
+    ``colour_match`` first colour-matched to the face it replaces (:func:`match_colour`)."""
+    region = face_region(photo.shape, aligned, edited_crop.shape[0], feather_fraction)
+    if region is None:
+        return photo.copy()
+    warped = region.warp(edited_crop)
+    if colour_match:
+        warped = match_colour(warped, region.of(photo), region.alpha[:, :, 0] > 0.98)
+    result = photo.copy()
+    blended = region.of(result).astype(np.float32) * (1.0 - region.alpha) + warped.astype(np.float32) * region.alpha
+    result[region.top:region.bottom, region.left:region.right] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return result
+
+
+def compose_faces(photo: np.ndarray, aligned: list[AlignedFace], edited_crops: list[np.ndarray],
+                  feather_fraction: float = 0.06, colour_match: list[bool] | None = None) -> np.ndarray:
+    """``photo`` with every face replaced by its edited crop (see :func:`compose_face`);
+    ``colour_match`` says per face whether to colour-match it (synthesized faces)."""
+    output = photo
+    matching = colour_match or [False] * len(aligned)
+    for align, crop, match in zip(aligned, edited_crops, matching):
+        output = compose_face(output, align, crop, feather_fraction, match)
+    return output

@@ -1,0 +1,49 @@
+"""The command line: release and demo under the test harness, clear errors, policy schema."""
+import json
+
+from click.testing import CliRunner
+
+from flows.cli import main
+from flows.release.lineage import read_table
+
+
+def test_release_command_prints_summary(tmp_path, prefect_harness, astronaut):
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(astronaut).save(tmp_path / "in" / "a.jpg")
+    result = CliRunner().invoke(main, ["release", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "released 1, quarantined 0, rejected 0 of 1" in result.output
+    assert read_table(tmp_path / "out", "photos").status.tolist() == ["released"]
+
+
+def test_demo_command_releases_the_samples(tmp_path, prefect_harness):
+    result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "demo"), "--samples", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "released 5, quarantined 0, rejected 0 of 5" in result.output
+    assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "astronaut.jpg").is_file()
+
+
+def test_release_with_a_bad_policy_fails_before_touching_anything(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nname: x\nobfuscation:\n  method: swirl\n")
+    result = CliRunner().invoke(main, ["release", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-p", str(policy)])
+    assert result.exit_code != 0 and f"{policy}:4:11" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_release_of_a_missing_input_is_a_clear_error(tmp_path, prefect_harness):
+    result = CliRunner().invoke(main, ["release", "-i", str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "does not exist" in result.output
+
+
+def test_policy_schema_lists_the_keys():
+    result = CliRunner().invoke(main, ["policy", "schema"])
+    schema = json.loads(result.output)
+    assert {"obfuscation", "identity_check", "detection", "output", "input"} <= set(schema["properties"])
+
+
+def test_lineage_show_on_a_non_release_folder(tmp_path):
+    result = CliRunner().invoke(main, ["lineage", "show", str(tmp_path)])
+    assert result.exit_code != 0 and "no lineage" in result.output

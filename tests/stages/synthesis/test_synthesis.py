@@ -1,0 +1,263 @@
+"""Stage III in a release: the generator's input hides the face, the synthesizer renders
+batches, compose colour-matches, and the leak gate still decides what is published."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.generator import GAN_SIZE, Generator
+from models.registry import ModelFileError
+from stages.attributes.names import ATTRIBUTES
+from stages.common.anonymize import AnonymizeSettings, anonymize_photo
+from stages.common.compose import match_colour
+from stages.common.faces import align_face, detect_faces
+from stages.synthesis.render import (
+    RENDER_VIEWS,
+    RenderView,
+    Synthesizer,
+    face_context,
+    load_synthesizer,
+    template_mask,
+)
+from stages.synthesis.training import GAN_ATTRIBUTES
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_context_blurs_the_face_and_keeps_the_rest(astronaut):
+    faces = detect_faces(astronaut)
+    crop = align_face(astronaut, min(faces, key=lambda f: f.box[1]).landmarks).crop   # her face, not the patch
+    images = torch.as_tensor(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
+    images = torch.nn.functional.interpolate(images, size=(GAN_SIZE, GAN_SIZE), mode="area")
+    context = face_context(images)
+    mask = template_mask(GAN_SIZE)
+    outside, inside = mask[0, 0] < 1e-3, mask[0, 0] > 0.99
+    assert torch.allclose(context[..., outside], images[..., outside], atol=0.005)
+    # The interior keeps its mean colour but loses its detail (eyes, nose, mouth edges).
+    assert (context[..., inside].mean() - images[..., inside].mean()).abs() < 0.05
+    detail = lambda x: (x[..., 1:, :] - x[..., :-1, :]).abs()[..., inside[1:]].mean()
+    assert detail(context) < 0.35 * detail(images)
+
+
+def _tiny_synthesizer(seed=0) -> Synthesizer:
+    torch.manual_seed(seed)
+    return Synthesizer(Generator(len(GAN_ATTRIBUTES), width=8, blocks=1), GAN_ATTRIBUTES, "cpu")
+
+
+def test_synthesizer_renders_batches_at_the_crop_size():
+    synthesizer = _tiny_synthesizer()
+    crops = np.random.default_rng(0).integers(0, 256, (5, 128, 128, 3), dtype=np.uint8)
+    targets = np.zeros((5, len(ATTRIBUTES)))
+    out = synthesizer.render(crops, targets, batch_size=2)
+    assert out.shape == crops.shape and out.dtype == np.uint8
+    # Only the face is new: outside the mask the crop is the original, at full resolution.
+    outside = template_mask(128)[0, 0].numpy() < 1e-3
+    assert np.abs(out[:, outside].astype(int) - crops[:, outside]).max() <= 1
+    assert np.abs(out[:, ~outside].astype(int) - crops[:, ~outside]).mean() > 10
+    # Batching does not change the result (up to float rounding); the targets do.
+    assert np.abs(out.astype(int) - synthesizer.render(crops, targets, batch_size=5)).max() <= 1
+    flipped = targets.copy()
+    flipped[:, ATTRIBUTES.index("Male")] = 1
+    assert not np.array_equal(out, synthesizer.render(crops, flipped))
+    with pytest.raises(ValueError, match="5 crops but 4 target"):
+        synthesizer.render(crops, targets[:4])
+
+
+def test_render_views_map_the_face_back_onto_the_crop():
+    synthesizer = _tiny_synthesizer()
+    crops = np.random.default_rng(1).integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
+    targets = np.zeros((3, len(ATTRIBUTES)))
+    first = synthesizer.render(crops, targets)
+    assert RENDER_VIEWS[0].is_identity and len({view.name for view in RENDER_VIEWS}) == len(RENDER_VIEWS)
+    # Mirrored: the generator renders the mirrored crop, and the face is mirrored back.
+    mirrored = synthesizer.render(crops, targets, view=RenderView("m", mirrored=True))
+    by_hand = synthesizer.render(crops[:, :, ::-1].copy(), targets)[:, :, ::-1]
+    assert np.abs(mirrored.astype(int) - by_hand).max() <= 1
+    for view in RENDER_VIEWS[1:]:
+        out = synthesizer.render(crops, targets, view=view)
+        # A different drawing inside the face; outside it the crop is untouched.
+        inside = template_mask(128)[0, 0].numpy() > 0.99
+        assert np.abs(out[:, inside].astype(int) - first[:, inside]).mean() > 1, view.name
+        mask = view.warp(template_mask(128), inverse=True)[0, 0].numpy()
+        assert np.abs(out[:, mask < 1e-3].astype(int) - crops[:, mask < 1e-3]).max() <= 1, view.name
+    # A view and its inverse cancel (away from the border the reflection fills).
+    # A smooth image, so that interpolation itself costs little and a wrong map shows.
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8), size=(64, 64), mode="bilinear")
+    for view in RENDER_VIEWS:
+        back = view.warp(view.warp(image), inverse=True)
+        assert (back - image)[..., 8:-8, 8:-8].abs().mean() < 0.01, view.name
+        if not view.is_identity:
+            assert (view.warp(image) - image)[..., 8:-8, 8:-8].abs().mean() > 0.01, view.name
+
+
+def test_the_policy_allows_as_many_rerenders_as_there_are_other_views():
+    from pydantic import ValidationError
+
+    from policy.schema import GanParams
+
+    assert GanParams().rerender_views == len(RENDER_VIEWS) - 1
+    with pytest.raises(ValidationError):
+        GanParams(rerender_views=len(RENDER_VIEWS))
+
+
+def test_face_renders_render_later_views_only_when_asked():
+    synthesizer = _tiny_synthesizer()
+    calls = []
+    original_render = synthesizer.render
+    synthesizer.render = lambda *args, **kwargs: calls.append(kwargs.get("view", args[3] if len(args) > 3 else None)) \
+        or original_render(*args, **kwargs)
+    crops = np.random.default_rng(2).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    renders = Synthesizer.renders(synthesizer, crops, np.zeros((2, len(ATTRIBUTES))))
+    assert len(calls) == 1 and len(renders) == 2 and len(renders[0]) == len(RENDER_VIEWS)
+    assert renders[1][0].shape == (128, 128, 3) and len(calls) == 1          # the first view: already there
+    second = renders[1][1]
+    assert calls[-1] is RENDER_VIEWS[1] and len(calls) == 2
+    assert renders[1][1] is second and len(calls) == 2                         # rendered once
+    with pytest.raises(IndexError):
+        renders[0][len(RENDER_VIEWS)]
+
+
+class RecordingViews:
+    """A face's renders that record which views the release asked for."""
+
+    def __init__(self, views):
+        self.views, self.asked = views, []
+
+    def __len__(self):
+        return len(self.views)
+
+    def __getitem__(self, index):
+        self.asked.append(index)
+        return self.views[index]
+
+
+def test_a_rendered_face_the_verifier_loses_is_rendered_from_the_next_view(astronaut):
+    faces = detect_faces(astronaut)
+    aligned = [align_face(astronaut, f.landmarks) for f in faces]
+    real = min(range(len(faces)), key=lambda i: faces[i].box[1])
+    grey = np.full_like(aligned[real].crop, 128)              # no face for dlib to find
+    others = [[a.crop] for a in aligned]
+
+    # Lost in the first view, found in the second: that one is checked (and here, being the
+    # original face, caught by the gate and sent to the fallback).
+    views = RecordingViews([grey, aligned[real].crop, grey])
+    renders = others[:real] + [views] + others[real + 1:]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), renders)
+    assert views.asked[:2] == [0, 1] and result.faces[real].methods_tried[:2] == ["gan", "pixelate"]
+    assert result.faces[real].distance >= 0.65 and result.faces[real].render_view is None
+
+    # Lost in every view: each allowed view is tried once, the last one is published.
+    views = RecordingViews([grey] * len(RENDER_VIEWS))
+    renders = others[:real] + [views] + others[real + 1:]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan", rerender_views=2), renders)
+    assert sorted(set(views.asked)) == [0, 1, 2]
+    assert result.faces[real].method == "gan" and result.faces[real].render_view == 2
+    assert result.faces[real].distance == float("inf")
+
+    # rerender_views 0: the first rendering is published as it is.
+    views = RecordingViews([grey, aligned[real].crop])
+    renders = others[:real] + [views] + others[real + 1:]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan", rerender_views=0), renders)
+    assert set(views.asked) == {0} and result.faces[real].render_view == 0
+
+
+def test_evaluation_re_renders_like_the_release(astronaut):
+    from flows.evaluation.evaluate import compose_detectable
+    from policy.loader import load_policy
+
+    policy = load_policy(REPO / "policy" / "default.yaml").policy
+    faces = detect_faces(astronaut)
+    aligned = [align_face(astronaut, f.landmarks) for f in faces]
+    grey = [np.full_like(a.crop, 128) for a in aligned]
+    renders = [[g, a.crop] for g, a in zip(grey, aligned)]
+    output, done = compose_detectable(astronaut, faces, aligned, renders, policy)
+    assert not done["detected_first_render"] and done["faces_rerendered"] == len(faces)
+    assert detect_faces(output) and done["perturbation_withdrawn"] is None   # the second view: a face again
+    lost_for_good = [[g, g] for g in grey]
+    output, done = compose_detectable(astronaut, faces, aligned, lost_for_good, policy)
+    assert not done["detected_first_render"] and done["faces_rerendered"] == len(faces) and not detect_faces(output)
+
+
+def test_load_synthesizer_from_a_run_folder_and_clear_errors(tmp_path):
+    generator = Generator(len(GAN_ATTRIBUTES), width=8, blocks=1)
+    with pytest.raises(ModelFileError, match="train generator"):
+        load_synthesizer(str(tmp_path))
+    torch.save(generator.state_dict(), tmp_path / "generator.pt")
+    (tmp_path / "generator.json").write_text(json.dumps({"config": generator.config,
+                                                         "attributes": list(GAN_ATTRIBUTES)}))
+    loaded = load_synthesizer(str(tmp_path), device="cpu")
+    assert loaded.attributes == GAN_ATTRIBUTES
+    (tmp_path / "generator.json").write_text(json.dumps({"config": generator.config | {"width": 16},
+                                                         "attributes": list(GAN_ATTRIBUTES)}))
+    with pytest.raises(ModelFileError, match="cannot be loaded"):
+        load_synthesizer(str(tmp_path))
+
+
+def test_colour_matching_moves_the_face_to_the_photo_colour():
+    rng = np.random.default_rng(0)
+    reference = np.clip(rng.normal((170, 120, 100), 12, (40, 40, 3)), 0, 255).astype(np.uint8)
+    source = np.clip(rng.normal((90, 110, 150), 25, (40, 40, 3)), 0, 255).astype(np.uint8)
+    region = np.zeros((40, 40), bool)
+    region[5:35, 5:35] = True
+    matched = match_colour(source, reference, region)
+    before = np.abs(source[region].mean(0) - reference[region].mean(0)).max()
+    after = np.abs(matched[region].mean(0).astype(float) - reference[region].mean(0)).max()
+    assert before > 40 and after < 4
+    assert np.array_equal(match_colour(source, reference, np.zeros((40, 40), bool)), source)
+
+
+def _settings(method, **overrides):
+    base = dict(method=method, method_params={}, fallback=["pixelate", "mask"], on_leak="fallback",
+                on_no_face="release", release_distance=0.65, feather_fraction=0.06, output_format="png")
+    return AnonymizeSettings(**(base | overrides))
+
+
+def test_gan_method_uses_the_rendered_face_and_the_gate_still_decides(astronaut):
+    faces = detect_faces(astronaut)
+    aligned = [align_face(astronaut, f.landmarks) for f in faces]
+    # A "rendering" that is the original face: the gate must catch it and fall back.
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), [[a.crop] for a in aligned])
+    real = min(range(len(faces)), key=lambda i: faces[i].box[1])   # her face, not the mission patch
+    assert result.status == "released"
+    assert result.faces[real].methods_tried[0] == "gan" and result.faces[real].method in ("pixelate", "mask")
+    # A face with nothing rendered (no Stage II targets) goes straight to the fallback ...
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), [None] * len(faces))
+    assert result.status == "released" and all(f.method != "gan" for f in result.faces)
+    # ... and without a fallback the photo is held back, with the reason.
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan", on_leak="quarantine"),
+                             [None] * len(faces))
+    assert result.status == "quarantined" and "no Stage II target" in result.reason
+
+
+def test_uses_generator_follows_the_chain():
+    assert _settings("gan").uses_generator
+    assert _settings("blur", fallback=["gan", "mask"]).uses_generator
+    assert not _settings("blur", fallback=["gan"], on_leak="quarantine").uses_generator
+    assert not _settings("blur").uses_generator
+
+
+def test_training_still_works_after_a_release_rendered_in_the_same_process(tmp_path):
+    """A release renders under torch.inference_mode; nothing it caches may poison autograd
+    for a training run later in the same process (a cached mask tensor once did). A fresh
+    process, so no earlier test has warmed a cache first."""
+    script = f"""
+import numpy as np, torch
+from pathlib import Path
+from models.generator import Generator
+from models.identity_embedding import IdentityNet
+from stages.synthesis.training import GAN_ATTRIBUTES, GanSettings, train_gan
+from stages.synthesis.render import Synthesizer
+Synthesizer(Generator(len(GAN_ATTRIBUTES), 8, 1), GAN_ATTRIBUTES, "cpu").render(
+    np.zeros((1, 128, 128, 3), np.uint8), np.zeros((1, 40)))
+images = torch.rand(4, 3, 64, 64) * 2 - 1
+labels = (torch.rand(4, len(GAN_ATTRIBUTES)) > 0.5).float()
+train_gan(images, labels, IdentityNet(channels=(4, 8, 8, 8), hidden=16),
+          GanSettings(steps=2, batch_size=2, width=8, blocks=1), Path({str(tmp_path)!r}), progress=False)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "gan_checkpoint.pt").is_file()
