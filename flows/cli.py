@@ -403,7 +403,7 @@ def policy_schema(write_to):
         click.echo(text, nl=False)
 
 
-EVALUATION_METHODS = ("blur", "pixelate", "mask", "gan", "gan+perturbation")
+EVALUATION_METHODS = ("blur", "pixelate", "mask", "gan", "gan+perturbation", "release")
 
 
 @main.command("evaluate")
@@ -411,7 +411,8 @@ EVALUATION_METHODS = ("blur", "pixelate", "mask", "gan", "gan+perturbation")
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder the pair paths are relative to.")
 @click.option("--methods", default="blur,pixelate,mask", show_default=True,
               help="Comma-separated methods to evaluate: blur, pixelate, mask, gan, gan+perturbation (gan with "
-                   "Stage IV's perturbation at the policy's xi).")
+                   "Stage IV's perturbation at the policy's xi), release (the release's whole per-photo loop under "
+                   "the policy: its method, Stage IV, the leak check and its escalation).")
 @click.option("-p", "--policy", default=None, help="Policy whose detection and method settings are used.")
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N same-person pairs.")
 @click.option("--workers", default=2, show_default=True, help="Processes (dlib is single-threaded).")
@@ -421,8 +422,13 @@ EVALUATION_METHODS = ("blur", "pixelate", "mask", "gan", "gan+perturbation")
               help="Also measure attribute preservation on this CelebA folder's identity-disjoint test split.")
 @click.option("--celeba-limit", default=None, type=int, help="Use only the first N CelebA images (and their "
                                                                 "test-split share).")
+@click.option("--grid", default=None, type=click.Path(file_okay=False),
+              help="Write a sample grid (original | each method, the first --grid-pairs pairs) to DIR/grid.png. "
+                   "It shows the evaluated photos: keep it out of the repository (.data/ is ignored).")
+@click.option("--grid-pairs", default=24, show_default=True, help="Pairs in the sample grid.")
 @click.option("-o", "--output", default=None, help="Write the results JSON here.")
-def evaluate_command(pairs, images, methods, policy, limit, workers, generator, celeba, celeba_limit, output):
+def evaluate_command(pairs, images, methods, policy, limit, workers, generator, celeba, celeba_limit, grid,
+                     grid_pairs, output):
     """De-identification, self de-identification, detection after, PSNR/SSIM/MS-SSIM and
     seconds per face for each method on the same-person pairs (EVALUATION.md); with
     --celeba, Stage I's accuracy on the policy's preserved attributes before and after."""
@@ -446,7 +452,7 @@ def evaluate_command(pairs, images, methods, policy, limit, workers, generator, 
     except (PolicyError, ModelFileError) as exc:
         raise click.ClickException(str(exc)) from None
     results = evaluate(Path(pairs), Path(images), chosen, loaded.policy, limit=limit, workers=workers,
-                       progress=True, generator=generator)
+                       progress=True, generator=generator, grid=Path(grid) if grid else None, grid_pairs=grid_pairs)
     if celeba:
         results["attribute_preservation"] = attribute_preservation(Path(celeba), chosen, loaded.policy, generator,
                                                                    limit=celeba_limit, progress=True)

@@ -17,12 +17,21 @@ image), and seconds per face of the de-identification. The row ``original`` is A
 Method ``gan+perturbation`` is ``gan`` with Stage IV's universal perturbation added as the
 release adds it (policy's ξ, inside the face mask, before re-detection), on the *same*
 renders as the ``gan`` row of the pair, so the two rows differ by the perturbation alone.
+Method ``release`` is what a release publishes: the release's own per-photo loop under the
+policy (its method, Stage IV, the leak check on the encoded bytes, and its escalation, on
+the same renders); a photo it holds back publishes nothing (``released_share``).
+
+Realism and diversity (``realism``), per method: the share of pairs of published subjects
+the verifier calls the same person, next to the originals' share, and a Fréchet distance
+between Stage I's CNN features of the published faces and of real ones (the B photos).
+``--grid DIR`` writes original | each method for the first pairs (never commit it).
 """
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +42,7 @@ from tqdm import tqdm
 from policy.schema import Policy
 from policy.settings import anonymize_settings, plan_selection
 from stages.attributes.predict import default_model as attribute_model
-from stages.common.anonymize import PhotoEscalation
+from stages.common.anonymize import PhotoEscalation, anonymize_photo
 from stages.common.compose import compose_faces
 from stages.common.faces import (
     AlignedFace,
@@ -43,7 +52,7 @@ from stages.common.faces import (
     face_descriptor,
 )
 from stages.common.facetable import ATTRIBUTE_COLUMNS
-from stages.common.imageio import ImageRejected, load_rgb
+from stages.common.imageio import ImageRejected, decode_bytes, load_rgb
 from stages.common.obfuscate import obfuscate
 from stages.common.quality import ms_ssim, psnr, ssim
 from stages.perturbation.apply import (
@@ -57,20 +66,29 @@ from stages.synthesis.render import FaceRenders, cached_synthesizer
 VERIFIER_THRESHOLD = 0.6   # dlib's documented same-person threshold (EVALUATION.md)
 VERIFIER_UPSAMPLE = 1
 GAN_METHODS = ("gan", "gan+perturbation")     # methods that synthesize (Stage III, and Stage IV for the second)
+# Methods that use Stage III's renders when the policy synthesizes: one rendering per pair is shared.
+SYNTHESIZING = GAN_METHODS + ("release",)
 
 
-def _subject_descriptor(rgb: np.ndarray) -> np.ndarray | None:
-    faces = detect_faces(rgb, detector="hog", upsample=VERIFIER_UPSAMPLE)
-    if not faces:
+@dataclass(frozen=True)
+class Subject:
+    """The face the verifier takes for a photo's subject (nearest the image centre)."""
+    face: DetectedFace
+    descriptor: np.ndarray
+
+
+def _described_faces(rgb: np.ndarray) -> list[Subject]:
+    """Every face the verifier's detector finds in ``rgb``, with its descriptor."""
+    return [Subject(face, face_descriptor(rgb, face.landmarks))
+            for face in detect_faces(rgb, detector="hog", upsample=VERIFIER_UPSAMPLE)]
+
+
+def _subject(described: list[Subject], shape: tuple[int, ...]) -> Subject | None:
+    if not described:
         return None
-    centre = np.array(rgb.shape[1::-1], float) / 2
-    subject = min(faces, key=lambda f: np.linalg.norm(np.array([(f.box[0] + f.box[2]) / 2,
-                                                                 (f.box[1] + f.box[3]) / 2]) - centre))
-    return face_descriptor(rgb, subject.landmarks)
-
-
-def _all_descriptors(rgb: np.ndarray) -> list[np.ndarray]:
-    return [face_descriptor(rgb, f.landmarks) for f in detect_faces(rgb, detector="hog", upsample=VERIFIER_UPSAMPLE)]
+    centre = np.array(shape[1::-1], float) / 2
+    return min(described, key=lambda s: np.linalg.norm(np.array([(s.face.box[0] + s.face.box[2]) / 2,
+                                                                 (s.face.box[1] + s.face.box[3]) / 2]) - centre))
 
 
 def find_and_align(rgb: np.ndarray, policy: Policy) -> tuple[list[DetectedFace], list[AlignedFace]]:
@@ -95,7 +113,8 @@ class Synthesis:
 def plan_synthesis(methods: list[str], policy: Policy, generator: str | None = None) -> Synthesis | None:
     """What the chosen methods need besides the policy, loaded (and verified) once, here:
     a missing generator or perturbation fails before any pair is read."""
-    if not any(method in GAN_METHODS for method in methods):
+    if not (any(method in GAN_METHODS for method in methods)
+            or ("release" in methods and anonymize_settings(policy).uses_generator)):
         return None
     perturbation = None
     if "gan+perturbation" in methods:
@@ -145,10 +164,16 @@ def compose_detectable(rgb: np.ndarray, faces: list[DetectedFace], aligned: list
 
 
 def deidentify(rgb: np.ndarray, faces: list[DetectedFace], aligned: list[AlignedFace], method: str, policy: Policy,
-               synthesis: Synthesis | None = None, renders: list[FaceRenders] | None = None) -> tuple[np.ndarray, dict]:
+               synthesis: Synthesis | None = None, renders: list[FaceRenders] | None = None,
+               source_format: str = "PNG") -> tuple[np.ndarray | None, dict]:
     """A': every face obfuscated with ``method`` and composed back; with what ``gan`` did
     besides (whether its first composition was detected, faces rendered again). ``renders``:
-    Stage III's renders of ``aligned`` when already made (shared by the gan methods)."""
+    Stage III's renders of ``aligned`` when already made (shared by the gan methods).
+    Method ``release`` is the release's whole per-photo loop under ``policy``
+    (``anonymize_photo``: its method, Stage IV, the leak check and its escalation) on the
+    bytes it would publish; A' is None when it holds the photo back."""
+    if method == "release":
+        return _released(rgb, faces, aligned, policy, renders, source_format)
     if method in GAN_METHODS:
         if synthesis is None or (method == "gan+perturbation" and synthesis.perturbation is None):
             raise ValueError(f"method {method} needs the policy's Stage II selection (Synthesis, plan_synthesis)")
@@ -160,50 +185,79 @@ def deidentify(rgb: np.ndarray, faces: list[DetectedFace], aligned: list[Aligned
     return compose_faces(rgb, aligned, edited, policy.obfuscation.feather_fraction), {}
 
 
-def evaluate_pair(job: tuple[Path, Path, list[str], Policy, Synthesis | None]) -> list[dict]:
-    path_a, path_b, methods, policy, synthesis = job
+def _released(rgb: np.ndarray, faces: list[DetectedFace], aligned: list[AlignedFace], policy: Policy,
+              renders: list[FaceRenders] | None, source_format: str) -> tuple[np.ndarray | None, dict]:
+    result = anonymize_photo(rgb, source_format, faces, aligned, anonymize_settings(policy), renders)
+    released = result.status == "released"
+    escalated = sum(len(outcome.methods_tried) > 1 for outcome in result.faces)
+    return (decode_bytes(result.encoded) if released else None,
+            {"released": released, "faces_escalated": escalated if released else None,
+             "faces_synthesized": sum(o.synthesized for o in result.faces) if released else None})
+
+
+def evaluate_pair(job: tuple[Path, Path, list[str], Policy, Synthesis | None, bool]) -> list[dict]:
+    """Every method's row for one same-person pair (A, B). ``keep_images``: the rows also
+    carry A' itself (``image_after``, for the sample grid)."""
+    path_a, path_b, methods, policy, synthesis, keep_images = job
     pair = {"rel_a": path_a.name, "rel_b": path_b.name}
     try:
-        image_a, image_b = load_rgb(path_a).rgb, load_rgb(path_b).rgb
+        loaded_a, image_b = load_rgb(path_a), load_rgb(path_b).rgb
     except ImageRejected as exc:
         return [pair | {"method": m, "evaluable": False, "note": str(exc)} for m in ["original", *methods]]
-    descriptor_a, descriptor_b = _subject_descriptor(image_a), _subject_descriptor(image_b)
-    if descriptor_a is None or descriptor_b is None:
+    image_a = loaded_a.rgb
+    subject_a = _subject(_described_faces(image_a), image_a.shape)
+    subject_b = _subject(_described_faces(image_b), image_b.shape)
+    if subject_a is None or subject_b is None:
         return [pair | {"method": m, "evaluable": False, "note": "verifier found no face in A or B"}
                 for m in ["original", *methods]]
-    verified_before = float(np.linalg.norm(descriptor_a - descriptor_b)) < VERIFIER_THRESHOLD
+    verified_before = float(np.linalg.norm(subject_a.descriptor - subject_b.descriptor)) < VERIFIER_THRESHOLD
     # Detection and alignment are shared by every method; their time is charged to each.
     started = time.perf_counter()
     faces, aligned = find_and_align(image_a, policy)
     detection_seconds = time.perf_counter() - started
     renders, render_seconds = None, 0.0
-    if synthesis is not None and any(method in GAN_METHODS for method in methods):
-        # One Stage II draw and one rendering per pair, shared by the gan methods (and charged to each).
+    if synthesis is not None and any(method in SYNTHESIZING for method in methods):
+        # One Stage II draw and one rendering per pair, shared by the methods that synthesize (and charged to each).
         started = time.perf_counter()
         renders = synthesize(aligned, synthesis, policy.obfuscation.gan.batch_size)
         render_seconds = time.perf_counter() - started
     rows = []
     for method in ["original", *methods]:
         started = time.perf_counter()
-        extra = {}
+        extra: dict = {"crop_real": align_face(image_b, subject_b.face.landmarks).crop} if method == "original" else {}
         if method == "original":
             output, treated, seconds = image_a, 0, 0.0
         else:
-            output, extra = deidentify(image_a, faces, aligned, method, policy, synthesis, renders)
+            output, extra = deidentify(image_a, faces, aligned, method, policy, synthesis, renders,
+                                       loaded_a.source_format)
             treated = len(aligned)
             seconds = detection_seconds + time.perf_counter() - started
-            seconds += render_seconds if method in GAN_METHODS else 0.0
-        found = _all_descriptors(output)
-        to_b = min((float(np.linalg.norm(d - descriptor_b)) for d in found), default=float("inf"))
-        to_a = min((float(np.linalg.norm(d - descriptor_a)) for d in found), default=float("inf"))
-        rows.append(pair | {
-            "method": method, "evaluable": True, "verified_before": verified_before,
-            "faces_treated": treated, "seconds": seconds,
-            "detected_after": bool(found), "distance_to_b": to_b, "distance_to_a": to_a,
+            seconds += render_seconds if method in SYNTHESIZING else 0.0
+        rows.append(pair | {"method": method, "evaluable": True, "verified_before": verified_before,
+                            "faces_treated": treated, "seconds": seconds}
+                    | _judged(image_a, output, subject_a, subject_b, keep_images) | extra)
+    return rows
+
+
+def _judged(image_a: np.ndarray, output: np.ndarray | None, subject_a: Subject, subject_b: Subject,
+            keep_images: bool) -> dict:
+    """What the verifier and the quality measures make of A' (None: nothing published)."""
+    if output is None:
+        return {"detected_after": False, "distance_to_b": float("inf"), "distance_to_a": float("inf"),
+                "verifies_as_b": False, "verifies_as_a": False, "psnr": np.nan, "ssim": np.nan, "ms_ssim": np.nan,
+                "subject_after": None, "crop_after": None, "image_after": None}
+    found = _described_faces(output)
+    to_b = min((float(np.linalg.norm(s.descriptor - subject_b.descriptor)) for s in found), default=float("inf"))
+    to_a = min((float(np.linalg.norm(s.descriptor - subject_a.descriptor)) for s in found), default=float("inf"))
+    subject_after = _subject(found, output.shape)
+    return {"detected_after": bool(found), "distance_to_b": to_b, "distance_to_a": to_a,
             "verifies_as_b": to_b < VERIFIER_THRESHOLD, "verifies_as_a": to_a < VERIFIER_THRESHOLD,
             "psnr": psnr(image_a, output), "ssim": ssim(image_a, output), "ms_ssim": ms_ssim(image_a, output),
-        } | extra)
-    return rows
+            # For the realism and diversity measures (``realism``): the published subject as the
+            # verifier describes it, and what A' shows where A's subject was, aligned like it.
+            "subject_after": None if subject_after is None else subject_after.descriptor,
+            "crop_after": align_face(output, subject_a.face.landmarks).crop,
+            "image_after": output if keep_images else None}
 
 
 def _finite_median(values: pd.Series) -> float | None:
@@ -237,14 +291,99 @@ def summarize(rows: pd.DataFrame) -> dict[str, dict]:
             # gan: the detector's verdict on the first rendering, before any re-render
             summary[method]["detection_rate_first_render"] = float(usable["detected_first_render"].astype(bool).mean())
             summary[method]["faces_rerendered"] = int(usable["faces_rerendered"].sum())
+        if "released" in usable and len(usable) and usable["released"].notna().all():
+            # release: photos the release held back publish nothing (counted as not detected)
+            summary[method]["released_share"] = float(usable["released"].astype(bool).mean())
+            summary[method]["faces_escalated"] = int(usable["faces_escalated"].fillna(0).sum())
+            summary[method]["faces_synthesized"] = int(usable["faces_synthesized"].fillna(0).sum())
         if "perturbation_withdrawn" in usable and len(usable) and usable["perturbation_withdrawn"].notna().all():
             # gan+perturbation: faces composed without it because it lost them or brought them back
             summary[method]["faces_perturbation_withdrawn"] = int(usable["perturbation_withdrawn"].sum())
     return summary
 
 
+def same_person_share(descriptors: list[np.ndarray]) -> float | None:
+    """Share of the pairs of ``descriptors`` the verifier calls the same person (< 0.6)."""
+    if len(descriptors) < 2:
+        return None
+    stacked = np.stack(descriptors).astype(np.float64)
+    distances = np.linalg.norm(stacked[:, None, :] - stacked[None, :, :], axis=-1)
+    upper = distances[np.triu_indices(len(stacked), k=1)]
+    return float((upper < VERIFIER_THRESHOLD).mean())
+
+
+def frechet_distance(features: np.ndarray, reference: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula)."""
+    from scipy import linalg
+
+    mean_a, mean_b = features.mean(axis=0), reference.mean(axis=0)
+    cov_a, cov_b = np.cov(features, rowvar=False), np.cov(reference, rowvar=False)
+    with warnings.catch_warnings():   # singular with fewer faces than features: still the best estimate
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(cov_a @ cov_b)
+    root = root.real if np.iscomplexobj(root) else root
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def realism(rows: pd.DataFrame) -> dict[str, dict]:
+    """Per method, diversity and realism of what is published: the share of pairs of
+    published subjects the verifier calls the same person (the row ``original``: the real A
+    photos), and the Fréchet distance between Stage I's CNN features of the published faces
+    (A' aligned where A's subject was) and of real faces (the B photos' subjects, aligned
+    the same way). Stage I's features are the only learned face features we have offline
+    that were trained on appearance (40 CelebA attributes) rather than on identity; the row
+    ``original`` (real A against real B) is the distance two sets of real faces have."""
+    usable = rows[rows["evaluable"]]
+    reals = _arrays(usable.get("crop_real", pd.Series(dtype=object)))
+    reference = attribute_model().features_and_head(np.stack(reals))[0] if len(reals) > 1 else None
+    measured = {}
+    for method, group in usable.groupby("method", sort=False):
+        descriptors, crops = _arrays(group["subject_after"]), _arrays(group["crop_after"])
+        distance = None
+        if reference is not None and len(crops) > 1:
+            distance = frechet_distance(attribute_model().features_and_head(np.stack(crops))[0], reference)
+        measured[method] = {"published_subjects": len(descriptors),
+                            "verifier_same_share": same_person_share(descriptors),
+                            "frechet_distance_stage1": distance}
+    return measured
+
+
+def _arrays(values: pd.Series) -> list[np.ndarray]:
+    """The arrays of a column that holds arrays where measured (None or NaN elsewhere)."""
+    return [value for value in values if isinstance(value, np.ndarray)]
+
+
+def write_grid(rows: pd.DataFrame, folder: Path, height: int = 160) -> Path | None:
+    """Original | A' per method, one pair per line, for the pairs that kept their images:
+    ``folder/grid.png`` (never commit it: it shows research photos)."""
+    from PIL import Image
+
+    kept = rows[rows["evaluable"] & rows["image_after"].map(lambda image: isinstance(image, np.ndarray))] \
+        if "image_after" in rows else rows.iloc[:0]
+    if kept.empty:
+        return None
+    lines = []
+    for _, pair in kept.groupby(["rel_a", "rel_b"], sort=False):
+        tiles = [Image.fromarray(np.asarray(image)) for image in pair["image_after"]]
+        tiles = [tile.resize((max(1, round(tile.width * height / tile.height)), height)) for tile in tiles]
+        line = Image.new("RGB", (sum(tile.width for tile in tiles) + 4 * len(tiles), height), "white")
+        for index, tile in enumerate(tiles):
+            line.paste(tile, (sum(t.width + 4 for t in tiles[:index]), 0))
+        lines.append(line)
+    grid = Image.new("RGB", (max(line.width for line in lines), sum(line.height + 4 for line in lines)), "white")
+    for index, line in enumerate(lines):
+        grid.paste(line, (0, index * (height + 4)))
+    folder.mkdir(parents=True, exist_ok=True)
+    grid.save(folder / "grid.png")
+    return folder / "grid.png"
+
+
 def evaluate(pairs_csv: Path, images: Path, methods: list[str], policy: Policy, limit: int | None = None,
-             workers: int = 2, progress: bool = False, generator: str | None = None) -> dict:
+             workers: int = 2, progress: bool = False, generator: str | None = None,
+             grid: Path | None = None, grid_pairs: int = 24) -> dict:
+    """EVALUATION.md's protocol over the same-person pairs of ``pairs_csv``, with the realism
+    and diversity measures (``realism``); ``grid``: a folder for the sample grid of the first
+    ``grid_pairs`` pairs (original | each method)."""
     pairs = pd.read_csv(pairs_csv)
     missing = {"rel_a", "rel_b", "same"} - set(pairs.columns)
     if missing:
@@ -253,7 +392,8 @@ def evaluate(pairs_csv: Path, images: Path, methods: list[str], policy: Policy, 
     if limit:
         same = same.head(limit)
     synthesis = plan_synthesis(methods, policy, generator)
-    jobs = [(images / a, images / b, methods, policy, synthesis) for a, b in zip(same["rel_a"], same["rel_b"])]
+    jobs = [(images / a, images / b, methods, policy, synthesis, grid is not None and index < grid_pairs)
+            for index, (a, b) in enumerate(zip(same["rel_a"], same["rel_b"]))]
     started = time.time()
     rows: list[dict] = []
     bar = tqdm(total=len(jobs), unit="pair", desc="evaluate", disable=not progress)
@@ -270,12 +410,16 @@ def evaluate(pairs_csv: Path, images: Path, methods: list[str], policy: Policy, 
             bar.update()
     bar.close()
     frame = pd.DataFrame(rows)
+    summary = summarize(frame)
+    for method, measured in realism(frame).items():
+        summary[method] |= measured
+    grid_file = write_grid(frame, grid) if grid is not None else None
     return {"protocol": "EVALUATION.md privacy + quality on same-person pairs; verifier dlib ResNet, "
                         f"HOG upsample {VERIFIER_UPSAMPLE}, threshold {VERIFIER_THRESHOLD}",
             "pairs_csv": str(pairs_csv), "images": str(images), "same_pairs": int(len(jobs)),
             "policy": policy.name, "wall_seconds": time.time() - started, "workers": workers,
             "generator": (generator or "shipped") if synthesis else None,
-            "methods": summarize(frame)}
+            "grid": str(grid_file) if grid_file else None, "methods": summary}
 
 
 def markdown_table(results: dict) -> str:
@@ -298,6 +442,14 @@ def markdown_table(results: dict) -> str:
                          + (f"; the perturbation withdrawn from {m['faces_perturbation_withdrawn']} of "
                             f"{m['faces_treated']} face(s) (lost or within the release distance of the original "
                             "with it)" if "faces_perturbation_withdrawn" in m else ""))
+    for method, m in results["methods"].items():
+        if m.get("verifier_same_share") is not None or m.get("frechet_distance_stage1") is not None:
+            lines.append(f"\n{method}: the verifier calls {fmt(m.get('verifier_same_share'), percent=True)} of the pairs "
+                         f"of its {m['published_subjects']} published subjects the same person; Fréchet distance "
+                         f"to real faces (Stage I features) {fmt(m.get('frechet_distance_stage1'), 2)}"
+                         + (f"; {fmt(m['released_share'], percent=True)} of the photos released, "
+                            f"{m['faces_escalated']} face(s) escalated, {m['faces_synthesized']} published synthesized"
+                            if "released_share" in m else ""))
     first = next(iter(results["methods"].values()))
     lines.append(f"\nEvaluable pairs: {first['evaluable_pairs']} of {first['pairs']}; verification rate before: "
                  f"{fmt(first['verification_rate_before'], percent=True)}")
