@@ -476,6 +476,24 @@ def evaluate_detection_command(wild, annotations, output):
     _emit(results, detectors_table(results), output)
 
 
+@main.command("benchmark-perturbation-visibility")
+@click.option("--celeba", required=True, type=click.Path(exists=True, file_okay=False),
+              help="CelebA folder (img_align_celeba_89x109/ and labels.csv): its identity-disjoint test split.")
+@click.option("--limit", default=3000, show_default=True, help="Use the first N CelebA images (their test-split share).")
+@click.option("--workers", default=2, show_default=True, help="Processes aligning the images.")
+@click.option("-o", "--output", default=None, help="Write the results JSON here.")
+def benchmark_perturbation_visibility_command(celeba, limit, workers, output):
+    """Stage IV's visibility (share of face pixels changed above the JND) next to its fooling
+    rate, over a few shapes and strengths of the pattern."""
+    from flows.evaluation.perturbation_visibility import (
+        perturbation_visibility,
+        visibility_table,
+    )
+
+    results = perturbation_visibility(Path(celeba), limit, workers, progress=True)
+    _emit(results, visibility_table(results), output)
+
+
 @main.command("benchmark-scaleout")
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of photos (recursive).")
 @click.option("--workers", default="1,2", show_default=True, help="Dask worker counts to compare, comma-separated.")
