@@ -703,9 +703,12 @@ def _fraction(text: str) -> float:
                                           "preserves; 'none': nothing].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
+@click.option("--jnd-percentile", type=float, default=None,
+              help="Bound each pixel by this percentile of the training faces' just-noticeable difference there "
+                   "(and by --xi): a pattern below the threshold of visibility. Default: --xi everywhere.")
 @click.option("--install", is_flag=True, help="Copy the perturbation into models/ and update the manifest.")
 def train_perturbation_command(celeba, run_dir, attributes, xi, norm, delta, max_passes, train_faces, unseen_epochs,
-                               synthesized, inside_mask, keep, seed, limit, install):
+                               synthesized, inside_mask, keep, seed, limit, jnd_percentile, install):
     """Compute Stage IV's universal adversarial perturbation against Stage I's CNN."""
     from flows.training.perturbation import train_perturbation
 
@@ -715,7 +718,8 @@ def train_perturbation_command(celeba, run_dir, attributes, xi, norm, delta, max
     summary = train_perturbation(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, attributes=names,
                                  xi=_fraction(xi), norm=norm, delta=delta, max_passes=max_passes,
                                  train_faces=train_faces, unseen_epochs=unseen_epochs, synthesized=synthesized,
-                                 inside_mask=inside_mask, keep=kept, seed=seed, limit=limit, install=install)
+                                 inside_mask=inside_mask, keep=kept, seed=seed, limit=limit, install=install,
+                                 jnd_percentile=jnd_percentile)
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -63,6 +63,13 @@ def visible_share(clean: np.ndarray, perturbed: np.ndarray, support: np.ndarray)
     return float((change > jnd(clean))[inside].mean())
 
 
+def jnd_bound(faces: np.ndarray, percentile: float) -> np.ndarray:
+    """Per pixel of the aligned crop, the ``percentile``-th JND over ``faces`` (grey levels):
+    a change this small stays below the threshold of visibility on all but that share of
+    faces at that place (texture in the brows, eyes and hair line hides more than a cheek)."""
+    return np.percentile(np.stack([jnd(face) for face in faces]), percentile, axis=0).astype(np.float32)
+
+
 def reshaped(pattern: np.ndarray, sigma: float, xi: float) -> np.ndarray:
     """The pattern smoothed by a Gaussian of ``sigma`` px (0: as trained), scaled so its
     largest change is ``xi`` grey levels (the policy's l-inf bound)."""

@@ -105,7 +105,10 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
                        delta: float = 0.2, max_passes: int = 10, train_faces: int = 2000, batch_size: int = 64,
                        seed: int = 0, limit: int | None = None, unseen_epochs: int = 8, synthesized: bool = False,
                        inside_mask: bool = False, keep: tuple[str, ...] | None = None, install: bool = False,
-                       workers: int = 2, progress: bool = True) -> dict:
+                       workers: int = 2, progress: bool = True, jnd_percentile: float | None = None) -> dict:
+    """``jnd_percentile``: bound each pixel by that percentile of the training faces' JND
+    there (and by ``xi``), so that the pattern stays below the threshold of visibility
+    (``flows.evaluation.perturbation_visibility``); None: ``xi`` everywhere."""
     logger = get_run_logger()
     keep = default_keep() if keep is None else tuple(keep)
     check_attribute_lists(attributes, keep)
@@ -131,25 +134,14 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
     kept = attribute_profiler(default_model().net, list(keep)) if keep else None
     logger.info("universal perturbation against Stage I's CNN (%s; keeping %s) on %d training faces, xi %.4f (l%s)",
                 ", ".join(attributes), ", ".join(keep) or "nothing", len(chosen), xi, norm)
+    radius = xi if jnd_percentile is None else jnd_radius(crops[chosen], jnd_percentile, xi)
     compute_started = time.perf_counter()
-    result = universal_perturbation(profiler, to_unit_images(crops[chosen]), radius=xi, norm=norm, delta=delta,
+    result = universal_perturbation(profiler, to_unit_images(crops[chosen]), radius=radius, norm=norm, delta=delta,
                                     max_passes=max_passes, batch_size=batch_size, support=support, seed=seed,
                                     keep=kept, progress=progress)
     compute_seconds = time.perf_counter() - compute_started
     test_images = to_unit_images(crops[test])
-    perturbed = to_crops(test_images + result.perturbation)
-    # Measured on what a released file holds: the perturbed crop rounded to uint8.
-    as_released = to_unit_images(perturbed) - test_images
-    white_box = fooling_rate(profiler, test_images, as_released)
-    metrics = {
-        "white_box": white_box,
-        "stage_one_forests": stage_one_forest_fooling(crops[test], perturbed, list(attributes)),
-        "psnr_db": float(np.median([psnr(a, b) for a, b in zip(crops[test], perturbed)])),
-    }
-    if keep:
-        # How often what must be kept changes: the white-box CNN head and Stage I's forests.
-        metrics["kept_white_box"] = fooling_rate(kept, test_images, as_released)
-        metrics["kept_stage_one_forests"] = stage_one_forest_fooling(crops[test], perturbed, list(keep))
+    metrics, as_released = _test_metrics(profiler, kept, crops[test], result.perturbation, attributes, keep)
     if unseen_epochs:
         unseen = unseen_profiler_net(crops, data, run / "unseen-profiler", unseen_epochs, seed + 1, progress)
         metrics["unseen_profiler"] = fooling_rate(attribute_profiler(unseen, list(attributes)), test_images,
@@ -158,7 +150,7 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
     np.savez(run / PERTURBATION_FILE, perturbation=perturbation)
     summary = {
         "code_version": code_version(), "seed": seed, "attributes": list(attributes), "keep": list(keep),
-        "xi": xi, "norm": norm,
+        "xi": xi, "norm": norm, "jnd_percentile": jnd_percentile,
         "faces": "synthesized by Stage III" if synthesized else "original", "inside_mask": inside_mask,
         "delta": delta, "passes": result.passes, "history": result.history, "train_faces": int(len(chosen)),
         "train_fooling_rate": result.fooling_rate, "test_faces": int(len(test)), "test": metrics,
@@ -168,8 +160,9 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
     }
     (run / CONFIG_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     logger.info("fooling rate on %d unseen test faces: %.3f white-box, %.3f Stage I forests; PSNR %.1f dB; "
-                "kept attributes changed (Stage I forests): %s", len(test), white_box["fooling_rate"],
-                metrics["stage_one_forests"]["fooling_rate"], metrics["psnr_db"],
+                "visible share (median) %.3f; kept attributes changed (Stage I forests): %s", len(test),
+                metrics["white_box"]["fooling_rate"], metrics["stage_one_forests"]["fooling_rate"],
+                metrics["psnr_db"], metrics["visible_share_median"],
                 metrics.get("kept_stage_one_forests", {}).get("per_attribute"))
     if install:
         summary["installed"] = {
@@ -177,6 +170,39 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
             for name, file, what in (("perturbation", PERTURBATION_FILE, "Stage IV universal perturbation (npz)"),
                                      ("perturbation_config", CONFIG_FILE, "its settings and measured fooling rates"))}
     return summary
+
+
+def jnd_radius(crops: np.ndarray, percentile: float, xi: float) -> torch.Tensor:
+    """1×S×S per-pixel ℓ∞ bound in [0, 1] units: the training faces' ``percentile``-th JND
+    at each pixel, at most ``xi``."""
+    from flows.evaluation.perturbation_visibility import jnd_bound
+
+    return torch.as_tensor(np.minimum(jnd_bound(crops, percentile) / 255.0, xi), dtype=torch.float32)[None]
+
+
+def _test_metrics(profiler, kept, crops: np.ndarray, perturbation: torch.Tensor, attributes: tuple[str, ...],
+                  keep: tuple[str, ...]) -> tuple[dict, torch.Tensor]:
+    """Fooling rates, PSNR and visibility on the unseen test faces, measured on what a
+    released file holds (the perturbed crop rounded to uint8); with that rounded perturbation."""
+    from flows.evaluation.perturbation_visibility import visible_share
+    from stages.synthesis.render import template_mask
+
+    test_images = to_unit_images(crops)
+    perturbed = to_crops(test_images + perturbation)
+    as_released = to_unit_images(perturbed) - test_images
+    support = template_mask(crops.shape[1])[0, 0].numpy()
+    shares = [visible_share(a, b, support) for a, b in zip(crops, perturbed)]
+    metrics = {
+        "white_box": fooling_rate(profiler, test_images, as_released),
+        "stage_one_forests": stage_one_forest_fooling(crops, perturbed, list(attributes)),
+        "psnr_db": float(np.median([psnr(a, b) for a, b in zip(crops, perturbed)])),
+        "visible_share_median": float(np.median(shares)), "visible_share_p90": float(np.percentile(shares, 90)),
+    }
+    if keep:
+        # How often what must be kept changes: the white-box CNN head and Stage I's forests.
+        metrics["kept_white_box"] = fooling_rate(kept, test_images, as_released)
+        metrics["kept_stage_one_forests"] = stage_one_forest_fooling(crops, perturbed, list(keep))
+    return metrics, as_released
 
 
 # The unseen profiler: another architecture (wider early, narrower late, a smaller feature

@@ -122,10 +122,15 @@ def _logit_gradients(logits: torch.Tensor, point: torch.Tensor, flat: int) -> to
                         for k in range(logits.shape[1])], dim=1)
 
 
-def project(perturbation: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
-    """``perturbation`` projected onto the ℓ∞ or ℓ2 ball of ``radius``."""
+def project(perturbation: torch.Tensor, radius: float | torch.Tensor, norm: str) -> torch.Tensor:
+    """``perturbation`` projected onto the ℓ∞ or ℓ2 ball of ``radius``; for ℓ∞ the radius may
+    be a tensor broadcastable to the perturbation (a bound per pixel: a box)."""
     if norm == "inf":
+        if isinstance(radius, torch.Tensor):
+            return torch.maximum(torch.minimum(perturbation, radius), -radius)
         return perturbation.clamp(-radius, radius)
+    if isinstance(radius, torch.Tensor):
+        raise ValueError("a per-pixel radius needs the l-inf norm")
     length = perturbation.norm()
     return perturbation * min(1.0, radius / float(length)) if length > 0 else perturbation
 
@@ -156,7 +161,8 @@ def _batches(count: int, batch_size: int, generator: torch.Generator) -> Iterato
         yield order[start:start + batch_size]
 
 
-def universal_perturbation(classifier: Classifier, images: torch.Tensor, radius: float, norm: str = "inf",
+def universal_perturbation(classifier: Classifier, images: torch.Tensor, radius: float | torch.Tensor,
+                           norm: str = "inf",
                            delta: float = 0.2, max_passes: int = 10, batch_size: int = 64,
                            overshoot: float = 0.02, deepfool_iterations: int = 50, step_scale: float = 0.25,
                            step_norm: str = "2", support: torch.Tensor | None = None, seed: int = 0,
@@ -179,11 +185,13 @@ def universal_perturbation(classifier: Classifier, images: torch.Tensor, radius:
     passes, chasing the faces that are hardest to move, can lose more than they gain).
     ``support`` (broadcastable to one image, values in [0, 1]) confines ``v`` to where it may
     be applied, e.g. the face mask: every step is multiplied by it before it is added.
-    ``keep``: decisions every DeepFool step is made orthogonal to (see :func:`deepfool`)."""
+    ``keep``: decisions every DeepFool step is made orthogonal to (see :func:`deepfool`).
+    ``radius`` may be a tensor (ℓ∞ only): a bound per pixel, e.g. what a face's texture hides."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if radius <= 0:
-        raise ValueError(f"radius (xi) must be positive, got {radius}")
+    largest = float(radius.max()) if isinstance(radius, torch.Tensor) else radius
+    if largest <= 0 or (isinstance(radius, torch.Tensor) and bool((radius < 0).any())):
+        raise ValueError(f"radius (xi) must be positive, got {largest}")
     if not 0 < step_scale <= 1:
         raise ValueError(f"step_scale must be in (0, 1], got {step_scale}")
     generator = torch.Generator().manual_seed(seed)

@@ -182,7 +182,8 @@ def test_perturbation_flow_on_a_tiny_subset(shared_data, tmp_path, prefect_harne
     assert summary["faces"] == "synthesized by Stage III"
     test = summary["test"]
     assert {"white_box", "stage_one_forests", "unseen_profiler", "psnr_db", "kept_white_box",
-            "kept_stage_one_forests"} <= set(test)
+            "kept_stage_one_forests", "visible_share_median", "visible_share_p90"} <= set(test)
+    assert 0 <= test["visible_share_median"] <= test["visible_share_p90"] <= 1
     assert summary["keep"] == ["Smiling", "Mouth_Slightly_Open", "Eyeglasses", "Wearing_Hat"]   # the default policy's
     assert 0 <= test["white_box"]["fooling_rate"] <= 1 and test["white_box"]["images"] == summary["test_faces"] > 0
     assert 30 < test["psnr_db"] < 80 and summary["passes"] <= 2
@@ -231,3 +232,35 @@ def test_deepfool_keeping_decisions_moves_orthogonally_to_them(images):
     assert drift_held < 1e-4 < drift_free
     with pytest.raises(ValueError, match="l2 steps"):
         deepfool(target, images, norm="inf", keep=kept)
+
+
+def test_a_per_pixel_radius_bounds_each_pixel(images):
+    """A bound per pixel (what a face's texture hides, ``--jnd-percentile``): the
+    perturbation stays inside the box everywhere and uses the room it has."""
+    torch.manual_seed(7)
+    w = torch.randn(1, 48)
+    classifier = linear(w, -_midpoint(images, w).reshape(1))
+    radius = torch.full((1, 4, 4), 0.2)
+    radius[:, :2] = 0.02                                # the top half: a smooth cheek
+    radius[:, :, 0] = 0.0                               # the left column: no room at all
+    result = universal_perturbation(classifier, images, radius=radius, max_passes=2, batch_size=16)
+    assert (result.perturbation.abs() <= radius + 1e-7).all()
+    assert result.perturbation[:, 2:, 1:].abs().max() > 0.02    # where there is room, it is used
+    assert project(torch.randn(3, 4, 4), radius, "inf").abs().le(radius + 1e-7).all()
+    with pytest.raises(ValueError, match="l-inf"):
+        project(torch.randn(3, 4, 4), radius, "2")
+    with pytest.raises(ValueError, match="positive"):
+        universal_perturbation(classifier, images, radius=torch.zeros(1, 4, 4), max_passes=1)
+
+
+def test_jnd_radius_follows_the_texture_of_the_faces(astronaut):
+    """The bound is tighter on the smooth cheek than in the textured hair line, and never above xi."""
+    import numpy as np
+
+    from flows.training.perturbation import jnd_radius
+    from stages.common.faces import align_face, detect_faces
+
+    crop = align_face(astronaut, detect_faces(astronaut)[0].landmarks).crop
+    radius = jnd_radius(np.stack([crop, crop[:, ::-1]]), 5, 8 / 255)
+    assert radius.shape == (1, 128, 128) and float(radius.max()) <= 8 / 255 + 1e-7
+    assert float(radius.min()) > 0 and float(radius.max()) > float(radius.min())
