@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.evaluation.evaluate import evaluate, frechet_distance, markdown_table, same_person_share
+from flows.evaluation.evaluate import (
+    evaluate,
+    frechet_distance,
+    markdown_table,
+    same_person_share,
+)
 from policy.loader import load_policy
 
 

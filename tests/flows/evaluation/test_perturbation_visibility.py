@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.evaluation.perturbation_visibility import jnd, measure_settings, reshaped, visible_share
+from flows.evaluation.perturbation_visibility import (
+    jnd,
+    measure_settings,
+    reshaped,
+    visible_share,
+)
 
 
 def _checkerboard(size: int, amplitude: float) -> np.ndarray:
