@@ -108,7 +108,7 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
                        workers: int = 2, progress: bool = True, jnd_percentile: float | None = None) -> dict:
     """``jnd_percentile``: bound each pixel by that percentile of the training faces' JND
     there (and by ``xi``), so that the pattern stays below the threshold of visibility
-    (``flows.evaluation.perturbation_visibility``); None: ``xi`` everywhere."""
+    (``stages.perturbation.visibility``); None: ``xi`` everywhere."""
     logger = get_run_logger()
     keep = default_keep() if keep is None else tuple(keep)
     check_attribute_lists(attributes, keep)
@@ -175,7 +175,7 @@ def train_perturbation(images: str, labels: str, run_dir: str = ".data/train-per
 def jnd_radius(crops: np.ndarray, percentile: float, xi: float) -> torch.Tensor:
     """1×S×S per-pixel ℓ∞ bound in [0, 1] units: the training faces' ``percentile``-th JND
     at each pixel, at most ``xi``."""
-    from flows.evaluation.perturbation_visibility import jnd_bound
+    from stages.perturbation.visibility import jnd_bound
 
     return torch.as_tensor(np.minimum(jnd_bound(crops, percentile) / 255.0, xi), dtype=torch.float32)[None]
 
@@ -184,7 +184,7 @@ def _test_metrics(profiler, kept, crops: np.ndarray, perturbation: torch.Tensor,
                   keep: tuple[str, ...]) -> tuple[dict, torch.Tensor]:
     """Fooling rates, PSNR and visibility on the unseen test faces, measured on what a
     released file holds (the perturbed crop rounded to uint8); with that rounded perturbation."""
-    from flows.evaluation.perturbation_visibility import visible_share
+    from stages.perturbation.visibility import visible_share
     from stages.synthesis.render import template_mask
 
     test_images = to_unit_images(crops)
