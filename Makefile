@@ -43,7 +43,7 @@ system-deps:
 	else echo "not root or no apt-get: the operations test skips unless $(SYSTEM_PACKAGES) are installed"; fi
 
 test: install system-deps
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=20 $(PYTEST_ARGS)   # the slowest tests in the log: where CI time goes
 
 clean:
 	rm -rf $(VENV) releases/demo samples

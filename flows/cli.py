@@ -639,29 +639,37 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
               help="CelebA folder with img_align_celeba_89x109/ and labels.csv.")
 @click.option("--run-dir", default=".data/train-generator/default", show_default=True,
               help="Checkpoints, losses.jsonl and samples.png go here; running again resumes.")
-@click.option("--steps", default=20_000, show_default=True, help="Critic steps in total (the generator updates "
-                                                                 "every --critic-steps).")
-@click.option("--critic-steps", default=2, show_default=True, help="Critic updates per generator update.")
+@click.option("--architecture", type=click.Choice(["stargan", "inpainting"]), default="stargan", show_default=True,
+              help="stargan: v1 (64 px, the shipped one); inpainting: v2 (128 px U-Net with an identity code "
+                   "per face, non-saturating loss with R1, mode seeking).")
+@click.option("--steps", type=int, default=None, help="Training steps in total [v1: 20000 critic steps, the generator "
+                                                     "updates every --critic-steps; v2: 30000].")
+@click.option("--critic-steps", default=2, show_default=True, help="v1: critic updates per generator update.")
 @click.option("--learning-rate", default=2e-4, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--width", default=24, show_default=True, help="Generator and critic base width.")
-@click.option("--blocks", default=3, show_default=True, help="Residual blocks in the generator.")
+@click.option("--batch-size", type=int, default=None, help="[v1: 16, v2: 8]")
+@click.option("--width", type=int, default=None, help="Generator and critic base width [v1: 24, v2: 16].")
+@click.option("--blocks", type=int, default=None, help="Residual blocks in the generator [v1: 3, v2: 2].")
 @click.option("--lambda-ver", default=1.0, show_default=True, help="Verification term (0: ablation without it).")
 @click.option("--lambda-ssim", default=1.0, show_default=True, help="SSIM term (0: ablation without it).")
 @click.option("--identity", default=None, help="A train-identity run's model/ folder (default: the shipped one).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
 @click.option("--install", is_flag=True, help="Copy the generator into models/ and update the manifest.")
-def train_generator_command(celeba, run_dir, steps, critic_steps, learning_rate, batch_size, width, blocks,
-                            lambda_ver, lambda_ssim, identity, seed, limit, install):
-    """Train Stage III's generator (StarGAN objective + verification and SSIM terms)."""
+def train_generator_command(celeba, run_dir, architecture, steps, critic_steps, learning_rate, batch_size, width,
+                            blocks, lambda_ver, lambda_ssim, identity, seed, limit, install):
+    """Train Stage III's generator (v1: StarGAN objective + verification and SSIM terms; v2: see --architecture)."""
     from flows.training.generator import train_generator
+    from stages.synthesis.inpainter import InpainterSettings
     from stages.synthesis.training import GanSettings
 
     needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv")
-    settings = GanSettings(steps=steps, critic_steps=critic_steps, learning_rate=learning_rate,
-                           batch_size=batch_size, width=width, blocks=blocks, lambda_ver=lambda_ver,
-                           lambda_ssim=lambda_ssim)
+    given = {name: value for name, value in (("steps", steps), ("batch_size", batch_size), ("width", width),
+                                             ("blocks", blocks)) if value is not None}
+    given |= {"learning_rate": learning_rate, "lambda_ver": lambda_ver, "lambda_ssim": lambda_ssim}
+    if architecture == "inpainting":
+        settings = InpainterSettings(**given)
+    else:
+        settings = GanSettings(critic_steps=critic_steps, **given)
     summary = train_generator(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, settings=settings,
                               seed=seed, limit=limit, identity=identity, install=install)
     click.echo(json.dumps(summary, indent=2))

@@ -91,8 +91,10 @@ class GanParams(_Strict):
     batch_size: int = Field(64, ge=1, le=1024, description="Faces the generator renders per pass (larger is faster "
                                                            "on a GPU, costs memory).")
     rerender_views: int = Field(4, ge=0, le=4, description="When dlib no longer finds a rendered face in the photo, "
-                                "render it again from up to this many other views of its crop (mirrored, zoomed, "
-                                "shifted left, shifted right); 0: publish the first rendering as it is.")
+                                "or it still verifies as its original, draw it again up to this many times before "
+                                "any fallback method: a new identity code each time (a v2 generator; then the "
+                                "mirrored and zoomed views), or other views of its crop (v1: mirrored, zoomed, "
+                                "shifted left, shifted right); 0: the first drawing goes to the leak gate as it is.")
 
 
 class ObfuscationPolicy(_Strict):

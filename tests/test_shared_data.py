@@ -114,6 +114,48 @@ INDEPENDENT_MIN_SCORE = 0.1
 KNOWN_MISSES = {("crowd/stadium_crowd.jpg", 226, 222, 262, 284)}
 
 
+def _check_published_photo(original_path, published_path, image_id) -> tuple[list[str], int, int]:
+    """The independent pass on one published photo (see the test below): what fails, how
+    many faces found in the output were compared, how many original faces were described
+    at their box. Module level, so spawned processes can run it."""
+    failures, checked, at_box_checked = [], 0, 0
+    original = _at_most(load_rgb(original_path).rgb, CHECK_MAX_SIDE)
+    out = _at_most(load_rgb(published_path).rgb, CHECK_MAX_SIDE)
+    original_faces, original_descriptors = _faces_and_descriptors(original)
+    for face in original_faces:   # an independent detector's faces: none published untouched
+        if face.box[2] - face.box[0] >= 20 and face.score >= INDEPENDENT_MIN_SCORE:
+            if _change(original, out, face.box) < UNTOUCHED_BELOW:
+                failures.append(f"{image_id}: {face.box} untouched")
+    shown = []   # (box, landmarks, descriptor) of what the published photo shows of each face
+    for face, descriptor in zip(*_faces_and_descriptors(out)):
+        candidates = [d for f, d in zip(original_faces, original_descriptors)
+                      if box_overlap(f.box, face.box) > SAME_FACE_OVERLAP]
+        candidates.append(face_descriptor(original, face.landmarks))   # the original at the same place
+        for candidate in candidates:
+            distance = float(np.linalg.norm(descriptor - candidate))
+            if _evidence(distance, out, face.box, face.landmarks, candidate):
+                failures.append(f"{image_id}: published face verifies as its original ({distance:.3f})")
+        shown.append((face.box, face.landmarks, descriptor))
+        checked += 1
+    for face, descriptor in zip(original_faces, original_descriptors):
+        # At its box, where someone who knows where the faces were would look.
+        landmarks = landmarks_in_box(out, face.box, "hog")
+        at_box = face_descriptor(out, landmarks)
+        distance = float(np.linalg.norm(at_box - descriptor))
+        if _evidence(distance, out, face.box, landmarks, descriptor):
+            failures.append(f"{image_id}: {face.box} verifies at its box ({distance:.3f})")
+        shown.append((face.box, landmarks, at_box))
+        at_box_checked += 1
+    for box, landmarks, descriptor in shown:   # membership: nothing verifies as another person of the photo
+        for face, original_descriptor in zip(original_faces, original_descriptors):
+            if box_overlap(face.box, box) <= SAME_FACE_OVERLAP:
+                distance = float(np.linalg.norm(descriptor - original_descriptor))
+                if _evidence(distance, out, box, landmarks, original_descriptor):
+                    failures.append(f"{image_id}: the face at {box} verifies as the original at {face.box} "
+                                    f"({distance:.3f})")
+    return failures, checked, at_box_checked
+
+
 def test_no_published_face_verifies_as_its_original(wild_release):
     """Independent of the gate: re-run the verifier on every published photo at full
     resolution. Every face >= 20 px that dlib's HOG finds in the original (the release
@@ -123,44 +165,18 @@ def test_no_published_face_verifies_as_its_original(wild_release):
     the original is described in the output at its box (landmarks fitted there, as someone
     who knows where the faces were would). And nothing published at one place verifies as
     the original at another (membership). A distance counts only when it is below 0.6 and
-    below the same measurement with the face removed (_evidence)."""
+    below the same measurement with the face removed (_evidence). The photos are checked in
+    two processes (CI has two cores)."""
+    from stages.common.parallel import map_in_processes
+
     wild, output, _ = wild_release
     photos = lineage.read_table(output, "photos")
     published = photos[(photos.status == "released") & (photos.n_faces > 0)]
-    checked = at_box_checked = 0
-    for row in published.itertuples():
-        original = _at_most(load_rgb(wild / row.image_id).rgb, CHECK_MAX_SIDE)
-        out = _at_most(load_rgb(output / row.output_path).rgb, CHECK_MAX_SIDE)
-        original_faces, original_descriptors = _faces_and_descriptors(original)
-        for face in original_faces:   # an independent detector's faces: none published untouched
-            if face.box[2] - face.box[0] >= 20 and face.score >= INDEPENDENT_MIN_SCORE:
-                assert _change(original, out, face.box) >= UNTOUCHED_BELOW, f"{row.image_id}: {face.box} untouched"
-        shown = []   # (box, landmarks, descriptor) of what the published photo shows of each face
-        for face, descriptor in zip(*_faces_and_descriptors(out)):
-            candidates = [d for f, d in zip(original_faces, original_descriptors)
-                          if box_overlap(f.box, face.box) > SAME_FACE_OVERLAP]
-            candidates.append(face_descriptor(original, face.landmarks))   # the original at the same place
-            for candidate in candidates:
-                distance = float(np.linalg.norm(descriptor - candidate))
-                assert not _evidence(distance, out, face.box, face.landmarks, candidate), (
-                    f"{row.image_id}: published face verifies as its original ({distance:.3f})")
-            shown.append((face.box, face.landmarks, descriptor))
-            checked += 1
-        for face, descriptor in zip(original_faces, original_descriptors):
-            # At its box, where someone who knows where the faces were would look.
-            landmarks = landmarks_in_box(out, face.box, "hog")
-            at_box = face_descriptor(out, landmarks)
-            distance = float(np.linalg.norm(at_box - descriptor))
-            assert not _evidence(distance, out, face.box, landmarks, descriptor), (
-                f"{row.image_id}: {face.box} verifies at its box ({distance:.3f})")
-            shown.append((face.box, landmarks, at_box))
-            at_box_checked += 1
-        for box, landmarks, descriptor in shown:   # membership: nothing verifies as another person of the photo
-            for face, original in zip(original_faces, original_descriptors):
-                if box_overlap(face.box, box) <= SAME_FACE_OVERLAP:
-                    distance = float(np.linalg.norm(descriptor - original))
-                    assert not _evidence(distance, out, box, landmarks, original), (
-                        f"{row.image_id}: the face at {box} verifies as the original at {face.box} ({distance:.3f})")
+    work = [(wild / row.image_id, output / row.output_path, row.image_id) for row in published.itertuples()]
+    results = map_in_processes(_check_published_photo, work, 2)
+    failures = [failure for photo_failures, _, _ in results for failure in photo_failures]
+    assert not failures, "\n".join(failures)
+    checked, at_box_checked = sum(r[1] for r in results), sum(r[2] for r in results)
     assert len(published) > 300 and checked > 0 and at_box_checked > 0
 
 

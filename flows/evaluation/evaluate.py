@@ -141,8 +141,9 @@ def compose_detectable(rgb: np.ndarray, faces: list[DetectedFace], aligned: list
     leak gate's fallback: the release's own steps (``stages.common.anonymize.PhotoEscalation``)
     up to the escalation, with the verifier's detector (HOG) as the only one that looks. A
     face that carries the perturbation and that the check loses or finds verifying is
-    composed again without it; a rendered face the check does not find is rendered from the
-    next view of its crop (``policy.obfuscation.gan.rerender_views`` at most). Every face is
+    composed again without it; a rendered face the check does not find is drawn again
+    (``policy.obfuscation.gan.rerender_views`` at most; a face that verifies is not: that is
+    the gate's business, which the method alone does not have). Every face is
     rendered (none is protected over its box: this is the method alone). Returns the photo
     and what was done: whether the detector found any face in the first composition, how many
     faces were rendered again, how many had the perturbation withdrawn."""
@@ -155,11 +156,11 @@ def compose_detectable(rgb: np.ndarray, faces: list[DetectedFace], aligned: list
         composition = photo.compose_and_check()
         if first_found is None:
             first_found = composition.report.output_faces_found > 0
-        if not (photo.withdraw_perturbation(composition.report) or photo.rerender_lost()):
+        if not (photo.withdraw_perturbation(composition.report) or photo.redraw(composition.report, verifying=False)):
             withdrawn = sum(outcome.withdrawn is not None for outcome in photo.faces)
             return composition.output, {
                 "detected_first_render": first_found,
-                "faces_rerendered": sum(outcome.view > 0 for outcome in photo.faces),
+                "faces_rerendered": sum(outcome.draw > 0 for outcome in photo.faces),
                 "perturbation_withdrawn": withdrawn if perturbation is not None else None}
 
 
@@ -438,7 +439,7 @@ def markdown_table(results: dict) -> str:
     for method, m in results["methods"].items():
         if "detection_rate_first_render" in m:
             lines.append(f"\n{method}: detected after the first rendering {fmt(m['detection_rate_first_render'], percent=True)}; "
-                         f"{m['faces_rerendered']} face(s) rendered again from another view because dlib lost them"
+                         f"{m['faces_rerendered']} face(s) drawn again because dlib lost them"
                          + (f"; the perturbation withdrawn from {m['faces_perturbation_withdrawn']} of "
                             f"{m['faces_treated']} face(s) (lost or within the release distance of the original "
                             "with it)" if "faces_perturbation_withdrawn" in m else ""))

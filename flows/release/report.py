@@ -162,14 +162,17 @@ def _synthesis_section(faces: list[dict], policy: Policy) -> list[str]:
     kept = sum(f.get("method") == "gan" for f in rendered)
     fallback = [f for f in rendered if f.get("method") != "gan"]
     methods = Counter(f.get("method") for f in fallback)
+    redraws = Counter(kind for f in rendered for kind in (f.get("redrawn_for") or []))
     return ["## Face synthesis (Stage III)", "",
             f"- {len(rendered)} of {len(faces)} face(s) rendered by the generator with their Stage II targets; "
             f"{kept} published as rendered, {len(fallback)} were not yet far enough from their original for the "
             "leak gate (or could not be rendered) and went to the fallback"
             + (" (" + ", ".join(f"{m}: {n}" for m, n in sorted(methods.items())) + ")" if methods else ""),
-            f"- {sum(1 for f in rendered if f.get('render_view') not in (None, 'aligned'))} face(s) published "
-            "from another view of their crop (mirrored, zoomed or shifted) because the verifier did not find the "
-            "first rendering again",
+            f"- {sum(1 for f in rendered if f.get('redrawn_for'))} face(s) drawn again (a new identity code, or "
+            f"another view of the crop) before any fallback: {redraws.get('lost', 0)} time(s) because the verifier "
+            f"lost the drawing, {sum(redraws.values()) - redraws.get('lost', 0)} because it still verified as its "
+            f"original; {sum(1 for f in rendered if f.get('render_view') not in (None, 'aligned'))} published from "
+            "another view",
             f"- Faces without Stage II targets (found only by the leak check): "
             f"{sum(1 for f in faces if f.get('target_attributes') is None)}"] + [
             f"- Note: {note}" for note in unrendered_notes(policy)] + [""]

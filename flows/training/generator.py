@@ -25,6 +25,7 @@ from models.generator import to_gan_input
 from models.identity_embedding import IdentityNet
 from models.registry import install_repo_model, sha256_of_file, verified_path
 from stages.attributes.names import ATTRIBUTES
+from stages.synthesis.inpainter import InpainterSettings, train_inpainter
 from stages.synthesis.training import GAN_ATTRIBUTES, GanSettings, train_gan
 
 MODEL_FILE = "generator.pt"
@@ -51,7 +52,7 @@ def load_identity_model(path: str | None = None) -> IdentityNet:
 
 @flow(name="train-generator")
 def train_generator(images: str, labels: str, run_dir: str = ".data/train-generator/default",
-                    settings: GanSettings | None = None, seed: int = 0, limit: int | None = None,
+                    settings: GanSettings | InpainterSettings | None = None, seed: int = 0, limit: int | None = None,
                     identity: str | None = None, install: bool = False, workers: int = 2,
                     progress: bool = True) -> dict:
     logger = get_run_logger()
@@ -65,15 +66,20 @@ def train_generator(images: str, labels: str, run_dir: str = ".data/train-genera
         crops = stored["crops"]
     columns = [ATTRIBUTES.index(name) for name in GAN_ATTRIBUTES]
     train, validation = data["splits"]["train"], data["splits"]["validation"]
-    images_train = to_gan_input(crops[train])
     labels_train = torch.as_tensor(data["labels"][train][:, columns], dtype=torch.float32)
-    preview = (to_gan_input(crops[validation[:6]]),
-               torch.as_tensor(data["labels"][validation[:6]][:, columns], dtype=torch.float32))
+    labels_preview = torch.as_tensor(data["labels"][validation[:6]][:, columns], dtype=torch.float32)
     device = device_for_training()
-    logger.info("training the generator on %d faces (%s), %d steps, batch %d", len(train), device,
-                settings.steps, settings.batch_size)
-    generator = train_gan(images_train, labels_train, load_identity_model(identity), settings, run, seed=seed,
-                          device=device, progress=progress, preview=preview)
+    logger.info("training the generator (%s) on %d faces (%s), %d steps, batch %d", type(settings).__name__,
+                len(train), device, settings.steps, settings.batch_size)
+    if isinstance(settings, InpainterSettings):
+        # v2 at the crop's own resolution; crops stay uint8 until a batch is drawn.
+        preview = (to_gan_input(crops[validation[:6]], size=None), labels_preview)
+        generator = train_inpainter(torch.as_tensor(crops[train]), labels_train, load_identity_model(identity),
+                                    settings, run, seed=seed, device=device, progress=progress, preview=preview)
+    else:
+        preview = (to_gan_input(crops[validation[:6]]), labels_preview)
+        generator = train_gan(to_gan_input(crops[train]), labels_train, load_identity_model(identity), settings,
+                              run, seed=seed, device=device, progress=progress, preview=preview)
     model_dir = run / "model"
     model_dir.mkdir(exist_ok=True)
     torch.save({k: v.cpu() for k, v in generator.state_dict().items()}, model_dir / MODEL_FILE)

@@ -8,9 +8,10 @@ says so, the photo is quarantined and nothing of it is published. A face the che
 in the output that ingest missed (a borderline detection that re-encoding tips over) is
 taken in and obfuscated like the others; if faces keep appearing after
 ``MAX_DISCOVERY_ROUNDS``, the photo is quarantined. A synthesized face the check does not
-find again at all is rendered again from the next view of its crop (Stage III's
-``RENDER_VIEWS``, at most ``rerender_views`` more), so that what is published is a face
-dlib still sees, and whose distance to the original the gate has therefore measured.
+find again at all, or finds still verifying as its original, is drawn again (Stage III's
+``render_draws``: a new identity code, or another view of its crop; at most
+``rerender_views`` more) before any fallback method, so that what is published is a new
+face dlib still sees, and whose distance to the original the gate has therefore measured.
 
 With Stage IV on (``settings.perturbation``), every synthesized face gets the universal
 perturbation inside its mask (``stages.perturbation.apply``), added after the compose and before
@@ -34,7 +35,8 @@ box that passed. The check searches the output with CenterFace and HOG
 
 The loop is a small state machine over one ``FaceOutcome`` per face (``PhotoEscalation``),
 whose named steps are, in order of precedence after each compose and check: take in newly
-found faces, withdraw the perturbation, re-render a lost face, release, escalate. The
+found faces, withdraw the perturbation, draw a lost or verifying face again, release,
+escalate. The
 evaluation (``flows/evaluation/evaluate.py``) runs the same steps up to the escalation
 (``compose_detectable``).
 """
@@ -100,7 +102,7 @@ class AnonymizeSettings:
     output_format: str = "same"
     jpeg_quality: int = 95
     synthesis_batch: int = 64
-    rerender_views: int = 4                 # further views tried for a rendered face the check lost
+    rerender_views: int = 4                 # further draws for a rendered face the check lost or that verifies
     perturbation: ReleasePerturbation | None = None   # Stage IV on synthesized faces (None: off)
     # stages.common.faces.detect_faces's keyword arguments at ingest: a multi-frame file's further
     # frames are searched with them (stages.common.pipeline)
@@ -124,7 +126,8 @@ class FaceOutcome:
     renders: Sequence[np.ndarray] | None = None   # Stage III's views of its crop (None: not rendered)
     found_by_check: bool = False            # found by the identity check, missed by ingest
     step: int = 0                           # index into ``chain`` of the method used now
-    view: int = 0                           # index into ``renders`` of the render used now
+    draw: int = 0                           # index into ``renders`` of the drawing used now
+    redrawn_for: list[str] = field(default_factory=list)     # why each further draw was made
     withdrawn: str | None = None            # why Stage IV was taken off it: "lost" | "verifies"
     escalated_for: list[str] = field(default_factory=list)   # what each step past the first answered
     edited: np.ndarray | None = None        # its aligned crop as the current method leaves it
@@ -162,9 +165,9 @@ class FaceOutcome:
         return self.original is not None
 
     @property
-    def render_view(self) -> int | None:
-        """Index into Stage III's RENDER_VIEWS of the render used (None: not rendered)."""
-        return self.view if self.method == "gan" else None
+    def render_draw(self) -> int | None:
+        """Index into Stage III's draws of the one used (None: not rendered)."""
+        return self.draw if self.method == "gan" else None
 
     @property
     def perturbation_withdrawn(self) -> str | None:
@@ -181,7 +184,7 @@ class FaceOutcome:
                 self.edited = obfuscate(self.aligned.crop, self.method, settings.method_params.get(self.method))
                 return
             if self.renders is not None:
-                self.edited = self.renders[self.view]
+                self.edited = self.renders[self.draw]
                 return
             self.step += 1
         self.step = len(self.chain) - 1
@@ -349,14 +352,22 @@ class PhotoEscalation:
             self.faces[i].withdrawn = "lost" if self.faces[i].distance == float("inf") else "verifies"
         return bool(back)
 
-    def rerender_lost(self) -> bool:
-        """Step: a synthesized face the check does not find again gets its crop's next view."""
-        lost = [o for o in self.faces if o.distance == float("inf") and o.method == "gan"
-                and o.view < min(self.settings.rerender_views, len(o.renders) - 1)]
-        for outcome in lost:
-            outcome.view += 1
-            outcome.edit(self.settings)
-        return bool(lost)
+    def redraw(self, report: LeakReport, verifying: bool = True) -> bool:
+        """Step: a synthesized face the check does not find again, or (``verifying``) that
+        still verifies as its original, gets its next draw (a new identity code, or another
+        view of its crop) while it has draws left; the fallback methods come after that."""
+        distance = self.settings.release_distance
+        leaking = set(report.leaking(distance)) if verifying else set()
+        again = False
+        for i, outcome in enumerate(self.faces):
+            lost = outcome.distance == float("inf")
+            if (outcome.method == "gan" and (lost or i in leaking)
+                    and outcome.draw < min(self.settings.rerender_views, len(outcome.renders) - 1)):
+                outcome.redrawn_for.append("lost" if lost else leak_kind(report, i, distance))
+                outcome.draw += 1
+                outcome.edit(self.settings)
+                again = True
+        return again
 
     def measure_perturbation(self, composition: Composition) -> None:
         """What Stage IV did to each face that kept it, on the settled photo."""
@@ -423,7 +434,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
                                     f"output after {photo.discovery_rounds} rounds of processing missed faces; "
                                     "photo held back", composition)
             continue
-        if photo.withdraw_perturbation(report) or photo.rerender_lost():
+        if photo.withdraw_perturbation(report) or photo.redraw(report):
             continue
         if not report.leaking(settings.release_distance):
             photo.measure_perturbation(composition)

@@ -62,8 +62,15 @@ FACE_SCHEMA = pa.schema([
     # Why each fallback step was taken: "found again", "at box" or "membership".
     pa.field("escalated_for", pa.list_(pa.string())),
     # Stage III: the view of the crop the published rendering was drawn from (RENDER_VIEWS:
-    # "aligned" unless the verifier lost the first rendering); null when not rendered.
+    # "aligned" unless the verifier lost the first drawings); null when not rendered.
     pa.field("render_view", pa.string()),
+    # The seed of the identity code the published face was drawn with (a v2 generator: a new
+    # person per code; torch.randn(code_size) from this seed reproduces it); null when not
+    # rendered or the generator has no codes.
+    pa.field("identity_code_seed", pa.int64()),
+    # Why each further draw was made: "lost" (the verifier's detector did not find the face)
+    # or what still verified ("found again", "at box", "membership").
+    pa.field("redrawn_for", pa.list_(pa.string())),
     # Stage IV: whether the universal perturbation was added (synthesized faces, when the
     # policy enables it); for released ones, the face region's PSNR against the photo without
     # it, whether the white-box profiler's verdict on the published face changed, and which

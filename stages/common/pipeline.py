@@ -194,14 +194,6 @@ def render_faces(face_rows: list[dict], crops: dict[tuple[str, int], np.ndarray]
     return dict(zip(wanted, synthesized))
 
 
-def render_view_name(index: int) -> str:
-    """The name of Stage III's view ``index``; only called for faces the generator rendered,
-    so torch is already imported then."""
-    from stages.synthesis.render import RENDER_VIEWS
-
-    return RENDER_VIEWS[index].name
-
-
 def _anonymize_one(row: dict, faces: list[dict], source: Path | None, settings: AnonymizeSettings,
                    max_pixels: int, staging_dir: Path, crops: list[np.ndarray],
                    rendered: list[FaceRenders | None]) -> tuple[dict, list[dict]]:
@@ -252,7 +244,10 @@ def _record_faces(row: dict, faces: list[dict], result, frame: int | None, first
     for face, outcome in zip(faces, result.faces):
         face.update(method=outcome.method, methods_tried=outcome.methods_tried, leak_distance=outcome.distance,
                     leak_distance_at_box=outcome.distance_at_box, membership_distance=outcome.membership_distance,
-                    render_view=None if outcome.render_view is None else render_view_name(outcome.render_view),
+                    render_view=None if outcome.render_draw is None else outcome.renders.view_name(outcome.render_draw),
+                    identity_code_seed=None if outcome.render_draw is None else outcome.renders.code_seed(
+                        outcome.render_draw),
+                    redrawn_for=list(outcome.redrawn_for),
                     perturbed=outcome.perturbed, perturbation_psnr_db=outcome.perturbation_psnr,
                     profiler_fooled=outcome.profiler_fooled, preserved_changed=outcome.preserved_changed,
                     perturbation_withdrawn=outcome.perturbation_withdrawn,

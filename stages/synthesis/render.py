@@ -10,17 +10,23 @@ mouth opens) come through; the fine structure of eyes, nose, mouth and skin that
 verifier relies on does not, and the generator draws new ones. The same context is built
 in training and in a release, in torch, so the two can never drift apart.
 
-Re-rendering. A rendered face that dlib's detector no longer finds in the photo is not the
-"still a face" the release promises, and the leak gate cannot measure it. The generator
-is deterministic, so asking again with the same input gives the same face; a slightly
-different view of the same crop (mirrored, zoomed in 5 %, shifted 3 px) gives a different
-drawing of the same targets, mapped back onto the original geometry. ``FaceRenders``
-holds a face's renders in that order and renders the later ones only when asked.
+Drawing again. A rendered face that dlib's detector no longer finds in the photo is not the
+"still a face" the release promises, and the leak gate cannot measure it; one that still
+verifies as its original is no protection. Both are drawn again before the release falls
+back to blur or pixelation. A v2 generator takes an identity code per face (a seeded
+random vector, recorded in lineage): each draw uses the face's next code, so it is another
+person with the same targets. v1 has no code and is deterministic, so asking again with
+the same input gives the same face; a slightly different view of the same crop (mirrored,
+zoomed in 5 %, shifted 3 px) gives a different drawing of the same targets, mapped back
+onto the original geometry. ``render_draws`` says which code and view each draw uses;
+``FaceRenders`` holds a face's draws in that order and renders the later ones only when
+asked.
 """
 from __future__ import annotations
 
 import json
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from models.generator import GAN_SIZE, Generator, to_gan_input
+from models.generator import load_generator, to_gan_input
 from models.registry import ModelFileError, run_or_installed
 from stages.attributes.names import ATTRIBUTES
 from stages.common.faces import face_mask, template
@@ -119,11 +125,40 @@ RENDER_VIEWS = (RenderView("aligned"), RenderView("mirrored", mirrored=True), Re
                 RenderView("shifted-left", shift=-3 / 128), RenderView("shifted-right", shift=3 / 128))
 
 
-def synthesize_face(generator, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class RenderDraw:
+    """One drawing of a face: which of its identity codes (0: the first) from which view."""
+    code: int
+    view: RenderView
+
+
+def render_draws(code_size: int) -> tuple[RenderDraw, ...]:
+    """The order in which a face is drawn. With identity codes: a new code at every draw, the
+    first three from the crop as aligned, then mirrored and zoomed (a face the verifier lost
+    may need another geometry as well as another person). Without: the views in turn."""
+    if code_size == 0:
+        return tuple(RenderDraw(0, view) for view in RENDER_VIEWS)
+    views = (RENDER_VIEWS[0],) * 3 + RENDER_VIEWS[1:3]
+    return tuple(RenderDraw(index, view) for index, view in enumerate(views))
+
+
+def code_seed(face_seed: int, code: int) -> int:
+    return (face_seed + code) % 2 ** 63
+
+
+def identity_codes(seeds: Sequence[int], size: int) -> np.ndarray:
+    """N×size standard normal identity codes, each from its own seed (reproducible per face)."""
+    return np.stack([torch.randn(size, generator=torch.Generator().manual_seed(int(seed))).numpy()
+                     for seed in seeds]).astype(np.float32)
+
+
+def synthesize_face(generator, images: torch.Tensor, targets: torch.Tensor,
+                    codes: torch.Tensor | None = None) -> torch.Tensor:
     """A new face inside the mask, the original outside: what the critic judges in training
     and what the release pastes into the photo. The generator only has to paint the face;
-    hair and background, which the release keeps anyway, cost it nothing."""
-    return paste_face(generator(face_context(images), targets), images)
+    hair and background, which the release keeps anyway, cost it nothing. ``codes``: the
+    identity codes of a v2 generator (v1 has none)."""
+    return paste_face(generator(face_context(images), targets, codes), images)
 
 
 class Synthesizer:
@@ -138,10 +173,15 @@ class Synthesizer:
             raise ValueError(f"the generator is conditioned on unknown attribute(s) {unknown}")
         self.columns = [ATTRIBUTES.index(name) for name in self.attributes]
 
+    @property
+    def code_size(self) -> int:
+        return self.generator.code_size
+
     def render(self, crops: np.ndarray, targets: np.ndarray, batch_size: int = 64,
-               view: RenderView = RENDER_VIEWS[0]) -> np.ndarray:
+               view: RenderView = RENDER_VIEWS[0], codes: np.ndarray | None = None) -> np.ndarray:
         """N aligned uint8 crops (N×S×S×3) with their 40 target attributes (N×40, 0/1) ->
-        N synthesized crops of the same size, rendered from ``view`` of each crop."""
+        N synthesized crops of the same size, rendered from ``view`` of each crop, with
+        ``codes`` (N×code_size) as their identity codes (v2; None: the mean identity)."""
         crops = np.asarray(crops)
         targets = np.asarray(targets, dtype=np.float32)
         if len(crops) != len(targets):
@@ -149,13 +189,17 @@ class Synthesizer:
         out = np.empty_like(crops)
         with torch.inference_mode():
             for start in range(0, len(crops), batch_size):
-                # Outside the mask, the original crop at full resolution (not the 64-px round trip).
+                # Outside the mask, the original crop at full resolution (not a round trip
+                # through the generator's size).
                 original = to_gan_input(crops[start:start + batch_size], self.device, size=None)
                 size = original.shape[-1]
                 seen = original if view.is_identity else view.warp(original)
-                images = F.interpolate(seen, size=(GAN_SIZE, GAN_SIZE), mode="area")
+                images = seen
+                if size != self.generator.size:
+                    images = F.interpolate(seen, size=(self.generator.size,) * 2, mode="area")
                 condition = torch.as_tensor(targets[start:start + batch_size][:, self.columns], device=self.device)
-                fake = self.generator(face_context(images), condition)
+                code = None if codes is None else torch.as_tensor(codes[start:start + batch_size], device=self.device)
+                fake = self.generator(face_context(images), condition, code)
                 if fake.shape[-1] != size:
                     fake = F.interpolate(fake, size=(size, size), mode="bicubic", align_corners=False)
                 fake = fake.clamp(-1, 1)
@@ -169,41 +213,65 @@ class Synthesizer:
                 out[start:start + batch_size] = pixels.cpu().numpy()
         return out
 
-    def renders(self, crops: np.ndarray, targets: np.ndarray, batch_size: int = 64) -> list[FaceRenders]:
-        """Each face's renders (:class:`FaceRenders`), the first view of all of them rendered
-        now in batches."""
-        first = self.render(crops, targets, batch_size)
-        return [FaceRenders(self, crop, target, face) for crop, target, face in zip(crops, targets, first)]
+    def renders(self, crops: np.ndarray, targets: np.ndarray, batch_size: int = 64,
+                seeds: Sequence[int] | None = None) -> list[FaceRenders]:
+        """Each face's draws (:class:`FaceRenders`), the first of all of them rendered now in
+        batches. ``seeds``: each face's identity-code seed (None: fresh random ones; a
+        generator without codes ignores them)."""
+        if self.code_size == 0:
+            seeds = [None] * len(crops)
+        elif seeds is None:
+            seeds = [secrets.randbits(63) for _ in range(len(crops))]
+        codes = None if self.code_size == 0 else identity_codes([code_seed(s, 0) for s in seeds], self.code_size)
+        first = self.render(crops, targets, batch_size, codes=codes)
+        return [FaceRenders(self, crop, target, face, seed)
+                for crop, target, face, seed in zip(crops, targets, first, seeds)]
 
 
 class FaceRenders(Sequence):
-    """One face rendered from each of ``RENDER_VIEWS`` in turn; a view is rendered the
-    first time it is asked for."""
+    """One face drawn in each of ``render_draws`` in turn; a draw is rendered the first time
+    it is asked for. ``seed``: the face's identity-code seed (None: a generator without codes)."""
 
-    def __init__(self, synthesizer: Synthesizer, crop: np.ndarray, target: np.ndarray, first: np.ndarray):
+    def __init__(self, synthesizer: Synthesizer, crop: np.ndarray, target: np.ndarray, first: np.ndarray,
+                 seed: int | None = None):
         self.synthesizer, self.crop, self.target = synthesizer, crop, np.asarray(target, dtype=np.float32)
+        self.seed, self.code_size = seed, synthesizer.code_size
         self._rendered: dict[int, np.ndarray] = {0: first}
 
     def __getstate__(self) -> dict:
         # Sent to a photo worker (stages.common.parallel) without the generator: there, a further
-        # view is rendered by that process's own copy of the shipped one.
-        return {"crop": self.crop, "target": self.target, "_rendered": self._rendered}
+        # draw is rendered by that process's own copy of the shipped one.
+        return {"crop": self.crop, "target": self.target, "seed": self.seed, "code_size": self.code_size,
+                "_rendered": self._rendered}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.synthesizer = None
 
+    @property
+    def draws(self) -> tuple[RenderDraw, ...]:
+        return render_draws(self.code_size)
+
     def __len__(self) -> int:
-        return len(RENDER_VIEWS)
+        return len(self.draws)
+
+    def view_name(self, index: int) -> str:
+        return self.draws[index].view.name
+
+    def code_seed(self, index: int) -> int | None:
+        """The seed of the identity code draw ``index`` used (None: no codes)."""
+        return None if self.seed is None else code_seed(self.seed, self.draws[index].code)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        if not 0 <= index < len(RENDER_VIEWS):
+        if not 0 <= index < len(self):
             raise IndexError(index)
         if index not in self._rendered:
             if self.synthesizer is None:
                 self.synthesizer = cached_synthesizer()
+            seed = self.code_seed(index)
+            codes = None if seed is None else identity_codes([seed], self.code_size)
             self._rendered[index] = self.synthesizer.render(self.crop[None], self.target[None], 1,
-                                                            RENDER_VIEWS[index])[0]
+                                                            self.draws[index].view, codes)[0]
         return self._rendered[index]
 
 
@@ -217,7 +285,7 @@ def load_synthesizer(folder: str | None = None, device: str | None = None) -> Sy
         "or choose obfuscation method blur, pixelate or mask in the policy")
     description = json.loads(config_file.read_text())
     try:
-        generator = Generator(**description["config"])
+        generator = load_generator(description["config"])
         generator.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
     except (KeyError, TypeError, RuntimeError) as error:
         raise ModelFileError(f"the generator in {weights.parent} cannot be loaded ({error}); retrain it with "

@@ -98,14 +98,7 @@ def train_gan(images: torch.Tensor, labels: torch.Tensor, identity, settings: Ga
     for parameter in identity.parameters():
         parameter.requires_grad_(False)
     checkpoint = run_dir / "gan_checkpoint.pt"
-    step = 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True, map_location=device)
-        generator.load_state_dict(state["generator"])
-        critic.load_state_dict(state["critic"])
-        optimise_g.load_state_dict(state["optimise_g"])
-        optimise_d.load_state_dict(state["optimise_d"])
-        step = state["step"]
+    step = resume(checkpoint, generator, critic, optimise_g, optimise_d, device)
     rng = torch.Generator().manual_seed(seed + step)
     log = open(run_dir / "losses.jsonl", "a")
     bar = tqdm(total=settings.steps, initial=step, desc="GAN", unit="step", disable=not progress)
@@ -148,7 +141,7 @@ def train_gan(images: torch.Tensor, labels: torch.Tensor, identity, settings: Ga
                 log.write(json.dumps(record | {"seconds": round(time.perf_counter() - started, 1)}) + "\n")
                 log.flush()
             if step % settings.checkpoint_every == 0 or step == settings.steps:
-                _save(checkpoint, generator, critic, optimise_g, optimise_d, step, settings)
+                save_checkpoint(checkpoint, generator, critic, optimise_g, optimise_d, step, settings)
                 if preview is not None:
                     write_sample_grid(generator, preview, run_dir / "samples.png", device)
     finally:
@@ -158,7 +151,19 @@ def train_gan(images: torch.Tensor, labels: torch.Tensor, identity, settings: Ga
     return generator
 
 
-def _save(path: Path, generator, critic, optimise_g, optimise_d, step: int, settings: GanSettings) -> None:
+def resume(path: Path, generator, critic, optimise_g, optimise_d, device: str) -> int:
+    """Load a run's checkpoint into the networks and optimisers; the step it reached (0: none)."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=True, map_location=device)
+    generator.load_state_dict(state["generator"])
+    critic.load_state_dict(state["critic"])
+    optimise_g.load_state_dict(state["optimise_g"])
+    optimise_d.load_state_dict(state["optimise_d"])
+    return state["step"]
+
+
+def save_checkpoint(path: Path, generator, critic, optimise_g, optimise_d, step: int, settings: GanSettings) -> None:
     partial = path.with_suffix(".partial")
     torch.save({"generator": generator.state_dict(), "critic": critic.state_dict(),
                 "optimise_g": optimise_g.state_dict(), "optimise_d": optimise_d.state_dict(),

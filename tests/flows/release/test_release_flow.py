@@ -252,7 +252,8 @@ def test_a_synthesized_face_that_still_verifies_goes_to_the_fallback(inputs, tmp
     assert (faces.leak_distance >= 0.6).all()
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Face synthesis (Stage III)" in report and "went to the fallback" in report
-    assert "0 face(s) published from another view" in report
+    assert "0 published from another view" in report and "0 because it still verified" in report
+    assert len(real.redrawn_for) == 0          # one drawing only: nothing to draw again
 
 
 def test_release_into_input_folder_is_refused(inputs, prefect_harness):

@@ -162,3 +162,16 @@ def test_identity_and_generator_flows_on_a_tiny_subset(shared_data, tmp_path, pr
     assert result["attributes"] == list(GAN_ATTRIBUTES)
     assert result["identity_model_sha256"] == sha256_of_file(identity_dir / "identity_embedding.pt")
     assert (tmp_path / "train-generator" / "tiny" / "samples.png").exists()
+    # v2 through the same flow: the inpainting generator at the crop's resolution, loadable
+    # by the release's synthesizer from the run's model/ folder.
+    from stages.synthesis.inpainter import InpainterSettings
+    from stages.synthesis.render import load_synthesizer
+
+    v2 = InpainterSettings(steps=2, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8, checkpoint_every=2)
+    run = tmp_path / "train-generator" / "tiny-v2"
+    train_generator(images=images, labels=labels, run_dir=str(run), settings=v2, limit=60,
+                    identity=str(identity_dir), progress=False)
+    synthesizer = load_synthesizer(str(run / "model"))
+    assert synthesizer.code_size == 8 and synthesizer.generator.size == 128
+    crops = np.zeros((1, 128, 128, 3), np.uint8)
+    assert synthesizer.renders(crops, np.zeros((1, 40)))[0].seed is not None

@@ -135,34 +135,47 @@ class RecordingViews:
         return self.views[index]
 
 
-def test_a_rendered_face_the_verifier_loses_is_rendered_from_the_next_view(astronaut):
+def test_a_rendered_face_lost_or_still_verifying_is_drawn_again_before_any_fallback(astronaut):
     faces = detect_faces(astronaut)
     aligned = [align_face(astronaut, f.landmarks) for f in faces]
     real = min(range(len(faces)), key=lambda i: faces[i].box[1])
     grey = np.full_like(aligned[real].crop, 128)              # no face for dlib to find
     others = [[a.crop] for a in aligned]
 
-    # Lost in the first view, found in the second: that one is checked (and here, being the
-    # original face, caught by the gate and sent to the fallback).
-    views = RecordingViews([grey, aligned[real].crop, grey])
+    # Lost in the first draw, found in the second and the third but still the original: each
+    # is drawn again while draws are left, and only then the fallback takes over.
+    views = RecordingViews([grey, aligned[real].crop, aligned[real].crop])
     renders = others[:real] + [views] + others[real + 1:]
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), renders)
-    assert views.asked[:2] == [0, 1] and result.faces[real].methods_tried[:2] == ["gan", "pixelate"]
-    assert result.faces[real].distance >= 0.65 and result.faces[real].render_view is None
+    assert sorted(set(views.asked)) == [0, 1, 2] and result.faces[real].methods_tried[:2] == ["gan", "pixelate"]
+    assert result.faces[real].redrawn_for == ["lost", "found again"]
+    assert result.faces[real].distance >= 0.65 and result.faces[real].render_draw is None
+
+    # Verifying in the first draw, a new face (the shipped generator's) in the second: that one
+    # is published, no fallback.
+    from stages.synthesis.render import cached_synthesizer
+
+    new_face = cached_synthesizer().render(aligned[real].crop[None], np.zeros((1, len(ATTRIBUTES))))[0]
+    views = RecordingViews([aligned[real].crop, new_face])
+    renders = others[:real] + [views] + others[real + 1:]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), renders)
+    assert result.status == "released" and result.faces[real].redrawn_for == ["found again"]
+    assert result.faces[real].method == "gan" and result.faces[real].render_draw == 1
+    assert result.faces[real].distance >= 0.6
 
     # Lost in every view: each allowed view is tried once, the last one is published.
     views = RecordingViews([grey] * len(RENDER_VIEWS))
     renders = others[:real] + [views] + others[real + 1:]
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan", rerender_views=2), renders)
     assert sorted(set(views.asked)) == [0, 1, 2]
-    assert result.faces[real].method == "gan" and result.faces[real].render_view == 2
+    assert result.faces[real].method == "gan" and result.faces[real].render_draw == 2
     assert result.faces[real].distance == float("inf")
 
     # rerender_views 0: the first rendering is published as it is.
     views = RecordingViews([grey, aligned[real].crop])
     renders = others[:real] + [views] + others[real + 1:]
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan", rerender_views=0), renders)
-    assert set(views.asked) == {0} and result.faces[real].render_view == 0
+    assert set(views.asked) == {0} and result.faces[real].render_draw == 0
 
 
 def test_evaluation_re_renders_like_the_release(astronaut):

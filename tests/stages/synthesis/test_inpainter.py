@@ -1,0 +1,128 @@
+"""Stage III v2: the full-resolution inpainting generator, its identity codes, its training
+terms, and the draws a release makes with it."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from models.generator import (
+    InpaintingGenerator,
+    PatchCritic,
+    StyledNorm,
+    load_generator,
+    r1_penalty,
+)
+from models.identity_embedding import IdentityNet
+from stages.attributes.names import ATTRIBUTES
+from stages.synthesis.inpainter import (
+    InpainterSettings,
+    generator_terms,
+    train_inpainter,
+)
+from stages.synthesis.render import (
+    RENDER_VIEWS,
+    Synthesizer,
+    identity_codes,
+    render_draws,
+    synthesize_face,
+    template_mask,
+)
+from stages.synthesis.training import GAN_ATTRIBUTES
+
+
+def _tiny(seed: int = 0) -> InpaintingGenerator:
+    torch.manual_seed(seed)
+    generator = InpaintingGenerator(len(GAN_ATTRIBUTES), code_size=8, width=4, blocks=1)
+    with torch.no_grad():   # untrained StyledNorm starts with the code switched off; switch it on
+        for module in generator.modules():
+            if isinstance(module, StyledNorm):
+                module.affine.weight.normal_(0, 0.5)
+    return generator
+
+
+def test_the_code_changes_the_face_inside_the_mask_only():
+    generator = _tiny()
+    images = torch.rand(2, 3, 128, 128) * 2 - 1
+    targets = torch.zeros(2, len(GAN_ATTRIBUTES))
+    first = synthesize_face(generator, images, targets, torch.randn(2, 8))
+    second = synthesize_face(generator, images, targets, torch.randn(2, 8))
+    assert first.shape == images.shape and first.abs().max() <= 1
+    mask = template_mask(128)[0, 0]
+    outside, inside = mask < 1e-3, mask > 0.99
+    assert torch.allclose(first[..., outside], images[..., outside], atol=2e-3)
+    assert (first - second)[..., inside].abs().mean() > 1e-3          # another code: another face
+    same = synthesize_face(generator, images, targets, torch.zeros(2, 8))
+    assert torch.allclose(same, synthesize_face(generator, images, targets))   # None: the mean code
+
+
+def test_v1_and_v2_configs_load_their_own_network():
+    generator = _tiny()
+    rebuilt = load_generator(json.loads(json.dumps(generator.config)))
+    assert isinstance(rebuilt, InpaintingGenerator) and rebuilt.code_size == 8 and rebuilt.size == 128
+    rebuilt.load_state_dict(generator.state_dict())
+    assert load_generator({"attributes": 7, "width": 8, "blocks": 1}).code_size == 0
+
+
+def test_r1_is_zero_for_a_constant_critic_and_positive_otherwise():
+    critic = PatchCritic(len(GAN_ATTRIBUTES), width=4)
+    real = torch.rand(2, 3, 128, 128) * 2 - 1
+    penalty, score, classes = r1_penalty(critic, real)
+    assert penalty.item() > 0 and classes.shape == (2, len(GAN_ATTRIBUTES))
+    for parameter in critic.parameters():
+        torch.nn.init.zeros_(parameter)
+    assert r1_penalty(critic, real)[0].item() == 0
+
+
+def test_diversity_terms_see_whether_two_codes_give_two_faces():
+    identity = IdentityNet(channels=(4, 8, 8, 8), hidden=16).eval()
+    critic = PatchCritic(len(GAN_ATTRIBUTES), width=4)
+    real = torch.rand(3, 3, 128, 128) * 2 - 1
+    target = torch.zeros(3, len(GAN_ATTRIBUTES))
+    settings = InpainterSettings(code_size=8)
+    coded, _ = generator_terms(_tiny(), critic, identity, real, target, settings, torch.Generator().manual_seed(0))
+    blind = InpaintingGenerator(len(GAN_ATTRIBUTES), code_size=8, width=4, blocks=1)   # ignores its code at init
+    ignored, _ = generator_terms(blind, critic, identity, real, target, settings, torch.Generator().manual_seed(0))
+    assert set(coded) == {"adv", "cls", "fm", "ver", "div", "ms", "ssim", "layout"}
+    # A generator that ignores its code pays the whole mode-seeking and diversity terms.
+    assert ignored["ms"].item() == pytest.approx(settings.mode_seeking_ratio)
+    assert ignored["div"].item() == pytest.approx(settings.margin ** 2)
+    assert coded["ms"].item() < ignored["ms"].item()
+
+
+def test_inpainter_training_runs_logs_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    crops = torch.randint(0, 256, (10, 128, 128, 3), dtype=torch.uint8)
+    labels = (torch.rand(10, len(GAN_ATTRIBUTES)) > 0.5).float()
+    identity = IdentityNet(channels=(4, 8, 8, 8), hidden=16)
+    settings = InpainterSettings(steps=25, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8,
+                                 checkpoint_every=25)
+    preview = (crops[:2].permute(0, 3, 1, 2).float() / 127.5 - 1, labels[:2])
+    train_inpainter(crops, labels, identity, settings, tmp_path, progress=False, preview=preview)
+    records = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 25 and {"g_div", "g_ms", "g_fm", "g_ver", "d_loss"} <= set(records[-1])
+    assert all(np.isfinite(v) for r in records for v in r.values())
+    assert (tmp_path / "samples.png").stat().st_size > 0
+    more = InpainterSettings(steps=30, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8,
+                             checkpoint_every=25)
+    train_inpainter(crops, labels, identity, more, tmp_path, progress=False)
+    assert torch.load(tmp_path / "gan_checkpoint.pt", weights_only=True)["step"] == 30
+
+
+def test_each_draw_is_a_new_code_reproducible_from_its_seed():
+    synthesizer = Synthesizer(_tiny(), GAN_ATTRIBUTES, "cpu")
+    crops = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    targets = np.zeros((2, len(ATTRIBUTES)))
+    renders = synthesizer.renders(crops, targets, seeds=[11, 2 ** 63 - 1])
+    draws = render_draws(8)
+    assert [d.code for d in draws] == [0, 1, 2, 3, 4] and draws[0].view is draws[2].view is RENDER_VIEWS[0]
+    assert renders[1].code_seed(1) == 0 and renders[0].code_seed(3) == 14      # wraps within int64
+    first, second = renders[0][0], renders[0][1]
+    assert np.abs(first.astype(int) - second).mean() > 0.1                      # another person
+    again = synthesizer.render(crops[:1], targets[:1], codes=identity_codes([renders[0].code_seed(1)], 8))[0]
+    assert np.array_equal(again, second)                                        # the seed reproduces it
+    shipped = pickle.loads(pickle.dumps(renders[0]))                            # to a photo worker
+    assert shipped.code_seed(2) == 13 and len(shipped) == len(draws) and shipped.synthesizer is None
+    assert [d.view for d in render_draws(0)] == list(RENDER_VIEWS)               # v1: the views in turn
+    assert Synthesizer.renders(synthesizer, crops, targets)[0].seed is not None  # fresh seeds by default
