@@ -164,7 +164,9 @@ def synthesize_face(generator, images: torch.Tensor, targets: torch.Tensor,
 class Synthesizer:
     """The trained generator, applied to aligned crops in batches (GPU when present)."""
 
-    def __init__(self, generator, attributes: tuple[str, ...], device: str | None = None):
+    def __init__(self, generator, attributes: tuple[str, ...], device: str | None = None,
+                 folder: str | None = None):
+        self.folder = folder        # where it was loaded from (None: the shipped one)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.generator = generator.to(self.device).eval()
         self.attributes = tuple(attributes)
@@ -235,14 +237,14 @@ class FaceRenders(Sequence):
     def __init__(self, synthesizer: Synthesizer, crop: np.ndarray, target: np.ndarray, first: np.ndarray,
                  seed: int | None = None):
         self.synthesizer, self.crop, self.target = synthesizer, crop, np.asarray(target, dtype=np.float32)
-        self.seed, self.code_size = seed, synthesizer.code_size
+        self.seed, self.code_size, self.folder = seed, synthesizer.code_size, synthesizer.folder
         self._rendered: dict[int, np.ndarray] = {0: first}
 
     def __getstate__(self) -> dict:
         # Sent to a photo worker (stages.common.parallel) without the generator: there, a further
-        # draw is rendered by that process's own copy of the shipped one.
+        # draw is rendered by that process's own copy of the same one (shipped, or a run's).
         return {"crop": self.crop, "target": self.target, "seed": self.seed, "code_size": self.code_size,
-                "_rendered": self._rendered}
+                "folder": self.folder, "_rendered": self._rendered}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -267,7 +269,7 @@ class FaceRenders(Sequence):
             raise IndexError(index)
         if index not in self._rendered:
             if self.synthesizer is None:
-                self.synthesizer = cached_synthesizer()
+                self.synthesizer = cached_synthesizer(self.folder)
             seed = self.code_seed(index)
             codes = None if seed is None else identity_codes([seed], self.code_size)
             self._rendered[index] = self.synthesizer.render(self.crop[None], self.target[None], 1,
@@ -290,7 +292,7 @@ def load_synthesizer(folder: str | None = None, device: str | None = None) -> Sy
     except (KeyError, TypeError, RuntimeError) as error:
         raise ModelFileError(f"the generator in {weights.parent} cannot be loaded ({error}); retrain it with "
                              "`anonymousnet train generator --install` or restore models/ from git") from error
-    return Synthesizer(generator, tuple(description["attributes"]), device)
+    return Synthesizer(generator, tuple(description["attributes"]), device, folder)
 
 
 @lru_cache(maxsize=2)

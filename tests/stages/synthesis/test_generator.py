@@ -174,4 +174,5 @@ def test_identity_and_generator_flows_on_a_tiny_subset(shared_data, tmp_path, pr
     synthesizer = load_synthesizer(str(run / "model"))
     assert synthesizer.code_size == 8 and synthesizer.generator.size == 128
     crops = np.zeros((1, 128, 128, 3), np.uint8)
-    assert synthesizer.renders(crops, np.zeros((1, 40)))[0].seed is not None
+    renders = synthesizer.renders(crops, np.zeros((1, 40)))[0]
+    assert renders.seed is not None and renders.folder == str(run / "model")   # a worker's further draws: v2 too

@@ -124,5 +124,6 @@ def test_each_draw_is_a_new_code_reproducible_from_its_seed():
     assert np.array_equal(again, second)                                        # the seed reproduces it
     shipped = pickle.loads(pickle.dumps(renders[0]))                            # to a photo worker
     assert shipped.code_seed(2) == 13 and len(shipped) == len(draws) and shipped.synthesizer is None
+    assert shipped.folder is None            # a worker draws further with the same generator: here, the shipped one
     assert [d.view for d in render_draws(0)] == list(RENDER_VIEWS)               # v1: the views in turn
     assert Synthesizer.renders(synthesizer, crops, targets)[0].seed is not None  # fresh seeds by default
