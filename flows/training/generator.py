@@ -6,6 +6,10 @@ verification (against the identity model distilled from dlib) and SSIM terms -> 
 every ``checkpoint_every`` steps (resumable), ``losses.jsonl`` and ``samples.png`` (CelebA
 faces: never committed) in the run folder -> ``generator.pt`` + ``generator.json``, and with
 ``--install`` into ``models/``. GPU when present, CPU otherwise.
+
+``InpainterSettings`` train v2 instead (``stages/synthesis/inpainter.py``): the inpainting
+U-Net at the crop's own 128 px with an identity code per face; its config says
+``"kind": "inpainting"``, so the release loads whichever the folder holds.
 """
 from __future__ import annotations
 
