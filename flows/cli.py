@@ -652,7 +652,7 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
 @click.option("--lambda-ver", default=1.0, show_default=True, help="Verification term (0: ablation without it).")
 @click.option("--lambda-ssim", default=1.0, show_default=True, help="SSIM term (0: ablation without it).")
 @click.option("--lambda-div", type=float, default=None, help="v2: two codes of a face must verify as two people "
-                                                            "(contrastive term) [1.0].")
+                                                            "(contrastive term) [0.5].")
 @click.option("--lambda-ms", type=float, default=None, help="v2: mode seeking between two codes [1.0].")
 @click.option("--identity", default=None, help="A train-identity run's model/ folder (default: the shipped one).")
 @click.option("--seed", default=0, show_default=True)
