@@ -111,8 +111,9 @@ INPAINT_SIZE = 128   # the aligned crop's own resolution: nothing is upsampled i
 
 class StyledNorm(nn.Module):
     """Instance normalisation whose scale and shift come from the style vector (AdaIN, as
-    StyleGAN): the identity code and the targets decide the texture of every decoder
-    layer, so two codes cannot give the same face by ignoring the code at one place."""
+    StyleGAN): the identity code and the targets steer every decoder layer. The affine map
+    starts at zero, so training starts from plain instance normalisation and the code's
+    influence is learnt (the diversity terms ask for it)."""
 
     def __init__(self, channels: int, style: int):
         super().__init__()

@@ -123,7 +123,7 @@ class FaceOutcome:
     chain: list[str]                        # the methods it may be protected with, in order
     box_reason: str | None                  # why it is protected over its box (None: over its landmark mask)
     original: np.ndarray | None             # its original's descriptor (None: boxed from the start, not described)
-    renders: Sequence[np.ndarray] | None = None   # Stage III's views of its crop (None: not rendered)
+    renders: Sequence[np.ndarray] | None = None   # Stage III's draws of its crop (None: not rendered)
     found_by_check: bool = False            # found by the identity check, missed by ingest
     step: int = 0                           # index into ``chain`` of the method used now
     draw: int = 0                           # index into ``renders`` of the drawing used now
