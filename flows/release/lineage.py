@@ -20,6 +20,7 @@ biometric data (face descriptors) and no pixels are ever written here.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -294,6 +295,11 @@ def summarize(release_dir: str | Path) -> str:
         if len(views):
             lines.append(f"  synthesized faces published, by the view they were rendered from: "
                          f"{views.value_counts().to_dict()}")
+        if "redrawn_for" in latest_faces:
+            reasons = [kind for kinds in latest_faces.redrawn_for.dropna() for kind in kinds]
+            if reasons:
+                lines.append(f"  further draws before any fallback (a new identity code or view): "
+                             f"{dict(Counter(reasons))}")
         perturbed = latest_faces[latest_faces.perturbed.fillna(False).astype(bool)
                                  & latest_faces.profiler_fooled.notna()]
         if len(perturbed):

@@ -231,9 +231,16 @@ def test_a_synthesized_face_that_still_verifies_goes_to_the_fallback(inputs, tmp
     original face back must be caught by the leak gate and published only after the fallback."""
     from stages.synthesis import render as synthesis
 
+    class Draws(list):          # the original face, drawn twice: the second draw verifies too
+        def view_name(self, index):
+            return "aligned"
+
+        def code_seed(self, index):
+            return None
+
     class Unchanged:
         def renders(self, crops, targets, batch_size=64):
-            return [[np.array(crop, copy=True)] for crop in crops]     # one view per face
+            return [Draws([np.array(crop, copy=True)] * 2) for crop in crops]
 
     monkeypatch.setattr(synthesis, "cached_synthesizer", lambda folder=None: Unchanged())
     photos_in = tmp_path / "in"
@@ -248,12 +255,18 @@ def test_a_synthesized_face_that_still_verifies_goes_to_the_fallback(inputs, tmp
     assert real.method != "gan" and len(real.methods_tried) > 1
     assert pd.isna(real.render_view)         # published with a fallback method, not a rendering
     assert not real.perturbed                 # Stage IV perturbs synthesized faces only
-    assert (faces[faces.method == "gan"].render_view == "aligned").all()   # one view only: no re-render
+    assert (faces[faces.method == "gan"].render_view == "aligned").all()
     assert (faces.leak_distance >= 0.6).all()
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Face synthesis (Stage III)" in report and "went to the fallback" in report
-    assert "0 published from another view" in report and "0 because it still verified" in report
-    assert len(real.redrawn_for) == 0          # one drawing only: nothing to draw again
+    # Drawn once more before the fallback (it verified), then pixelated when that verified too.
+    assert list(real.redrawn_for) == ["found again"]
+    assert "because it still verified as its original" in report and "1 face(s) drawn again" in report
+    from click.testing import CliRunner
+
+    from flows.cli import main
+    shown = CliRunner().invoke(main, ["lineage", "show", str(tmp_path / "out")]).output
+    assert "further draws before any fallback" in shown and "'found again': 1" in shown
 
 
 def test_release_into_input_folder_is_refused(inputs, prefect_harness):
