@@ -34,9 +34,15 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from models.generator import InpaintingGenerator, PatchCritic, r1_penalty
-from stages.synthesis.render import face_context, gaussian_blur, synthesize_face, template_mask
+from stages.synthesis.render import (
+    face_context,
+    gaussian_blur,
+    synthesize_face,
+    template_mask,
+)
 from stages.synthesis.training import (
     GAN_ATTRIBUTES,
+    frozen,
     resume,
     save_checkpoint,
     ssim,
@@ -147,9 +153,7 @@ def train_inpainter(crops: torch.Tensor, labels: torch.Tensor, identity, setting
     critic = PatchCritic(k, settings.critic_width, size).to(device)
     optimise_g = torch.optim.Adam(generator.parameters(), lr=settings.learning_rate, betas=(0.0, 0.99))
     optimise_d = torch.optim.Adam(critic.parameters(), lr=settings.learning_rate, betas=(0.0, 0.99))
-    identity = identity.to(device).eval()
-    for parameter in identity.parameters():
-        parameter.requires_grad_(False)
+    identity = frozen(identity, device)
     checkpoint = run_dir / "gan_checkpoint.pt"
     step = resume(checkpoint, generator, critic, optimise_g, optimise_d, device)
     rng = torch.Generator().manual_seed(seed + step)

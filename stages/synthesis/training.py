@@ -94,9 +94,7 @@ def train_gan(images: torch.Tensor, labels: torch.Tensor, identity, settings: Ga
     critic = Discriminator(k, settings.width).to(device)
     optimise_g = torch.optim.Adam(generator.parameters(), lr=settings.learning_rate, betas=(0.5, 0.999))
     optimise_d = torch.optim.Adam(critic.parameters(), lr=settings.learning_rate, betas=(0.5, 0.999))
-    identity = identity.to(device).eval()
-    for parameter in identity.parameters():
-        parameter.requires_grad_(False)
+    identity = frozen(identity, device)
     checkpoint = run_dir / "gan_checkpoint.pt"
     step = resume(checkpoint, generator, critic, optimise_g, optimise_d, device)
     rng = torch.Generator().manual_seed(seed + step)
@@ -149,6 +147,15 @@ def train_gan(images: torch.Tensor, labels: torch.Tensor, identity, settings: Ga
         log.close()
     generator.eval()
     return generator
+
+
+def frozen(network: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``network`` on ``device`` in eval mode with no gradients of its own (the identity model
+    the verification terms judge by: the generator learns against it, it does not learn)."""
+    network = network.to(device).eval()
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    return network
 
 
 def resume(path: Path, generator, critic, optimise_g, optimise_d, device: str) -> int:
