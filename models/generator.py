@@ -58,7 +58,8 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
         self.code_size, self.size = 0, GAN_SIZE   # v1 draws one face per input: no identity code
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, codes: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         tiled = c.float()[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
         return self.net(torch.cat([x, tiled], dim=1))
 
@@ -159,7 +160,7 @@ class UpBlock(nn.Module):
 
 
 class InpaintingGenerator(nn.Module):
-    """(context, mask, targets, identity code) -> a face painted inside the mask.
+    """(context, targets, identity code, mask) -> a face painted inside the mask.
 
     A U-Net at the crop's resolution: the encoder sees the crop with the face interior
     blurred, the mask and the tiled targets; the decoder's every normalisation is steered
@@ -194,12 +195,8 @@ class InpaintingGenerator(nn.Module):
         if codes is None:   # no code given: the mean identity (used only in tests and previews)
             codes = context.new_zeros(n, self.code_size)
         if mask is None:
-            from stages.synthesis.render import (
-                template_mask,  # the template's hull, as in training
-            )
-
-            mask = template_mask(height).to(context)
-        mask = mask.expand(n, 1, height, width)
+            raise ValueError("the inpainting generator needs the face mask it paints inside (1×1×H×W)")
+        mask = mask.to(context).expand(n, 1, height, width)
         targets = targets.float()
         style = self.mapping(torch.cat([codes, targets], dim=1))
         x = self.stem(torch.cat([context, mask, targets[:, :, None, None].expand(-1, -1, height, width)], dim=1))

@@ -158,7 +158,8 @@ def synthesize_face(generator, images: torch.Tensor, targets: torch.Tensor,
     and what the release pastes into the photo. The generator only has to paint the face;
     hair and background, which the release keeps anyway, cost it nothing. ``codes``: the
     identity codes of a v2 generator (v1 has none)."""
-    return paste_face(generator(face_context(images), targets, codes), images)
+    mask = template_mask(images.shape[-1]).to(images)
+    return paste_face(generator(face_context(images), targets, codes, mask), images, mask)
 
 
 class Synthesizer:
@@ -201,7 +202,8 @@ class Synthesizer:
                     images = F.interpolate(seen, size=(self.generator.size,) * 2, mode="area")
                 condition = torch.as_tensor(targets[start:start + batch_size][:, self.columns], device=self.device)
                 code = None if codes is None else torch.as_tensor(codes[start:start + batch_size], device=self.device)
-                fake = self.generator(face_context(images), condition, code)
+                fake = self.generator(face_context(images), condition, code,
+                                      template_mask(images.shape[-1]).to(images))
                 if fake.shape[-1] != size:
                     fake = F.interpolate(fake, size=(size, size), mode="bicubic", align_corners=False)
                 fake = fake.clamp(-1, 1)
