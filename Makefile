@@ -42,8 +42,9 @@ system-deps:
 	    || echo "could not install $(SYSTEM_PACKAGES): the operations test will skip"; \
 	else echo "not root or no apt-get: the operations test skips unless $(SYSTEM_PACKAGES) are installed"; fi
 
+# --durations: the slowest tests in the log, where CI time goes.
 test: install system-deps
-	$(BIN)/python -m pytest -q --durations=20 $(PYTEST_ARGS)   # the slowest tests in the log: where CI time goes
+	$(BIN)/python -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) releases/demo samples
