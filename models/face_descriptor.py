@@ -158,7 +158,8 @@ class _Block(nn.Module):
 
     def __init__(self, first: _Conv, first_affine, second: _Conv, second_affine, skip_pool: tuple | None):
         super().__init__()
-        self.first, self.second = first, second
+        # Only the geometry is kept: the arrays live on as the torch buffers below.
+        self.steps = ((first.stride, first.padding), (second.stride, second.padding))
         for name, conv in (("w1", first), ("w2", second)):
             self.register_buffer(name, torch.from_numpy(conv.weight.copy()))
             self.register_buffer(name.replace("w", "b"), torch.from_numpy(conv.bias.copy()))
@@ -168,9 +169,9 @@ class _Block(nn.Module):
         self.skip_pool = skip_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x, self.w1, self.b1, stride=self.first.stride, padding=self.first.padding)
+        y = F.conv2d(x, self.w1, self.b1, stride=self.steps[0][0], padding=self.steps[0][1])
         y = F.relu(y * self.a1_gamma + self.a1_beta)
-        y = F.conv2d(y, self.w2, self.b2, stride=self.second.stride, padding=self.second.padding)
+        y = F.conv2d(y, self.w2, self.b2, stride=self.steps[1][0], padding=self.steps[1][1])
         y = y * self.a2_gamma + self.a2_beta
         skip = x
         if self.skip_pool is not None:
@@ -206,9 +207,10 @@ class DlibFaceDescriptor(nn.Module):
                                 f"and {len(avg_pools)} average pools: not dlib's face-recognition ResNet v1")
         means = _input_means(data)
         self.register_buffer("means", torch.tensor(means, dtype=torch.float32).view(1, 3, 1, 1))
-        self.stem = convolutions[0]
-        self.register_buffer("stem_w", torch.from_numpy(self.stem.weight.copy()))
-        self.register_buffer("stem_b", torch.from_numpy(self.stem.bias.copy()))
+        stem = convolutions[0]
+        self.stem_step = (stem.stride, stem.padding)
+        self.register_buffer("stem_w", torch.from_numpy(stem.weight.copy()))
+        self.register_buffer("stem_b", torch.from_numpy(stem.bias.copy()))
         self.register_buffer("stem_gamma", torch.from_numpy(affines[0][0].copy()).view(1, -1, 1, 1))
         self.register_buffer("stem_beta", torch.from_numpy(affines[0][1].copy()).view(1, -1, 1, 1))
         self.stem_pool = max_pools[0]
@@ -240,7 +242,7 @@ class DlibFaceDescriptor(nn.Module):
         """``chips``: N×150×150×3 uint8 (RGB) -> N×128 float32."""
         x = chips.permute(0, 3, 1, 2).float()
         x = (x - self.means) / 256.0
-        x = F.conv2d(x, self.stem_w, self.stem_b, stride=self.stem.stride, padding=self.stem.padding)
+        x = F.conv2d(x, self.stem_w, self.stem_b, stride=self.stem_step[0], padding=self.stem_step[1])
         x = F.relu(x * self.stem_gamma + self.stem_beta)
         window, stride, padding = self.stem_pool
         x = F.max_pool2d(x, window, stride, padding)

@@ -3,9 +3,11 @@ import functools
 import json
 
 import cv2
-import dlib
 import numpy as np
 import pytest
+
+# tests/dlib_compiled.py (conftest.py puts tests/ on the path)
+from dlib_compiled import compiled_descriptor
 
 from flows.evaluation.detection import evaluate_detectors, read_annotations
 from flows.evaluation.evaluate import attribute_preservation, evaluate
@@ -76,25 +78,14 @@ def _at_most(rgb, max_side):
     return rgb if scale >= 1 else cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
 
 
-@functools.lru_cache(maxsize=1)
-def _dlib_verifier():
-    """dlib's own compiled verifier: the independent pass does not use the release's
-    PyTorch port of it (models/face_descriptor.py), so a fault in the port cannot hide a leak."""
-    return dlib.face_recognition_model_v1(str(model_path("dlib_face_descriptor")))
-
-
-def chip_descriptor(chip):
-    return np.asarray(_dlib_verifier().compute_face_descriptor(np.ascontiguousarray(chip)), dtype=np.float64)
-
-
 def face_descriptor(rgb, landmarks):
-    return chip_descriptor(face_chip(rgb, landmarks))
+    return compiled_descriptor(face_chip(rgb, landmarks))
 
 
 @functools.lru_cache(maxsize=1)
 def _blank():
     """dlib's descriptor of a flat grey chip: what the verifier makes of nothing."""
-    return chip_descriptor(np.full((150, 150, 3), 128, np.uint8))
+    return compiled_descriptor(np.full((150, 150, 3), 128, np.uint8))
 
 
 def _evidence(distance, published, box, landmarks, target):

@@ -1,7 +1,9 @@
 """The PyTorch port of dlib's verifier gives dlib's numbers (the release's leak gate uses it)."""
-import dlib
 import numpy as np
 import pytest
+
+# tests/dlib_compiled.py (conftest.py puts tests/ on the path)
+from dlib_compiled import compiled_descriptor
 from skimage import data
 
 from models.face_descriptor import DlibFaceDescriptor, DlibFileError
@@ -12,11 +14,6 @@ from stages.common.imageio import load_rgb
 # float32 sums in another order: dlib and the port differ by ~4e-7 per component. A verifier
 # distance moves by less than this, far below anything that could flip a 0.6 decision.
 SAME_NUMBERS = 1e-5
-
-
-def _dlib(chips):
-    model = dlib.face_recognition_model_v1(str(verified_path("dlib_face_descriptor")))
-    return np.stack([np.asarray(model.compute_face_descriptor(np.ascontiguousarray(c))) for c in chips])
 
 
 def _chips(photos):
@@ -30,7 +27,7 @@ def _chips(photos):
 
 def _assert_same(chips):
     ours = np.stack([chip_descriptor(c) for c in chips])
-    theirs = _dlib(chips)
+    theirs = np.stack([compiled_descriptor(c) for c in chips])
     assert np.abs(ours - theirs).max() < SAME_NUMBERS
     pairs_ours = np.linalg.norm(ours[:, None] - ours[None], axis=2)
     pairs_theirs = np.linalg.norm(theirs[:, None] - theirs[None], axis=2)
