@@ -654,12 +654,14 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
 @click.option("--lambda-div", type=float, default=None, help="v2: two codes of a face must verify as two people "
                                                             "(contrastive term) [0.5].")
 @click.option("--lambda-ms", type=float, default=None, help="v2: mode seeking between two codes [1.0].")
+@click.option("--lambda-fm", type=float, default=None, help="v2: feature matching on the critic's features [1.0].")
 @click.option("--identity", default=None, help="A train-identity run's model/ folder (default: the shipped one).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
 @click.option("--install", is_flag=True, help="Copy the generator into models/ and update the manifest.")
 def train_generator_command(celeba, run_dir, architecture, steps, critic_steps, learning_rate, batch_size, width,
-                            blocks, lambda_ver, lambda_ssim, lambda_div, lambda_ms, identity, seed, limit, install):
+                            blocks, lambda_ver, lambda_ssim, lambda_div, lambda_ms, lambda_fm, identity, seed, limit,
+                            install):
     """Train Stage III's generator (v1: StarGAN objective + verification and SSIM terms; v2: see --architecture)."""
     from flows.training.generator import train_generator
     from stages.synthesis.inpainter import InpainterSettings
@@ -669,13 +671,14 @@ def train_generator_command(celeba, run_dir, architecture, steps, critic_steps, 
     given = {name: value for name, value in (("steps", steps), ("batch_size", batch_size), ("width", width),
                                              ("blocks", blocks)) if value is not None}
     given |= {"learning_rate": learning_rate, "lambda_ver": lambda_ver, "lambda_ssim": lambda_ssim}
-    diversity = {name: value for name, value in (("lambda_div", lambda_div), ("lambda_ms", lambda_ms))
-                 if value is not None}
+    v2_only = {name: value for name, value in (("lambda_div", lambda_div), ("lambda_ms", lambda_ms),
+                                                 ("lambda_fm", lambda_fm)) if value is not None}
     if architecture == "inpainting":
-        settings = InpainterSettings(**given, **diversity)
+        settings = InpainterSettings(**given, **v2_only)
     else:
-        if diversity:
-            raise click.UsageError("--lambda-div and --lambda-ms belong to --architecture inpainting (v1 has no codes)")
+        if v2_only:
+            raise click.UsageError("--lambda-div, --lambda-ms and --lambda-fm belong to --architecture inpainting "
+                                   "(v1 has no codes and no feature matching)")
         settings = GanSettings(critic_steps=critic_steps, **given)
     summary = train_generator(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, settings=settings,
                               seed=seed, limit=limit, identity=identity, install=install)

@@ -71,17 +71,21 @@ def train_generator(images: str, labels: str, run_dir: str = ".data/train-genera
     columns = [ATTRIBUTES.index(name) for name in GAN_ATTRIBUTES]
     train, validation = data["splits"]["train"], data["splits"]["validation"]
     labels_train = torch.as_tensor(data["labels"][train][:, columns], dtype=torch.float32)
-    labels_preview = torch.as_tensor(data["labels"][validation[:6]][:, columns], dtype=torch.float32)
+
+    def preview_labels(rows):
+        return torch.as_tensor(data["labels"][rows][:, columns], dtype=torch.float32)
+
     device = device_for_training()
     logger.info("training the generator (%s) on %d faces (%s), %d steps, batch %d", type(settings).__name__,
                 len(train), device, settings.steps, settings.batch_size)
     if isinstance(settings, InpainterSettings):
         # v2 at the crop's own resolution; crops stay uint8 until a batch is drawn.
-        preview = (to_gan_input(crops[validation[:6]], size=None), labels_preview)
+        # 48 faces: the first 6 make the sample grid, all of them the systematic error.
+        preview = (to_gan_input(crops[validation[:48]], size=None), preview_labels(validation[:48]))
         generator = train_inpainter(torch.as_tensor(crops[train]), labels_train, load_identity_model(identity),
                                     settings, run, seed=seed, device=device, progress=progress, preview=preview)
     else:
-        preview = (to_gan_input(crops[validation[:6]]), labels_preview)
+        preview = (to_gan_input(crops[validation[:6]]), preview_labels(validation[:6]))
         generator = train_gan(to_gan_input(crops[train]), labels_train, load_identity_model(identity), settings,
                               run, seed=seed, device=device, progress=progress, preview=preview)
     model_dir = run / "model"

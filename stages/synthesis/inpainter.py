@@ -130,6 +130,32 @@ def _weighted(terms: dict, settings: InpainterSettings) -> torch.Tensor:
     return sum(value * (1.0 if name == "adv" else getattr(settings, f"lambda_{name}")) for name, value in terms.items())
 
 
+def systematic_error(generator: InpaintingGenerator, images: torch.Tensor, labels: torch.Tensor,
+                     codes: int = 2, seed: int = 0) -> dict:
+    """How far the mean painted face lies from the mean real face of the same inputs, inside
+    the mask, in 8-bit levels. A pattern painted at the same place in every face (the
+    saturated bars of the first v2 runs) adds up here; a face's own differences from its
+    original, which a new identity should have, average out over faces and codes.
+    ``rms``: over the mask's pixels and channels; ``worst_row``: the largest mean error of
+    one channel over one row of the mask (bars are rows)."""
+    draw = torch.Generator().manual_seed(seed)
+    was_training = generator.training
+    generator.eval()
+    with torch.no_grad():
+        mask = template_mask(images.shape[-1]).to(images)
+        labels = labels.float().to(images)
+        error = sum(synthesize_face(generator, images, labels,
+                                    torch.randn(len(images), generator.code_size, generator=draw).to(images)) - images
+                    for _ in range(codes)).mean(dim=0) / codes                      # 3×S×S
+    generator.train(was_training)
+    inside = mask[0, 0] > 0.5
+    levels = error.abs() * 127.5
+    # Per channel: the bars were colours (yellow, blue, pink), not brightness.
+    rows = (levels * inside).sum(dim=2) / inside.sum(dim=1).clamp(min=1)         # 3×S
+    return {"rms": round(float(levels.pow(2).mean(dim=0)[inside].mean().sqrt()), 2),
+            "worst_row": round(float(rows.max()), 2)}
+
+
 def critic_loss(critic, real, c, fake, settings: InpainterSettings, with_r1: bool) -> torch.Tensor:
     if with_r1:
         penalty, source_real, class_real = r1_penalty(critic, real)
@@ -187,7 +213,10 @@ def train_inpainter(crops: torch.Tensor, labels: torch.Tensor, identity, setting
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 save_checkpoint(checkpoint, generator, critic, optimise_g, optimise_d, step, settings)
                 if preview is not None:
-                    write_code_grid(generator, preview, run_dir / "samples.png", device)
+                    write_code_grid(generator, (preview[0][:6], preview[1][:6]), run_dir / "samples.png", device)
+                    error = systematic_error(generator, preview[0].to(device), preview[1])
+                    log.write(json.dumps({"step": step} | {f"systematic_{k}": v for k, v in error.items()}) + "\n")
+                    log.flush()
     finally:
         bar.close()
         log.close()

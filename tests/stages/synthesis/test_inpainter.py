@@ -19,6 +19,7 @@ from stages.attributes.names import ATTRIBUTES
 from stages.synthesis.inpainter import (
     InpainterSettings,
     generator_terms,
+    systematic_error,
     train_inpainter,
 )
 from stages.synthesis.render import (
@@ -91,6 +92,36 @@ def test_diversity_terms_see_whether_two_codes_give_two_faces():
     assert coded["ms"].item() < ignored["ms"].item()
 
 
+class _Painter(torch.nn.Module):
+    """Paints the blurred context plus a band across the eyes' rows (the same in every
+    face, as the first v2 runs did) and/or noise of its own per face and code."""
+
+    code_size = 8
+
+    def __init__(self, band: float, noise: float):
+        super().__init__()
+        self.band, self.noise = band, noise
+
+    def forward(self, context, targets, codes, mask):
+        painted = context + self.noise * torch.randn_like(context)
+        painted[:, 2, 50:56, :] += self.band
+        return painted.clamp(-1, 1)
+
+
+def test_systematic_error_sees_a_pattern_painted_in_every_face_not_each_faces_own_changes():
+    torch.manual_seed(0)
+    # Smooth inputs, as faces are (the blurred context is then close to the original).
+    images = (torch.rand(24, 3, 1, 1) * 1.6 - 0.8 + 0.02 * torch.randn(24, 3, 128, 128))
+    labels = torch.zeros(24, len(GAN_ATTRIBUTES))
+    own_changes = systematic_error(_Painter(band=0.0, noise=0.3), images, labels)
+    band = systematic_error(_Painter(band=0.5, noise=0.3), images, labels)
+    # A face's own differences from its original (~38 levels per pixel here) average out ...
+    assert own_changes["worst_row"] < 10
+    # ... a band at the same rows in every face does not (0.5 of [-1, 1] is ~64 levels).
+    assert band["worst_row"] > 40 and band["worst_row"] > 4 * own_changes["worst_row"]
+    assert band["rms"] > own_changes["rms"]
+
+
 def test_inpainter_training_runs_logs_and_resumes(tmp_path):
     torch.manual_seed(0)
     crops = torch.randint(0, 256, (10, 128, 128, 3), dtype=torch.uint8)
@@ -101,7 +132,9 @@ def test_inpainter_training_runs_logs_and_resumes(tmp_path):
     preview = (crops[:2].permute(0, 3, 1, 2).float() / 127.5 - 1, labels[:2])
     train_inpainter(crops, labels, identity, settings, tmp_path, progress=False, preview=preview)
     records = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 25 and {"g_div", "g_ms", "g_fm", "g_ver", "d_loss"} <= set(records[-1])
+    losses = [r for r in records if "d_loss" in r]
+    assert losses[-1]["step"] == 25 and {"g_div", "g_ms", "g_fm", "g_ver"} <= set(losses[-1])
+    assert {"systematic_rms", "systematic_worst_row"} <= set(records[-1])   # at the checkpoint
     assert all(np.isfinite(v) for r in records for v in r.values())
     assert (tmp_path / "samples.png").stat().st_size > 0
     more = InpainterSettings(steps=30, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8,
