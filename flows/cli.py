@@ -659,9 +659,12 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
 @click.option("--install", is_flag=True, help="Copy the generator into models/ and update the manifest.")
+@click.option("--start-from", type=click.Path(dir_okay=False), default=None,
+              help="v2: a snapshot.pt an earlier run wrote (e.g. on another machine) to go on from when --run-dir "
+                   "has no checkpoint of its own yet.")
 def train_generator_command(celeba, run_dir, architecture, steps, critic_steps, learning_rate, batch_size, width,
                             blocks, lambda_ver, lambda_ssim, lambda_div, lambda_ms, lambda_fm, identity, seed, limit,
-                            install):
+                            install, start_from):
     """Train Stage III's generator (v1: StarGAN objective + verification and SSIM terms; v2: see --architecture)."""
     from flows.training.generator import train_generator
     from stages.synthesis.inpainter import InpainterSettings
@@ -676,12 +679,12 @@ def train_generator_command(celeba, run_dir, architecture, steps, critic_steps, 
     if architecture == "inpainting":
         settings = InpainterSettings(**given, **v2_only)
     else:
-        if v2_only:
-            raise click.UsageError("--lambda-div, --lambda-ms and --lambda-fm belong to --architecture inpainting "
-                                   "(v1 has no codes and no feature matching)")
+        if v2_only or start_from:
+            raise click.UsageError("--lambda-div, --lambda-ms, --lambda-fm and --start-from belong to --architecture "
+                                   "inpainting (v1 has no codes, no feature matching and no snapshots)")
         settings = GanSettings(critic_steps=critic_steps, **given)
     summary = train_generator(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, settings=settings,
-                              seed=seed, limit=limit, identity=identity, install=install)
+                              seed=seed, limit=limit, identity=identity, install=install, start_from=start_from)
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -58,7 +58,7 @@ def load_identity_model(path: str | None = None) -> IdentityNet:
 def train_generator(images: str, labels: str, run_dir: str = ".data/train-generator/default",
                     settings: GanSettings | InpainterSettings | None = None, seed: int = 0, limit: int | None = None,
                     identity: str | None = None, install: bool = False, workers: int = 2,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, start_from: str | None = None) -> dict:
     logger = get_run_logger()
     settings = settings or GanSettings()
     started = time.perf_counter()
@@ -83,7 +83,8 @@ def train_generator(images: str, labels: str, run_dir: str = ".data/train-genera
         # 48 faces: the first 6 make the sample grid, all of them the systematic error.
         preview = (to_gan_input(crops[validation[:48]], size=None), preview_labels(validation[:48]))
         generator = train_inpainter(torch.as_tensor(crops[train]), labels_train, load_identity_model(identity),
-                                    settings, run, seed=seed, device=device, progress=progress, preview=preview)
+                                    settings, run, seed=seed, device=device, progress=progress, preview=preview,
+                                    start_from=Path(start_from) if start_from else None)
     else:
         preview = (to_gan_input(crops[validation[:6]]), preview_labels(validation[:6]))
         generator = train_gan(to_gan_input(crops[train]), labels_train, load_identity_model(identity), settings,

@@ -45,7 +45,9 @@ from stages.synthesis.training import (
     frozen,
     resume,
     save_checkpoint,
+    save_snapshot,
     ssim,
+    start_from_snapshot,
 )
 
 
@@ -169,10 +171,13 @@ def critic_loss(critic, real, c, fake, settings: InpainterSettings, with_r1: boo
 
 def train_inpainter(crops: torch.Tensor, labels: torch.Tensor, identity, settings: InpainterSettings,
                     run_dir: Path, seed: int = 0, device: str = "cpu", progress: bool = True,
-                    preview: tuple[torch.Tensor, torch.Tensor] | None = None) -> InpaintingGenerator:
-    """Train (or resume from ``run_dir/gan_checkpoint.pt``) on aligned ``crops`` (N×S×S×3
-    uint8) with ``labels`` (N×k in {0,1}); losses to ``losses.jsonl``, a sample grid to
-    ``samples.png`` at every checkpoint. Returns the generator."""
+                    preview: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    start_from: Path | None = None) -> InpaintingGenerator:
+    """Train (or resume from ``run_dir/gan_checkpoint.pt``, else from the snapshot
+    ``start_from``) on aligned ``crops`` (N×S×S×3 uint8) with ``labels`` (N×k in {0,1});
+    losses to ``losses.jsonl``; at every checkpoint a sample grid to ``samples.png`` and a
+    snapshot to ``snapshot.pt`` (what carries the run to another machine). Returns the
+    generator."""
     torch.manual_seed(seed)
     k, size = labels.shape[1], crops.shape[1]
     generator = InpaintingGenerator(k, settings.code_size, settings.width, settings.blocks, size).to(device)
@@ -181,7 +186,7 @@ def train_inpainter(crops: torch.Tensor, labels: torch.Tensor, identity, setting
     optimise_d = torch.optim.Adam(critic.parameters(), lr=settings.learning_rate, betas=(0.0, 0.99))
     identity = frozen(identity, device)
     checkpoint = run_dir / "gan_checkpoint.pt"
-    step = resume(checkpoint, generator, critic, optimise_g, optimise_d, device)
+    step = resume(start_from_snapshot(start_from, run_dir), generator, critic, optimise_g, optimise_d, device)
     rng = torch.Generator().manual_seed(seed + step)
     log = open(run_dir / "losses.jsonl", "a")
     bar = tqdm(total=settings.steps, initial=step, desc="GAN v2", unit="step", disable=not progress)
@@ -213,10 +218,11 @@ def train_inpainter(crops: torch.Tensor, labels: torch.Tensor, identity, setting
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 save_checkpoint(checkpoint, generator, critic, optimise_g, optimise_d, step, settings)
                 if preview is not None:
-                    write_code_grid(generator, (preview[0][:6], preview[1][:6]), run_dir / "samples.png", device)
                     error = systematic_error(generator, preview[0].to(device), preview[1])
                     log.write(json.dumps({"step": step} | {f"systematic_{k}": v for k, v in error.items()}) + "\n")
                     log.flush()
+                    write_code_grid(generator, (preview[0][:6], preview[1][:6]), run_dir / "samples.png", device)
+                save_snapshot(run_dir / "snapshot.pt", generator, critic, step, settings, run_dir / "losses.jsonl")
     finally:
         bar.close()
         log.close()

@@ -159,15 +159,50 @@ def frozen(network: torch.nn.Module, device: str) -> torch.nn.Module:
 
 
 def resume(path: Path, generator, critic, optimise_g, optimise_d, device: str) -> int:
-    """Load a run's checkpoint into the networks and optimisers; the step it reached (0: none)."""
+    """Load a run's checkpoint (or a snapshot, :func:`save_snapshot`) into the networks and
+    optimisers; the step it reached (0: none). A snapshot holds no optimiser state: Adam
+    starts afresh from its weights."""
     if not path.exists():
         return 0
     state = torch.load(path, weights_only=True, map_location=device)
-    generator.load_state_dict(state["generator"])
-    critic.load_state_dict(state["critic"])
-    optimise_g.load_state_dict(state["optimise_g"])
-    optimise_d.load_state_dict(state["optimise_d"])
+    try:
+        generator.load_state_dict(state["generator"])
+        critic.load_state_dict(state["critic"])
+    except RuntimeError as error:
+        raise ValueError(f"{path} was trained with other settings ({state.get('settings')}); train with those, "
+                         f"or start a new run folder without it: {error}") from error
+    if "optimise_g" in state:
+        optimise_g.load_state_dict(state["optimise_g"])
+        optimise_d.load_state_dict(state["optimise_d"])
     return state["step"]
+
+
+def save_snapshot(path: Path, generator, critic, step: int, settings, losses: Path) -> None:
+    """A small file a later session resumes from on another machine (the run folder is
+    scratch and does not survive one): both networks' weights in float16, the step, the
+    settings and the loss log so far. Adam's moments are left out: they are as large as the
+    weights twice over, and with β₁ = 0 and β₂ = 0.99 they rebuild within ~100 steps."""
+    partial = path.with_suffix(".partial")
+    torch.save({"generator": {k: v.half() for k, v in generator.state_dict().items()},
+                "critic": {k: v.half() for k, v in critic.state_dict().items()},
+                "step": step, "settings": asdict(settings),
+                "losses": losses.read_text() if losses.exists() else ""}, partial)
+    partial.replace(path)
+
+
+def start_from_snapshot(snapshot: Path, run_dir: Path) -> Path:
+    """The checkpoint to resume from: the run folder's own, else ``snapshot`` (its loss log
+    copied into the new run folder first, so the training curve goes on)."""
+    checkpoint = run_dir / "gan_checkpoint.pt"
+    if checkpoint.exists() or snapshot is None:
+        return checkpoint
+    if not snapshot.exists():
+        raise FileNotFoundError(f"no snapshot at {snapshot}: give one that `train generator` wrote, or leave "
+                                "--start-from out to start from scratch")
+    losses = run_dir / "losses.jsonl"
+    if not losses.exists():
+        losses.write_text(torch.load(snapshot, weights_only=True, map_location="cpu").get("losses", ""))
+    return snapshot
 
 
 def save_checkpoint(path: Path, generator, critic, optimise_g, optimise_d, step: int, settings: GanSettings) -> None:

@@ -143,6 +143,34 @@ def test_inpainter_training_runs_logs_and_resumes(tmp_path):
     assert torch.load(tmp_path / "gan_checkpoint.pt", weights_only=True)["step"] == 30
 
 
+def test_a_snapshot_carries_a_run_to_a_new_run_folder(tmp_path):
+    """The run folder is scratch; a session on another machine goes on from snapshot.pt."""
+    torch.manual_seed(0)
+    crops = torch.randint(0, 256, (10, 128, 128, 3), dtype=torch.uint8)
+    labels = (torch.rand(10, len(GAN_ATTRIBUTES)) > 0.5).float()
+    identity = IdentityNet(channels=(4, 8, 8, 8), hidden=16)
+    tiny = {"batch_size": 2, "width": 4, "blocks": 1, "critic_width": 4, "code_size": 8, "checkpoint_every": 25}
+    first, later = tmp_path / "first", tmp_path / "later"
+    first.mkdir(), later.mkdir()
+    trained = train_inpainter(crops, labels, identity, InpainterSettings(steps=25, **tiny), first, progress=False)
+    snapshot = first / "snapshot.pt"
+    assert snapshot.stat().st_size < (first / "gan_checkpoint.pt").stat().st_size / 2   # no Adam state, float16
+    carried = train_inpainter(crops, labels, identity, InpainterSettings(steps=25, **tiny), later, progress=False,
+                              start_from=snapshot)
+    for name, value in trained.state_dict().items():   # 25 of 25 steps done: the snapshot's weights, as saved
+        assert torch.allclose(carried.state_dict()[name], value, atol=2e-3 * (1 + value.abs().max()))
+    train_inpainter(crops, labels, identity, InpainterSettings(steps=30, **tiny), later, progress=False,
+                    start_from=snapshot)
+    assert torch.load(later / "gan_checkpoint.pt", weights_only=True)["step"] == 30
+    first_curve = (first / "losses.jsonl").read_text()
+    assert first_curve and (later / "losses.jsonl").read_text().startswith(first_curve)   # the curve came along
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ValueError, match="other settings"):
+        train_inpainter(crops, labels, identity, InpainterSettings(steps=30, **(tiny | {"width": 8})), other,
+                        progress=False, start_from=snapshot)
+
+
 def test_each_draw_is_a_new_code_reproducible_from_its_seed():
     synthesizer = Synthesizer(_tiny(), GAN_ATTRIBUTES, "cpu")
     crops = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
