@@ -18,8 +18,8 @@ from models.identity_embedding import IdentityNet
 from stages.attributes.names import ATTRIBUTES
 from stages.synthesis.inpainter import (
     InpainterSettings,
+    bar_measures,
     generator_terms,
-    systematic_error,
     train_inpainter,
 )
 from stages.synthesis.render import (
@@ -92,9 +92,32 @@ def test_diversity_terms_see_whether_two_codes_give_two_faces():
     assert coded["ms"].item() < ignored["ms"].item()
 
 
+class _HueShifter(torch.nn.Module):
+    """Gives each code another hue of the same face: luminance unchanged."""
+
+    code_size = 8
+
+    def forward(self, context, targets, codes, mask):
+        neutral = torch.tensor([0.587, -0.299, 0.0])   # 0.299·r + 0.587·g + 0.114·b = 0
+        return context + 0.5 * codes[:, :1, None, None] * neutral[None, :, None, None]
+
+
+def test_two_hues_of_one_face_are_not_two_people_to_the_diversity_terms():
+    identity = IdentityNet(channels=(4, 8, 8, 8), hidden=16).eval()
+    critic = PatchCritic(len(GAN_ATTRIBUTES), width=4)
+    real = torch.rand(3, 3, 128, 128) - 0.5
+    settings = InpainterSettings(code_size=8)
+    terms, first = generator_terms(_HueShifter(), critic, identity, real, torch.zeros(3, len(GAN_ATTRIBUTES)),
+                                   settings, torch.Generator().manual_seed(0))
+    assert (first - real).abs().max() > 0.05                                   # the hue did change ...
+    assert terms["ms"].item() == pytest.approx(settings.mode_seeking_ratio)    # ... and earns no diversity
+    assert terms["div"].item() == pytest.approx(settings.margin ** 2, rel=1e-4)
+
+
 class _Painter(torch.nn.Module):
-    """Paints the blurred context plus a band across the eyes' rows (the same in every
-    face, as the first v2 runs did) and/or noise of its own per face and code."""
+    """Paints the blurred context plus light and shade of its own per face and code
+    (grey noise), and/or a saturated blue band across the rows of the eyes (the bars of
+    the first v2 runs)."""
 
     code_size = 8
 
@@ -103,23 +126,22 @@ class _Painter(torch.nn.Module):
         self.band, self.noise = band, noise
 
     def forward(self, context, targets, codes, mask):
-        painted = context + self.noise * torch.randn_like(context)
+        painted = context + self.noise * torch.randn_like(context[:, :1])
         painted[:, 2, 50:56, :] += self.band
         return painted.clamp(-1, 1)
 
 
-def test_systematic_error_sees_a_pattern_painted_in_every_face_not_each_faces_own_changes():
+def test_bar_measures_see_saturated_bands_not_a_faces_own_changes():
     torch.manual_seed(0)
-    # Smooth inputs, as faces are (the blurred context is then close to the original).
-    images = (torch.rand(24, 3, 1, 1) * 1.6 - 0.8 + 0.02 * torch.randn(24, 3, 128, 128))
+    # Smooth grey inputs (the blurred context is then close to the original).
+    images = (torch.rand(24, 1, 1, 1) * 1.2 - 0.8 + 0.02 * torch.randn(24, 1, 128, 128)).expand(-1, 3, -1, -1)
     labels = torch.zeros(24, len(GAN_ATTRIBUTES))
-    own_changes = systematic_error(_Painter(band=0.0, noise=0.3), images, labels)
-    band = systematic_error(_Painter(band=0.5, noise=0.3), images, labels)
-    # A face's own differences from its original (~38 levels per pixel here) average out ...
-    assert own_changes["worst_row"] < 10
-    # ... a band at the same rows in every face does not (0.5 of [-1, 1] is ~64 levels).
-    assert band["worst_row"] > 40 and band["worst_row"] > 4 * own_changes["worst_row"]
-    assert band["rms"] > own_changes["rms"]
+    own_changes = bar_measures(_Painter(band=0.0, noise=0.3), images, labels)
+    bands = bar_measures(_Painter(band=0.5, noise=0.0), images, labels)
+    # Light and shade change rows and columns alike and add no colour ...
+    assert 0.9 < own_changes["stripes"] < 1.1 and own_changes["chroma_excess"] < 5
+    # ... a blue band changes from row to row only, and is saturated (0.5 of [-1, 1]: ~64 levels).
+    assert bands["stripes"] > 1.5 and bands["chroma_excess"] > 40
 
 
 def test_inpainter_training_runs_logs_and_resumes(tmp_path):
@@ -134,7 +156,7 @@ def test_inpainter_training_runs_logs_and_resumes(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     losses = [r for r in records if "d_loss" in r]
     assert losses[-1]["step"] == 25 and {"g_div", "g_ms", "g_fm", "g_ver"} <= set(losses[-1])
-    assert {"systematic_rms", "systematic_worst_row"} <= set(records[-1])   # at the checkpoint
+    assert {"bars_stripes", "bars_chroma_excess"} <= set(records[-1])   # at the checkpoint
     assert all(np.isfinite(v) for r in records for v in r.values())
     assert (tmp_path / "samples.png").stat().st_size > 0
     more = InpainterSettings(steps=30, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8,
