@@ -649,7 +649,8 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
 @click.option("--batch-size", type=int, default=None, help="[v1: 16, v2: 8]")
 @click.option("--width", type=int, default=None, help="Generator and critic base width [v1: 24, v2: 16].")
 @click.option("--blocks", type=int, default=None, help="Residual blocks in the generator [v1: 3, v2: 2].")
-@click.option("--lambda-ver", default=1.0, show_default=True, help="Verification term (0: ablation without it).")
+@click.option("--lambda-ver", type=float, default=None,
+              help="Verification term [v1: 1.0; v2: 0, it taught v2 bars that fool the distilled CNN].")
 @click.option("--lambda-ssim", default=1.0, show_default=True, help="SSIM term (0: ablation without it).")
 @click.option("--lambda-div", type=float, default=None, help="v2: two codes of a face must verify as two people "
                                                             "(contrastive term) [0.5].")
@@ -673,7 +674,9 @@ def train_generator_command(celeba, run_dir, architecture, steps, critic_steps, 
     needed = _celeba_files(celeba, "img_align_celeba_89x109", "labels.csv")
     given = {name: value for name, value in (("steps", steps), ("batch_size", batch_size), ("width", width),
                                              ("blocks", blocks)) if value is not None}
-    given |= {"learning_rate": learning_rate, "lambda_ver": lambda_ver, "lambda_ssim": lambda_ssim}
+    given |= {"learning_rate": learning_rate, "lambda_ssim": lambda_ssim}
+    if lambda_ver is not None:
+        given["lambda_ver"] = lambda_ver
     v2_only = {name: value for name, value in (("lambda_div", lambda_div), ("lambda_ms", lambda_ms),
                                                  ("lambda_fm", lambda_fm)) if value is not None}
     if architecture == "inpainting":
