@@ -80,7 +80,7 @@ def train_generator(images: str, labels: str, run_dir: str = ".data/train-genera
                 len(train), device, settings.steps, settings.batch_size)
     if isinstance(settings, InpainterSettings):
         # v2 at the crop's own resolution; crops stay uint8 until a batch is drawn.
-        # 48 faces: the first 6 make the sample grid, all of them the systematic error.
+        # 48 faces: the first 6 make the sample grid, all of them the bar measures.
         preview = (to_gan_input(crops[validation[:48]], size=None), preview_labels(validation[:48]))
         generator = train_inpainter(torch.as_tensor(crops[train]), labels_train, load_identity_model(identity),
                                     settings, run, seed=seed, device=device, progress=progress, preview=preview,
