@@ -190,7 +190,7 @@ def save_snapshot(path: Path, generator, critic, step: int, settings, losses: Pa
     partial.replace(path)
 
 
-def start_from_snapshot(snapshot: Path, run_dir: Path) -> Path:
+def start_from_snapshot(snapshot: Path | None, run_dir: Path) -> Path:
     """The checkpoint to resume from: the run folder's own, else ``snapshot`` (its loss log
     copied into the new run folder first, so the training curve goes on)."""
     checkpoint = run_dir / "gan_checkpoint.pt"
