@@ -653,9 +653,13 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
               help="Verification term [v1: 1.0; v2: 0, it taught v2 bars that fool the distilled CNN].")
 @click.option("--lambda-ssim", default=1.0, show_default=True, help="SSIM term (0: ablation without it).")
 @click.option("--lambda-div", type=float, default=None, help="v2: two codes of a face must verify as two people "
-                                                            "(contrastive term) [0.5].")
+                                                            "(contrastive term) [0: it painted strokes at the eyes].")
 @click.option("--lambda-ms", type=float, default=None, help="v2: mode seeking between two codes [1.0].")
 @click.option("--lambda-fm", type=float, default=None, help="v2: feature matching on the critic's features [1.0].")
+@click.option("--lambda-spread", type=float, default=None,
+              help="v2: two people's painted faces as far apart as the originals, on random views [0].")
+@click.option("--lambda-chroma", type=float, default=None,
+              help="v2: painted colour no more saturated than the original's [0].")
 @click.option("--identity", default=None, help="A train-identity run's model/ folder (default: the shipped one).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
@@ -664,8 +668,8 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
               help="v2: a snapshot.pt an earlier run wrote (e.g. on another machine) to go on from when --run-dir "
                    "has no checkpoint of its own yet.")
 def train_generator_command(celeba, run_dir, architecture, steps, critic_steps, learning_rate, batch_size, width,
-                            blocks, lambda_ver, lambda_ssim, lambda_div, lambda_ms, lambda_fm, identity, seed, limit,
-                            install, start_from):
+                            blocks, lambda_ver, lambda_ssim, lambda_div, lambda_ms, lambda_fm, lambda_spread,
+                            lambda_chroma, identity, seed, limit, install, start_from):
     """Train Stage III's generator (v1: StarGAN objective + verification and SSIM terms; v2: see --architecture)."""
     from flows.training.generator import train_generator
     from stages.synthesis.inpainter import InpainterSettings
@@ -678,13 +682,15 @@ def train_generator_command(celeba, run_dir, architecture, steps, critic_steps, 
     if lambda_ver is not None:
         given["lambda_ver"] = lambda_ver
     v2_only = {name: value for name, value in (("lambda_div", lambda_div), ("lambda_ms", lambda_ms),
-                                                 ("lambda_fm", lambda_fm)) if value is not None}
+                                                 ("lambda_fm", lambda_fm), ("lambda_spread", lambda_spread),
+                                                 ("lambda_chroma", lambda_chroma)) if value is not None}
     if architecture == "inpainting":
         settings = InpainterSettings(**given, **v2_only)
     else:
         if v2_only or start_from:
-            raise click.UsageError("--lambda-div, --lambda-ms, --lambda-fm and --start-from belong to --architecture "
-                                   "inpainting (v1 has no codes, no feature matching and no snapshots)")
+            raise click.UsageError("--lambda-div, --lambda-ms, --lambda-fm, --lambda-spread, --lambda-chroma and "
+                                   "--start-from belong to --architecture inpainting (v1 has no codes, no feature "
+                                   "matching and no snapshots)")
         settings = GanSettings(critic_steps=critic_steps, **given)
     summary = train_generator(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, settings=settings,
                               seed=seed, limit=limit, identity=identity, install=install, start_from=start_from)

@@ -45,11 +45,13 @@ from stages.attributes.predict import default_model as attribute_model
 from stages.common.anonymize import PhotoEscalation, anonymize_photo
 from stages.common.compose import compose_faces
 from stages.common.faces import (
+    SAME_PERSON,
     AlignedFace,
     DetectedFace,
     align_face,
     detect_faces,
     face_descriptor,
+    same_person_share,
 )
 from stages.common.facetable import ATTRIBUTE_COLUMNS
 from stages.common.imageio import ImageRejected, decode_bytes, load_rgb
@@ -63,7 +65,7 @@ from stages.perturbation.apply import (
 from stages.selection.ppas import Selection, stage_two_targets
 from stages.synthesis.render import FaceRenders, cached_synthesizer
 
-VERIFIER_THRESHOLD = 0.6   # dlib's documented same-person threshold (EVALUATION.md)
+VERIFIER_THRESHOLD = SAME_PERSON
 VERIFIER_UPSAMPLE = 1
 GAN_METHODS = ("gan", "gan+perturbation")     # methods that synthesize (Stage III, and Stage IV for the second)
 # Methods that use Stage III's renders when the policy synthesizes: one rendering per pair is shared.
@@ -301,16 +303,6 @@ def summarize(rows: pd.DataFrame) -> dict[str, dict]:
             # gan+perturbation: faces composed without it because it lost them or brought them back
             summary[method]["faces_perturbation_withdrawn"] = int(usable["perturbation_withdrawn"].sum())
     return summary
-
-
-def same_person_share(descriptors: list[np.ndarray]) -> float | None:
-    """Share of the pairs of ``descriptors`` the verifier calls the same person (< 0.6)."""
-    if len(descriptors) < 2:
-        return None
-    stacked = np.stack(descriptors).astype(np.float64)
-    distances = np.linalg.norm(stacked[:, None, :] - stacked[None, :, :], axis=-1)
-    upper = distances[np.triu_indices(len(stacked), k=1)]
-    return float((upper < VERIFIER_THRESHOLD).mean())
 
 
 def frechet_distance(features: np.ndarray, reference: np.ndarray) -> float:

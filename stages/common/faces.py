@@ -39,6 +39,7 @@ CENTERFACE_TO_DLIB_BOX = (-0.034, 0.158, 1.038, 0.964)
 # Two detections are one face when their boxes overlap by more than this fraction of the
 # smaller box (used to merge the HOG and CNN detectors' findings).
 SAME_FACE_OVERLAP = 0.3
+SAME_PERSON = 0.6   # dlib's documented verifier threshold, as the gate and EVALUATION.md use it
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,16 @@ def chip_descriptor(chip: np.ndarray) -> np.ndarray:
 def face_descriptor(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """dlib's 128-D ResNet descriptor of the face at ``landmarks`` (68 points)."""
     return chip_descriptor(face_chip(rgb, landmarks))
+
+
+def same_person_share(descriptors: list[np.ndarray] | np.ndarray) -> float | None:
+    """Share of the pairs of ``descriptors`` the verifier calls the same person (< 0.6)."""
+    if len(descriptors) < 2:
+        return None
+    stacked = np.stack(list(descriptors)).astype(np.float64)
+    distances = np.linalg.norm(stacked[:, None, :] - stacked[None, :, :], axis=-1)
+    upper = distances[np.triu_indices(len(stacked), k=1)]
+    return float((upper < SAME_PERSON).mean())
 
 
 def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -18,9 +18,8 @@ from tqdm import tqdm
 
 from models.generator import to_gan_input
 from models.identity_embedding import IdentityNet
+from stages.common.faces import SAME_PERSON
 from stages.common.parallel import map_with_progress
-
-SAME_PERSON = 0.6   # dlib's threshold, as the release gate and EVALUATION.md use it
 
 
 def _describe(crop: np.ndarray) -> np.ndarray:

@@ -10,9 +10,9 @@ from flows.evaluation.evaluate import (
     evaluate,
     frechet_distance,
     markdown_table,
-    same_person_share,
 )
 from policy.loader import load_policy
+from stages.common.faces import same_person_share
 
 
 def test_same_person_share_counts_the_pairs_closer_than_the_threshold():

@@ -18,9 +18,12 @@ from models.identity_embedding import IdentityNet
 from stages.attributes.names import ATTRIBUTES
 from stages.synthesis.inpainter import (
     InpainterSettings,
+    _chroma_excess,
+    _spread,
     bar_measures,
     generator_terms,
     train_inpainter,
+    verifier_same_shares,
 )
 from stages.synthesis.render import (
     RENDER_VIEWS,
@@ -85,7 +88,7 @@ def test_diversity_terms_see_whether_two_codes_give_two_faces():
     coded, _ = generator_terms(_tiny(), critic, identity, real, target, settings, torch.Generator().manual_seed(0))
     blind = InpaintingGenerator(len(GAN_ATTRIBUTES), code_size=8, width=4, blocks=1)   # ignores its code at init
     ignored, _ = generator_terms(blind, critic, identity, real, target, settings, torch.Generator().manual_seed(0))
-    assert set(coded) == {"adv", "cls", "fm", "ver", "div", "ms", "ssim", "layout"}
+    assert set(coded) == {"adv", "cls", "fm", "ver", "div", "ms", "spread", "chroma", "ssim", "layout"}
     # A generator that ignores its code pays the whole mode-seeking and diversity terms.
     assert ignored["ms"].item() == pytest.approx(settings.mode_seeking_ratio)
     assert ignored["div"].item() == pytest.approx(settings.margin ** 2)
@@ -112,6 +115,37 @@ def test_two_hues_of_one_face_are_not_two_people_to_the_diversity_terms():
     assert (first - real).abs().max() > 0.05                                   # the hue did change ...
     assert terms["ms"].item() == pytest.approx(settings.mode_seeking_ratio)    # ... and earns no diversity
     assert terms["div"].item() == pytest.approx(settings.margin ** 2, rel=1e-4)
+
+
+def test_spread_asks_painted_people_to_be_as_far_apart_as_their_originals():
+    torch.manual_seed(0)
+    real = torch.randn(6, 16)
+    assert _spread(real, real).item() == 0.0
+    assert _spread(2 * real, real).item() == 0.0                       # further apart: nothing owed
+    collapsed = (0.01 * torch.randn(6, 16)).requires_grad_()           # six painted look-alikes
+    owed = _spread(collapsed, real)
+    distances = torch.pdist(real)
+    assert owed.item() == pytest.approx(distances.pow(2).mean().item(), rel=0.1)
+    owed.backward()
+    stepped = collapsed.detach() - 0.5 * collapsed.grad / collapsed.grad.norm()
+    assert torch.pdist(stepped).mean() > torch.pdist(collapsed.detach()).mean()   # it pushes them apart
+
+
+def test_chroma_cap_fines_a_coloured_stroke_not_the_faces_own_colour():
+    torch.manual_seed(0)
+    skin = torch.tensor([0.5, 0.1, -0.1])[None, :, None, None]              # a warm, smooth skin tone
+    real = (skin + 0.05 * torch.randn(2, 1, 128, 128)).clamp(-1, 1)          # grey texture: no chroma added
+    mask = template_mask(128)
+    shaded = (real + 0.2 * torch.randn(2, 1, 128, 128)).clamp(-1, 1)        # new light and shade
+    stroke = real.clone()
+    stroke[:, 0, 50:54, 30:100] += 0.5                                       # magenta along the eyes
+    stroke[:, 2, 50:54, 30:100] += 0.5
+    outside = real.clone()
+    outside[:, 0, 2:6, :] += 0.5                                             # the same, above the mask
+    outside[:, 2, 2:6, :] += 0.5
+    assert _chroma_excess(shaded, real, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert _chroma_excess(outside, real, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert _chroma_excess(stroke, real, mask).item() > 5e-3
 
 
 class _Painter(torch.nn.Module):
@@ -144,6 +178,34 @@ def test_bar_measures_see_saturated_bands_not_a_faces_own_changes():
     assert bands["stripes"] > 1.5 and bands["chroma_excess"] > 40
 
 
+class _NothingPainted(torch.nn.Module):
+    """Leaves the blurred context as it is: every face a blur."""
+
+    code_size = 8
+
+    def forward(self, context, targets, codes, mask):
+        return context
+
+
+@pytest.mark.shared_data
+def test_verifier_same_share_sees_faces_collapse_to_one_blur(shared_data):
+    """The training's diversity measure: dlib's verifier on different people's faces, real
+    and painted. LFW photos of 12 people, aligned as the release aligns them."""
+    from stages.common.faces import align_face, detect_faces
+    from stages.common.imageio import load_rgb
+
+    people = sorted((shared_data / "lfw_devtrain" / "images").iterdir())[:12]
+    crops = []
+    for person in people:
+        rgb = load_rgb(sorted(person.iterdir())[0]).rgb
+        face = max(detect_faces(rgb), key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+        crops.append(align_face(rgb, face.landmarks).crop)
+    images = torch.as_tensor(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    shares = verifier_same_shares(_NothingPainted(), images, torch.zeros(12, len(GAN_ATTRIBUTES)))
+    assert shares["real"] <= 2 / 66                  # twelve people: at most two of 66 pairs alike
+    assert shares["painted"] >= 0.5                   # blurred faces: most pairs "the same person"
+
+
 def test_inpainter_training_runs_logs_and_resumes(tmp_path):
     torch.manual_seed(0)
     crops = torch.randint(0, 256, (10, 128, 128, 3), dtype=torch.uint8)
@@ -152,11 +214,12 @@ def test_inpainter_training_runs_logs_and_resumes(tmp_path):
     settings = InpainterSettings(steps=25, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8,
                                  checkpoint_every=25)
     preview = (crops[:2].permute(0, 3, 1, 2).float() / 127.5 - 1, labels[:2])
-    train_inpainter(crops, labels, identity, settings, tmp_path, progress=False, preview=preview)
+    train_inpainter(crops, labels, identity, settings, tmp_path, progress=False, preview=preview, people=preview)
     records = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     losses = [r for r in records if "d_loss" in r]
     assert losses[-1]["step"] == 25 and {"g_div", "g_ms", "g_fm", "g_ver"} <= set(losses[-1])
-    assert {"bars_stripes", "bars_chroma_excess"} <= set(records[-1])   # at the checkpoint
+    assert {"bars_stripes", "bars_chroma_excess"} <= set(records[-2])   # at the checkpoint
+    assert {"same_share_painted", "same_share_real"} <= set(records[-1])
     assert all(np.isfinite(v) for r in records for v in r.values())
     assert (tmp_path / "samples.png").stat().st_size > 0
     more = InpainterSettings(steps=30, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8,
