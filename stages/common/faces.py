@@ -39,6 +39,7 @@ CENTERFACE_TO_DLIB_BOX = (-0.034, 0.158, 1.038, 0.964)
 # Two detections are one face when their boxes overlap by more than this fraction of the
 # smaller box (used to merge the HOG and CNN detectors' findings).
 SAME_FACE_OVERLAP = 0.3
+CHIP_SIZE = 150    # dlib's face chip, what its verifier describes
 SAME_PERSON = 0.6   # dlib's documented verifier threshold, as the gate and EVALUATION.md use it
 
 
@@ -86,7 +87,7 @@ def _landmark_predictor():
 
 
 @functools.lru_cache(maxsize=1)
-def _descriptor_model():
+def descriptor_network():
     """dlib's face-recognition ResNet with dlib's weights, run by PyTorch (the dlib wheel has
     no BLAS: ~10x slower for the same numbers; see models/face_descriptor.py)."""
     from models.face_descriptor import (
@@ -210,12 +211,12 @@ def face_chip(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     right, bottom = landmarks.max(axis=0)
     rect = dlib.rectangle(int(left), int(top), int(right), int(bottom))
     shape = dlib.full_object_detection(rect, points)
-    return np.asarray(dlib.get_face_chip(np.ascontiguousarray(rgb), shape, size=150, padding=0.25))
+    return np.asarray(dlib.get_face_chip(np.ascontiguousarray(rgb), shape, size=CHIP_SIZE, padding=0.25))
 
 
 def chip_descriptor(chip: np.ndarray) -> np.ndarray:
     """dlib's 128-D ResNet descriptor of a :func:`face_chip`."""
-    return _descriptor_model().describe(chip)
+    return descriptor_network().describe(chip)
 
 
 def face_descriptor(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:

@@ -101,15 +101,15 @@ def load_photo_models(perturbation: bool) -> None:
     CenterFace, dlib's detector, landmarks and verifier, and Stage IV's profiler."""
     from stages.common.centerface import _session
     from stages.common.faces import (
-        _descriptor_model,
         _face_detector,
         _landmark_predictor,
+        descriptor_network,
     )
 
     _session()
     _face_detector("hog")
     _landmark_predictor()
-    _descriptor_model()
+    descriptor_network()
     if perturbation:
         from stages.attributes.predict import default_network
 

@@ -21,6 +21,7 @@ from stages.synthesis.inpainter import (
     _chroma_excess,
     _spread,
     bar_measures,
+    dlib_descriptors,
     generator_terms,
     train_inpainter,
     verifier_same_shares,
@@ -129,6 +130,25 @@ def test_spread_asks_painted_people_to_be_as_far_apart_as_their_originals():
     owed.backward()
     stepped = collapsed.detach() - 0.5 * collapsed.grad / collapsed.grad.norm()
     assert torch.pdist(stepped).mean() > torch.pdist(collapsed.detach()).mean()   # it pushes them apart
+
+
+def test_the_spread_terms_verifier_sees_what_the_release_verifier_sees():
+    """dlib_descriptors cuts dlib's chip from an aligned crop with grid_sample (so it can
+    train); its descriptors must be the release's own, and carry a gradient."""
+    from skimage.data import astronaut
+
+    from stages.common.faces import align_face, detect_faces, face_descriptor, template
+
+    rgb = astronaut()
+    face = detect_faces(rgb)[0]
+    crops = [align_face(rgb, face.landmarks).crop, align_face(rgb[:, ::-1].copy(), face.landmarks * [-1, 1]
+                                                               + [rgb.shape[1] - 1, 0]).crop]
+    images = (torch.as_tensor(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1).requires_grad_()
+    ours = dlib_descriptors(images)
+    release = np.stack([face_descriptor(crop, template(128)) for crop in crops])
+    assert np.linalg.norm(ours.detach().numpy() - release, axis=1).max() < 0.03   # different people: > 0.6
+    ours.sum().backward()
+    assert images.grad.abs().sum() > 0
 
 
 def test_chroma_cap_fines_a_coloured_stroke_not_the_faces_own_colour():
