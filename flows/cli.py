@@ -494,6 +494,28 @@ def benchmark_perturbation_visibility_command(celeba, limit, workers, output):
     _emit(results, visibility_table(results), output)
 
 
+@main.command("evaluate-generator-diversity")
+@click.option("--celeba", required=True, type=click.Path(exists=True, file_okay=False),
+              help="CelebA folder (img_align_celeba_89x109/ and labels.csv): its identity-disjoint test split.")
+@click.option("--generator", "generators", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A train-generator run's model/ folder to compare (repeatable; the shipped one is always in).")
+@click.option("--people", default=150, show_default=True, help="One face each of the first N test people.")
+@click.option("--limit", default=3000, show_default=True, help="Use the first N CelebA images (their test-split share).")
+@click.option("--workers", default=2, show_default=True, help="Processes aligning the images.")
+@click.option("-o", "--output", default=None, help="Write the results JSON here.")
+def evaluate_generator_diversity_command(celeba, generators, people, limit, workers, output):
+    """How often dlib's verifier calls two different people's Stage III faces the same person,
+    beside real, blurred and pasted references (seconds; the release-level figure is
+    `evaluate --methods release`)."""
+    from flows.evaluation.generator_diversity import (
+        diversity_table,
+        generator_diversity,
+    )
+
+    results = generator_diversity(Path(celeba), [None, *generators], people, limit, workers, progress=True)
+    _emit(results, diversity_table(results), output)
+
+
 @main.command("benchmark-scaleout")
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of photos (recursive).")
 @click.option("--workers", default="1,2", show_default=True, help="Dask worker counts to compare, comma-separated.")

@@ -37,16 +37,21 @@ PERTURBATION_FILE = "perturbation.npz"
 CONFIG_FILE = "perturbation.json"
 
 
-def render_as_released(crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Aligned crops as a release with the default policy publishes them before Stage IV:
-    Stage I -> Stage II targets -> Stage III's first rendering."""
+def default_release_targets(crops: np.ndarray) -> np.ndarray:
+    """Stage I -> Stage II targets (N×40) of aligned crops under the default policy."""
     from policy.loader import load_policy
     from policy.settings import plan_selection
     from stages.selection.ppas import stage_two_targets
+
+    return stage_two_targets(crops, plan_selection(load_policy().policy))
+
+
+def render_as_released(crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Aligned crops as a release with the default policy publishes them before Stage IV:
+    Stage I -> Stage II targets -> Stage III's first rendering."""
     from stages.synthesis.render import cached_synthesizer
 
-    selection = plan_selection(load_policy().policy)
-    return cached_synthesizer().render(crops, stage_two_targets(crops, selection), batch_size)
+    return cached_synthesizer().render(crops, default_release_targets(crops), batch_size)
 
 
 def attribute_profiler(net: AttributeNet, attributes: list[str]):
