@@ -15,6 +15,9 @@ the collapse comes from:
   the identity code seeded per face; for generators with codes also the mean identity
   (no code), which says how much the codes add.
 
+Each row also has SFace's share (``stages/common/sface.py``), a verifier independent of dlib's:
+Stage III's spread term trains against dlib, so dlib alone would be judging its own lesson.
+
 Faces: one each of the first ``people`` people of the identity-disjoint CelebA test split
 (never trained on, never used to pick a checkpoint), aligned by the release's aligner.
 """
@@ -30,21 +33,17 @@ import torch
 BLURS_PX = (1.0, 1.5, 2.0, 3.0)
 
 
-def _describe(crops: np.ndarray) -> np.ndarray:
-    from stages.common.faces import face_descriptor, template
+def _row(name: str, crops: np.ndarray) -> dict:
+    from stages.common.faces import face_descriptor, same_person_share, template
+    from stages.common.sface import sface_descriptor, sface_same_person_share
 
     landmarks = template(crops.shape[1])
-    return np.stack([face_descriptor(crop, landmarks) for crop in crops])
-
-
-def _row(name: str, crops: np.ndarray) -> dict:
-    from stages.common.faces import same_person_share
-
-    descriptors = _describe(crops)
+    descriptors = np.stack([face_descriptor(crop, landmarks) for crop in crops])
     distances = np.linalg.norm(descriptors[:, None] - descriptors[None], axis=-1)
     upper = distances[np.triu_indices(len(descriptors), k=1)]
     return {"faces": name, "verifier_same_share": same_person_share(descriptors),
-            "median_pair_distance": float(np.median(upper))}
+            "median_pair_distance": float(np.median(upper)),
+            "sface_same_share": sface_same_person_share([sface_descriptor(crop, landmarks) for crop in crops])}
 
 
 def _references(crops: np.ndarray) -> dict[str, np.ndarray]:
@@ -92,6 +91,7 @@ def generator_diversity(celeba: Path, generators: list[str | None], people: int 
         crops = stored["crops"][firsts]
     return {"people": int(len(crops)), "split": "CelebA test (identity-disjoint), one face per person",
             "verifier": "dlib face-recognition ResNet v1 (PyTorch port), same person below 0.6",
+            "second_verifier": "SFace (OpenCV Zoo, int8), same person at cosine 0.363 or above",
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "rows": diversity_rows(crops, generators)}
 
@@ -106,9 +106,10 @@ def diversity_rows(crops: np.ndarray, generators: list[str | None]) -> list[dict
 
 
 def diversity_table(results: dict) -> str:
-    lines = [f"{results['people']} people, {results['split']}; {results['verifier']}", "",
-             "| faces | verifier-same share | median pair distance |", "|---|---:|---:|"]
+    lines = [f"{results['people']} people, {results['split']}; {results['verifier']}; second opinion: "
+             f"{results['second_verifier']}", "",
+             "| faces | verifier-same share | median pair distance | SFace-same share |", "|---|---:|---:|---:|"]
     for row in results["rows"]:
         lines.append(f"| {row['faces']} | {100 * row['verifier_same_share']:.1f}% | "
-                     f"{row['median_pair_distance']:.3f} |")
+                     f"{row['median_pair_distance']:.3f} | {100 * row['sface_same_share']:.1f}% |")
     return "\n".join(lines)
