@@ -57,6 +57,11 @@ from stages.common.facetable import ATTRIBUTE_COLUMNS
 from stages.common.imageio import ImageRejected, decode_bytes, load_rgb
 from stages.common.obfuscate import obfuscate
 from stages.common.quality import ms_ssim, psnr, ssim
+from stages.common.sface import (
+    SFACE_SAME_PERSON,
+    sface_descriptor,
+    sface_same_person_share,
+)
 from stages.perturbation.apply import (
     ReleasePerturbation,
     apply_perturbation,
@@ -77,11 +82,12 @@ class Subject:
     """The face the verifier takes for a photo's subject (nearest the image centre)."""
     face: DetectedFace
     descriptor: np.ndarray
+    sface: np.ndarray          # the second, dlib-independent verifier's descriptor (unit length)
 
 
 def _described_faces(rgb: np.ndarray) -> list[Subject]:
     """Every face the verifier's detector finds in ``rgb``, with its descriptor."""
-    return [Subject(face, face_descriptor(rgb, face.landmarks))
+    return [Subject(face, face_descriptor(rgb, face.landmarks), sface_descriptor(rgb, face.landmarks))
             for face in detect_faces(rgb, detector="hog", upsample=VERIFIER_UPSAMPLE)]
 
 
@@ -247,14 +253,20 @@ def _judged(image_a: np.ndarray, output: np.ndarray | None, subject_a: Subject, 
     """What the verifier and the quality measures make of A' (None: nothing published)."""
     if output is None:
         return {"detected_after": False, "distance_to_b": float("inf"), "distance_to_a": float("inf"),
-                "verifies_as_b": False, "verifies_as_a": False, "psnr": np.nan, "ssim": np.nan, "ms_ssim": np.nan,
+                "verifies_as_b": False, "verifies_as_a": False, "sface_verifies_as_b": False,
+                "sface_verifies_as_a": False, "sface_subject_after": None, "psnr": np.nan, "ssim": np.nan, "ms_ssim": np.nan,
                 "subject_after": None, "crop_after": None, "image_after": None}
     found = _described_faces(output)
     to_b = min((float(np.linalg.norm(s.descriptor - subject_b.descriptor)) for s in found), default=float("inf"))
     to_a = min((float(np.linalg.norm(s.descriptor - subject_a.descriptor)) for s in found), default=float("inf"))
     subject_after = _subject(found, output.shape)
+    # SFace's verdicts, on the same faces: a second opinion the generator never trained against.
+    sface_b = max((float(s.sface @ subject_b.sface) for s in found), default=-1.0)
+    sface_a = max((float(s.sface @ subject_a.sface) for s in found), default=-1.0)
     return {"detected_after": bool(found), "distance_to_b": to_b, "distance_to_a": to_a,
             "verifies_as_b": to_b < VERIFIER_THRESHOLD, "verifies_as_a": to_a < VERIFIER_THRESHOLD,
+            "sface_verifies_as_b": sface_b >= SFACE_SAME_PERSON, "sface_verifies_as_a": sface_a >= SFACE_SAME_PERSON,
+            "sface_subject_after": None if subject_after is None else subject_after.sface,
             "psnr": psnr(image_a, output), "ssim": ssim(image_a, output), "ms_ssim": ms_ssim(image_a, output),
             # For the realism and diversity measures (``realism``): the published subject as the
             # verifier describes it, and what A' shows where A's subject was, aligned like it.
@@ -280,6 +292,10 @@ def summarize(rows: pd.DataFrame) -> dict[str, dict]:
             "deid_rate": float(1 - usable["verifies_as_b"].mean()),
             "deid_rate_of_verified": float(1 - verified["verifies_as_b"].mean()) if len(verified) else None,
             "self_deid_rate": float(1 - usable["verifies_as_a"].mean()),
+            # The same two rates by SFace, over the same pairs (its own verdict before is not
+            # asked: the pairs are the same people either way).
+            "sface_deid_rate": float(1 - usable["sface_verifies_as_b"].mean()),
+            "sface_self_deid_rate": float(1 - usable["sface_verifies_as_a"].mean()),
             "detection_rate_after": float(usable["detected_after"].mean()),
             "psnr": float(usable["psnr"].replace(np.inf, np.nan).mean()) if method != "original" else None,
             "ssim": float(usable["ssim"].mean()), "ms_ssim": float(usable["ms_ssim"].mean()),
@@ -337,6 +353,7 @@ def realism(rows: pd.DataFrame) -> dict[str, dict]:
             distance = frechet_distance(attribute_model().features_and_head(np.stack(crops))[0], reference)
         measured[method] = {"published_subjects": len(descriptors),
                             "verifier_same_share": same_person_share(descriptors),
+                            "sface_same_share": sface_same_person_share(_arrays(group["sface_subject_after"])),
                             "frechet_distance_stage1": distance}
     return measured
 
@@ -438,11 +455,15 @@ def markdown_table(results: dict) -> str:
     for method, m in results["methods"].items():
         if m.get("verifier_same_share") is not None or m.get("frechet_distance_stage1") is not None:
             lines.append(f"\n{method}: the verifier calls {fmt(m.get('verifier_same_share'), percent=True)} of the pairs "
-                         f"of its {m['published_subjects']} published subjects the same person; Fréchet distance "
+                         f"of its {m['published_subjects']} published subjects the same person (SFace: "
+                         f"{fmt(m.get('sface_same_share'), percent=True)}); Fréchet distance "
                          f"to real faces (Stage I features) {fmt(m.get('frechet_distance_stage1'), 2)}"
                          + (f"; {fmt(m['released_share'], percent=True)} of the photos released, "
                             f"{m['faces_escalated']} face(s) escalated, {m['faces_synthesized']} published synthesized"
                             if "released_share" in m else ""))
+    lines.append("\nThe second verifier (SFace, independent of dlib's): " + "; ".join(
+        f"{method} de-ID {fmt(m.get('sface_deid_rate'), percent=True)}, self de-ID "
+        f"{fmt(m.get('sface_self_deid_rate'), percent=True)}" for method, m in results["methods"].items()))
     first = next(iter(results["methods"].values()))
     lines.append(f"\nEvaluable pairs: {first['evaluable_pairs']} of {first['pairs']}; verification rate before: "
                  f"{fmt(first['verification_rate_before'], percent=True)}")

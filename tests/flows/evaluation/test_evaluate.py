@@ -45,12 +45,16 @@ def test_release_method_diversity_realism_and_grid(tmp_path, astronaut):
     results = evaluate(pairs, images, ["blur", "release"], policy, workers=1, grid=tmp_path / "grid")
     methods = results["methods"]
     assert methods["original"]["verifier_same_share"] == 1.0 and methods["original"]["published_subjects"] == 2
+    # The second verifier agrees on the originals: the same person, her own face not de-identified.
+    assert methods["original"]["sface_same_share"] == 1.0 and methods["original"]["sface_deid_rate"] == 0.0
     release = methods["release"]
     assert release["released_share"] == 1.0 and release["self_deid_rate"] == 1.0 and release["deid_rate"] == 1.0
     assert release["faces_synthesized"] >= 1 and release["frechet_distance_stage1"] is not None
     assert 0.0 <= (release["verifier_same_share"] or 0.0) <= 1.0
+    assert release["sface_deid_rate"] == 1.0 and release["sface_self_deid_rate"] == 1.0
     grid = Image.open(results["grid"])
     assert grid.height == 2 * (160 + 4)                      # one line per pair
     assert grid.width > 3 * 160                              # original, blur, release side by side
     text = markdown_table(results)
     assert "release: the verifier calls" in text and "100.0% of the photos released" in text
+    assert "release de-ID 100.0%, self de-ID 100.0%" in text
