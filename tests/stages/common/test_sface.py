@@ -6,7 +6,11 @@ import csv
 import numpy as np
 import pytest
 
-from stages.common.sface import SFACE_SAME_PERSON, sface_descriptor, sface_same_person_share
+from stages.common.sface import (
+    SFACE_SAME_PERSON,
+    sface_descriptor,
+    sface_same_person_share,
+)
 
 
 def test_a_mirrored_face_is_the_same_person_and_noise_is_nobody(astronaut):

@@ -89,7 +89,8 @@ def test_diversity_terms_see_whether_two_codes_give_two_faces():
     coded, _ = generator_terms(_tiny(), critic, identity, real, target, settings, torch.Generator().manual_seed(0))
     blind = InpaintingGenerator(len(GAN_ATTRIBUTES), code_size=8, width=4, blocks=1)   # ignores its code at init
     ignored, _ = generator_terms(blind, critic, identity, real, target, settings, torch.Generator().manual_seed(0))
-    assert set(coded) == {"adv", "cls", "fm", "ver", "div", "ms", "spread", "chroma", "ssim", "layout"}
+    assert set(coded) == {"adv", "cls", "fm", "ver", "div", "ms", "spread", "away", "chroma", "ssim",
+                          "layout"}
     # A generator that ignores its code pays the whole mode-seeking and diversity terms.
     assert ignored["ms"].item() == pytest.approx(settings.mode_seeking_ratio)
     assert ignored["div"].item() == pytest.approx(settings.margin ** 2)
@@ -130,6 +131,10 @@ def test_spread_asks_painted_people_to_be_as_far_apart_as_their_originals():
     owed.backward()
     stepped = collapsed.detach() - 0.5 * collapsed.grad / collapsed.grad.norm()
     assert torch.pdist(stepped).mean() > torch.pdist(collapsed.detach()).mean()   # it pushes them apart
+    # A fixed target asks the same of every pair, whoever the originals were.
+    fixed = _spread(collapsed.detach(), real, margin=0.8)
+    assert fixed.item() == pytest.approx(_spread(collapsed.detach(), 5 * real, margin=0.8).item())
+    assert fixed.item() == pytest.approx((0.8 - torch.pdist(collapsed.detach())).pow(2).mean().item(), rel=1e-5)
 
 
 def test_the_spread_terms_verifier_sees_what_the_release_verifier_sees():
