@@ -86,10 +86,11 @@ class InpainterSettings:
     # measures diversity makes that measure partial; the README says how it is checked.
     lambda_spread: float = 0.0
     # 0: each pair's target is its two originals' distance. That target tells the generator
-    # how far apart the two people were, and copying them is the cheapest way to meet it: at
-    # 5,500 steps SFace (never trained against) matched 18.5% of released LFW faces to
-    # another photo of the same person, against 13.4% for v1 (README). > 0: one fixed target
-    # for every pair, which says nothing about who the originals were.
+    # how far apart the two people were, and copying them would meet it. > 0: one fixed
+    # target for every pair, which says nothing about who the originals were. (Measured:
+    # SFace, never trained against, matched 18.5% of 300 released LFW faces to another photo
+    # of the same person both with the originals' target at 5,500 steps and without any
+    # spread term at 5,000; v1 13.4%. So v2 itself, not this target, leaks more; README.)
     spread_margin: float = 0.0
     # Away: each painted face at least ``margin`` from its own original, to dlib's verifier
     # on random views (PP-GAN's verification term, judged by the verifier the gate uses
