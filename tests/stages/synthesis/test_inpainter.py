@@ -156,6 +156,41 @@ def test_the_spread_terms_verifier_sees_what_the_release_verifier_sees():
     assert images.grad.abs().sum() > 0
 
 
+def test_the_dlib_judged_terms_reach_the_generator():
+    """spread and away go through dlib's verifier on random views back to the generator's
+    weights; a painter that keeps the original pays ``away`` in full."""
+    from skimage.data import astronaut
+
+    from stages.common.faces import align_face, detect_faces
+
+    rgb = astronaut()
+    crop = align_face(rgb, detect_faces(rgb)[0].landmarks).crop
+    real = (torch.as_tensor(np.stack([crop, crop[:, ::-1].copy()])).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    settings = InpainterSettings(code_size=8, lambda_spread=1.0, lambda_away=1.0, spread_margin=0.85)
+    identity = IdentityNet(channels=(4, 8, 8, 8), hidden=16).eval()
+    generator = _tiny()
+    terms, _ = generator_terms(generator, PatchCritic(len(GAN_ATTRIBUTES), width=4), identity, real,
+                               torch.zeros(2, len(GAN_ATTRIBUTES)), settings, torch.Generator().manual_seed(0))
+    (terms["spread"] + terms["away"]).backward()
+    assert terms["away"].item() > 0 and all(torch.isfinite(t) for t in terms.values())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())
+    _Keeper.original = real
+    kept, _ = generator_terms(_Keeper(), PatchCritic(len(GAN_ATTRIBUTES), width=4), identity, real,
+                              torch.zeros(2, len(GAN_ATTRIBUTES)), settings, torch.Generator().manual_seed(0))
+    assert kept["away"].item() > 0.5 * settings.margin ** 2   # views differ a little: not quite the full margin
+
+
+class _Keeper(torch.nn.Module):
+    """Paints the original back (it sees only the blurred context, so it cheats: a test double
+    for "the generator copied the person")."""
+
+    code_size = 8
+    original: torch.Tensor | None = None
+
+    def forward(self, context, targets, codes, mask):
+        return _Keeper.original.repeat(len(context) // len(_Keeper.original), 1, 1, 1)
+
+
 def test_chroma_cap_fines_a_coloured_stroke_not_the_faces_own_colour():
     torch.manual_seed(0)
     skin = torch.tensor([0.5, 0.1, -0.1])[None, :, None, None]              # a warm, smooth skin tone
