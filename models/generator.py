@@ -8,6 +8,7 @@ regulator and the verifier see while keeping synthesis fast. Images are in [-1, 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -83,6 +84,11 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.trunk(x)
         return self.source(features), self.classify(features).flatten(1)
+
+
+def from_gan_output(images: torch.Tensor) -> np.ndarray:
+    """N×3×S×S in [-1, 1] -> N×S×S×3 uint8 (rounded, as a released file holds them)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def to_gan_input(crops, device: torch.device | str = "cpu", size: int | None = GAN_SIZE) -> torch.Tensor:

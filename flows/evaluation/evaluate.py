@@ -254,7 +254,8 @@ def _judged(image_a: np.ndarray, output: np.ndarray | None, subject_a: Subject, 
     if output is None:
         return {"detected_after": False, "distance_to_b": float("inf"), "distance_to_a": float("inf"),
                 "verifies_as_b": False, "verifies_as_a": False, "sface_verifies_as_b": False,
-                "sface_verifies_as_a": False, "sface_subject_after": None, "psnr": np.nan, "ssim": np.nan, "ms_ssim": np.nan,
+                "sface_verifies_as_a": False, "sface_subject_after": None,
+                "psnr": np.nan, "ssim": np.nan, "ms_ssim": np.nan,
                 "subject_after": None, "crop_after": None, "image_after": None}
     found = _described_faces(output)
     to_b = min((float(np.linalg.norm(s.descriptor - subject_b.descriptor)) for s in found), default=float("inf"))

@@ -28,38 +28,38 @@ import platform
 from pathlib import Path
 
 import numpy as np
-import torch
 
 BLURS_PX = (1.0, 1.5, 2.0, 3.0)
 
 
 def _row(name: str, crops: np.ndarray) -> dict:
-    from stages.common.faces import face_descriptor, same_person_share, template
+    from stages.common.faces import (
+        face_descriptor,
+        pair_distances,
+        same_person_share,
+        template,
+    )
     from stages.common.sface import sface_descriptor, sface_same_person_share
 
     landmarks = template(crops.shape[1])
-    descriptors = np.stack([face_descriptor(crop, landmarks) for crop in crops])
-    distances = np.linalg.norm(descriptors[:, None] - descriptors[None], axis=-1)
-    upper = distances[np.triu_indices(len(descriptors), k=1)]
+    descriptors = [face_descriptor(crop, landmarks) for crop in crops]
     return {"faces": name, "verifier_same_share": same_person_share(descriptors),
-            "median_pair_distance": float(np.median(upper)),
+            "median_pair_distance": float(np.median(pair_distances(descriptors))),
             "sface_same_share": sface_same_person_share([sface_descriptor(crop, landmarks) for crop in crops])}
 
 
 def _references(crops: np.ndarray) -> dict[str, np.ndarray]:
+    from models.generator import from_gan_output, to_gan_input
     from stages.synthesis.render import face_context, gaussian_blur, template_mask
 
-    images = torch.as_tensor(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    images = to_gan_input(crops, size=None)
     mask = template_mask(images.shape[-1])
-
-    def pixels(tensor: torch.Tensor) -> np.ndarray:
-        return ((tensor.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
     faces = {"real": crops}
     for sigma in BLURS_PX:
-        faces[f"real, interior blurred {sigma:g} px"] = pixels(images * (1 - mask) + gaussian_blur(images, sigma) * mask)
-    faces["nothing painted (the generator's blurred input)"] = pixels(face_context(images))
-    faces["another real face's interior pasted in"] = pixels(images * (1 - mask) + images.roll(1, 0) * mask)
+        blurred = images * (1 - mask) + gaussian_blur(images, sigma) * mask
+        faces[f"real, interior blurred {sigma:g} px"] = from_gan_output(blurred)
+    faces["nothing painted (the generator's blurred input)"] = from_gan_output(face_context(images))
+    faces["another real face's interior pasted in"] = from_gan_output(images * (1 - mask) + images.roll(1, 0) * mask)
     return faces
 
 

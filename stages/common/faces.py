@@ -224,14 +224,18 @@ def face_descriptor(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     return chip_descriptor(face_chip(rgb, landmarks))
 
 
+def pair_distances(descriptors: list[np.ndarray] | np.ndarray) -> np.ndarray:
+    """The verifier's distance between each pair of ``descriptors`` (each pair once)."""
+    stacked = np.stack(list(descriptors)).astype(np.float64)
+    distances = np.linalg.norm(stacked[:, None, :] - stacked[None, :, :], axis=-1)
+    return distances[np.triu_indices(len(stacked), k=1)]
+
+
 def same_person_share(descriptors: list[np.ndarray] | np.ndarray) -> float | None:
     """Share of the pairs of ``descriptors`` the verifier calls the same person (< 0.6)."""
     if len(descriptors) < 2:
         return None
-    stacked = np.stack(list(descriptors)).astype(np.float64)
-    distances = np.linalg.norm(stacked[:, None, :] - stacked[None, :, :], axis=-1)
-    upper = distances[np.triu_indices(len(stacked), k=1)]
-    return float((upper < SAME_PERSON).mean())
+    return float((pair_distances(descriptors) < SAME_PERSON).mean())
 
 
 def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from models.generator import load_generator, to_gan_input
+from models.generator import from_gan_output, load_generator, to_gan_input
 from models.registry import ModelFileError, run_or_installed
 from stages.attributes.names import ATTRIBUTES
 from stages.common.faces import face_mask, template
@@ -213,8 +213,7 @@ class Synthesizer:
                     # Back onto the crop's geometry: the face and the mask it was drawn in.
                     mask = view.warp(template_mask(size).to(original), inverse=True)
                     fake = paste_face(view.warp(fake, inverse=True), original, mask)
-                pixels = ((fake + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-                out[start:start + batch_size] = pixels.cpu().numpy()
+                out[start:start + batch_size] = from_gan_output(fake)
         return out
 
     def renders(self, crops: np.ndarray, targets: np.ndarray, batch_size: int = 64,
