@@ -686,6 +686,9 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
               help="v2: each painted face at least the margin from its original, to dlib's verifier [0].")
 @click.option("--lambda-chroma", type=float, default=None,
               help="v2: painted colour no more saturated than the original's [0].")
+@click.option("--forehead", type=float, default=None,
+              help="v2: also paint the forehead, this fraction of the chin-to-eyebrows distance above the "
+                   "eyebrows [0: the landmark hull only]. SFace recognises people by their forehead too.")
 @click.option("--identity", default=None, help="A train-identity run's model/ folder (default: the shipped one).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N labelled images (quick runs).")
@@ -695,7 +698,8 @@ def train_identity_command(celeba, run_dir, epochs, seed, limit, install):
                    "has no checkpoint of its own yet.")
 def train_generator_command(celeba, run_dir, architecture, steps, critic_steps, learning_rate, batch_size, width,
                             blocks, lambda_ver, lambda_ssim, lambda_div, lambda_ms, lambda_fm, lambda_spread,
-                            spread_margin, lambda_away, lambda_chroma, identity, seed, limit, install, start_from):
+                            spread_margin, lambda_away, lambda_chroma, forehead, identity, seed, limit, install,
+                            start_from):
     """Train Stage III's generator (v1: StarGAN objective + verification and SSIM terms; v2: see --architecture)."""
     from flows.training.generator import train_generator
     from stages.synthesis.inpainter import InpainterSettings
@@ -710,13 +714,14 @@ def train_generator_command(celeba, run_dir, architecture, steps, critic_steps, 
     v2_only = {name: value for name, value in (("lambda_div", lambda_div), ("lambda_ms", lambda_ms),
                                                  ("lambda_fm", lambda_fm), ("lambda_spread", lambda_spread),
                                                  ("spread_margin", spread_margin), ("lambda_away", lambda_away),
-                                                 ("lambda_chroma", lambda_chroma)) if value is not None}
+                                                 ("lambda_chroma", lambda_chroma), ("forehead", forehead))
+              if value is not None}
     if architecture == "inpainting":
         settings = InpainterSettings(**given, **v2_only)
     else:
         if v2_only or start_from:
             raise click.UsageError("--lambda-div, --lambda-ms, --lambda-fm, --lambda-spread, --spread-margin, "
-                                   "--lambda-away, --lambda-chroma and --start-from belong to --architecture "
+                                   "--lambda-away, --lambda-chroma, --forehead and --start-from belong to --architecture "
                                    "inpainting (v1 has no codes, no feature matching and no snapshots)")
         settings = GanSettings(critic_steps=critic_steps, **given)
     summary = train_generator(images=str(needed[0]), labels=str(needed[1]), run_dir=run_dir, settings=settings,

@@ -176,11 +176,15 @@ class InpaintingGenerator(nn.Module):
     """
 
     def __init__(self, attributes: int, code_size: int = 32, width: int = 16, blocks: int = 2,
-                 size: int = INPAINT_SIZE, levels: int = 3):
+                 size: int = INPAINT_SIZE, levels: int = 3, forehead: float = 0.0):
         super().__init__()
         self.config = {"kind": "inpainting", "attributes": attributes, "code_size": code_size, "width": width,
                        "blocks": blocks, "size": size, "levels": levels}
-        self.code_size, self.size = code_size, size
+        if forehead:   # left out at 0, so the configs of generators trained before it load unchanged
+            self.config["forehead"] = forehead
+        # How far above the eyebrows it paints (``stages.common.faces.mask_polygon``): part of
+        # what it was trained to do, so the release composes the same region.
+        self.code_size, self.size, self.forehead = code_size, size, forehead
         style = 8 * width
         self.mapping = nn.Sequential(nn.Linear(code_size + attributes, style), nn.LeakyReLU(0.2),
                                      nn.Linear(style, style), nn.LeakyReLU(0.2))

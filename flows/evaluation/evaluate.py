@@ -532,7 +532,8 @@ def attribute_preservation(celeba: Path, methods: list[str], policy: Policy, gen
         else:
             edited = [obfuscate(f.crop, method, policy.obfuscation.params_for(method)) for f in faces]
         synthesized = method in GAN_METHODS
-        composed = [compose_faces(f.crop, [f], [e], feather, [synthesized]) for f, e in zip(faces, edited)]
+        forehead = cached_synthesizer(synthesis.generator).forehead if synthesized else 0.0
+        composed = [compose_faces(f.crop, [f], [e], feather, [synthesized], [forehead]) for f, e in zip(faces, edited)]
         if method == "gan+perturbation":
             composed = [apply_perturbation(c, [f], [True], synthesis.perturbation, feather)
                         for f, c in zip(faces, composed)]

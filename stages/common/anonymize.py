@@ -160,6 +160,12 @@ class FaceOutcome:
         return self.method == "gan" and not self.boxed
 
     @property
+    def forehead(self) -> float:
+        """How far above the eyebrows its current edit reaches: a synthesized face, the region
+        its generator was trained to paint (``FaceRenders.forehead``); other methods, the hull."""
+        return float(getattr(self.renders, "forehead", 0.0)) if self.synthesized else 0.0
+
+    @property
     def verifiable(self) -> bool:
         """Described by the verifier (not protected over its box from the start)."""
         return self.original is not None
@@ -299,7 +305,8 @@ class PhotoEscalation:
         settings, faces = self.settings, self.faces
         inside = [outcome for outcome in faces if not outcome.boxed]
         clean = compose_faces(self.rgb, [o.aligned for o in inside], [o.edited for o in inside],
-                              settings.feather_fraction, [o.synthesized for o in inside])
+                              settings.feather_fraction, [o.synthesized for o in inside],
+                              [o.forehead for o in inside])
         for method in self.box_chain:   # over its enlarged box, each face with its chain's current method
             clean = obfuscate_boxes(clean, [o.face.box for o in faces if o.boxed and o.method == method],
                                     method, settings.method_params.get(method), settings.box_margin)

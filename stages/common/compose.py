@@ -56,9 +56,9 @@ class FaceRegion:
 
 
 def face_region(photo_shape: tuple[int, ...], aligned: AlignedFace, crop_size: int,
-                feather_fraction: float = 0.06) -> FaceRegion | None:
-    """The region of ``photo_shape`` that face ``aligned`` covers; None when it lies
-    outside the photo. Only this rectangle is ever warped, so a face in a 40 MP photo costs
+                feather_fraction: float = 0.06, forehead: float = 0.0) -> FaceRegion | None:
+    """The region of ``photo_shape`` that face ``aligned`` covers (its mask: the landmark hull,
+    with ``forehead`` as in ``faces.mask_polygon``); None when it lies outside the photo. Only this rectangle is ever warped, so a face in a 40 MP photo costs
     what the face's own size costs."""
     height, width = photo_shape[:2]
     corners = apply_affine(aligned.inverse, np.array([[0, 0], [crop_size, 0], [0, crop_size],
@@ -73,15 +73,17 @@ def face_region(photo_shape: tuple[int, ...], aligned: AlignedFace, crop_size: i
     to_roi = aligned.inverse.copy()
     to_roi[:, 2] -= (left, top)
     roi_landmarks = apply_affine(to_roi, aligned.landmarks)
-    alpha = face_mask(roi_landmarks, (bottom - top, right - left), feather_fraction)[:, :, None]
+    alpha = face_mask(roi_landmarks, (bottom - top, right - left), feather_fraction, forehead)[:, :, None]
     return FaceRegion(int(left), int(top), int(right), int(bottom), to_roi, alpha.astype(np.float32))
 
 
 def compose_face(photo: np.ndarray, aligned: AlignedFace, edited_crop: np.ndarray,
-                 feather_fraction: float = 0.06, colour_match: bool = False) -> np.ndarray:
+                 feather_fraction: float = 0.06, colour_match: bool = False, forehead: float = 0.0) -> np.ndarray:
     """``photo`` with the masked region of ``edited_crop`` warped back into place, with
-    ``colour_match`` first colour-matched to the face it replaces (:func:`match_colour`)."""
-    region = face_region(photo.shape, aligned, edited_crop.shape[0], feather_fraction)
+    ``colour_match`` first colour-matched to the face it replaces (:func:`match_colour`).
+    ``forehead``: how far above the eyebrows the edit reaches (``faces.mask_polygon``; a
+    generator's own painted region, ``Synthesizer.forehead``)."""
+    region = face_region(photo.shape, aligned, edited_crop.shape[0], feather_fraction, forehead)
     if region is None:
         return photo.copy()
     warped = region.warp(edited_crop)
@@ -94,11 +96,14 @@ def compose_face(photo: np.ndarray, aligned: AlignedFace, edited_crop: np.ndarra
 
 
 def compose_faces(photo: np.ndarray, aligned: list[AlignedFace], edited_crops: list[np.ndarray],
-                  feather_fraction: float = 0.06, colour_match: list[bool] | None = None) -> np.ndarray:
+                  feather_fraction: float = 0.06, colour_match: list[bool] | None = None,
+                  foreheads: list[float] | None = None) -> np.ndarray:
     """``photo`` with every face replaced by its edited crop (see :func:`compose_face`);
-    ``colour_match`` says per face whether to colour-match it (synthesized faces)."""
+    ``colour_match`` says per face whether to colour-match it (synthesized faces), and
+    ``foreheads`` how far above the eyebrows each edit reaches (default: not at all)."""
     output = photo
     matching = colour_match or [False] * len(aligned)
-    for align, crop, match in zip(aligned, edited_crops, matching):
-        output = compose_face(output, align, crop, feather_fraction, match)
+    reaches = foreheads or [0.0] * len(aligned)
+    for align, crop, match, forehead in zip(aligned, edited_crops, matching, reaches):
+        output = compose_face(output, align, crop, feather_fraction, match, forehead)
     return output

@@ -30,6 +30,7 @@ from models.registry import verified_path
 ALIGNED_SIZE = 128
 JAW = list(range(0, 17))
 EYEBROWS = list(range(17, 27))
+CHIN = 8
 DETECTORS = ("centerface", "centerface+hog", "hog", "cnn", "hog+cnn")
 # dlib's shape predictor was trained on HOG-detector boxes, which sit lower and narrower than
 # CenterFace's (forehead to chin): left, top, right, bottom of the HOG box in units of the
@@ -272,21 +273,28 @@ def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE)
                        landmarks=apply_affine(matrix, landmarks))
 
 
-def mask_polygon(landmarks: np.ndarray, side_points: int = 3) -> np.ndarray:
+def mask_polygon(landmarks: np.ndarray, side_points: int = 3, forehead: float = 0.0) -> np.ndarray:
     """Convex hull of jaw + eyebrows, with points interpolated between each jaw top and the
-    outer end of the eyebrow above it (Li & Lyu)."""
+    outer end of the eyebrow above it (Li & Lyu). ``forehead`` > 0 takes in the forehead
+    too: the eyebrows raised by that fraction of the chin-to-eyebrows distance, along the
+    face's own up (so a tilted face's forehead is followed)."""
     points = [landmarks[JAW], landmarks[EYEBROWS]]
     for jaw_end, brow_end in ((0, 17), (16, 26)):
         fractions = np.linspace(0, 1, side_points + 2)[1:-1, None]
         points.append(landmarks[jaw_end] + fractions * (landmarks[brow_end] - landmarks[jaw_end]))
+    if forehead > 0:
+        up = landmarks[EYEBROWS].mean(axis=0) - landmarks[CHIN]
+        points.append(landmarks[EYEBROWS] + forehead * up)
     hull = cv2.convexHull(np.concatenate(points).astype(np.float32))
     return hull.reshape(-1, 2).astype(np.float64)
 
 
-def face_mask(landmarks: np.ndarray, shape: tuple[int, int], feather_fraction: float = 0.06) -> np.ndarray:
-    """Float mask in [0, 1] of ``shape`` (H, W): 1 on the landmark hull, fading to 0 over a
-    band outside it whose width is ``feather_fraction`` of the face width."""
-    polygon = mask_polygon(landmarks)
+def face_mask(landmarks: np.ndarray, shape: tuple[int, int], feather_fraction: float = 0.06,
+              forehead: float = 0.0) -> np.ndarray:
+    """Float mask in [0, 1] of ``shape`` (H, W): 1 on the landmark hull (with ``forehead``,
+    see :func:`mask_polygon`), fading to 0 over a band outside it whose width is
+    ``feather_fraction`` of the face width."""
+    polygon = mask_polygon(landmarks, forehead=forehead)
     binary = np.zeros(shape, dtype=np.uint8)
     # Rasterise at 4x sub-pixel precision so the hull edge is placed exactly.
     cv2.fillConvexPoly(binary, np.round(polygon * 4).astype(np.int32), 1, lineType=cv2.LINE_8, shift=2)

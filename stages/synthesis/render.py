@@ -45,18 +45,26 @@ from stages.common.faces import face_mask, template
 CONTEXT_BLUR_FRACTION = 0.08
 
 
-@lru_cache(maxsize=4)
-def _template_mask_array(size: int) -> np.ndarray:
-    mask = np.ascontiguousarray(face_mask(template(size), (size, size), feather_fraction=0.06), dtype=np.float32)
+@lru_cache(maxsize=8)
+def _template_mask_array(size: int, forehead: float) -> np.ndarray:
+    mask = np.ascontiguousarray(face_mask(template(size), (size, size), feather_fraction=0.06, forehead=forehead),
+                                dtype=np.float32)
     mask.setflags(write=False)
     return mask
 
 
-def template_mask(size: int) -> torch.Tensor:
-    """1×1×size×size feathered mask of the alignment template's face hull. A new tensor per
-    call: a cached one first made under ``torch.inference_mode`` (a release) could not take
-    part in autograd later in the same process (training)."""
-    return torch.tensor(_template_mask_array(size))[None, None]
+def template_mask(size: int, forehead: float = 0.0) -> torch.Tensor:
+    """1×1×size×size feathered mask of the alignment template's face hull (with ``forehead``,
+    see ``faces.mask_polygon``). A new tensor per call: a cached one first made under
+    ``torch.inference_mode`` (a release) could not take part in autograd later in the same
+    process (training)."""
+    return torch.tensor(_template_mask_array(size, float(forehead)))[None, None]
+
+
+def painted_forehead(generator) -> float:
+    """How far above the eyebrows ``generator`` paints (its config's ``forehead``; v1 and
+    the first v2 runs paint the landmark hull only: 0)."""
+    return float(getattr(generator, "forehead", 0.0))
 
 
 def gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
@@ -77,16 +85,17 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.conv2d(padded, horizontal, groups=channels), vertical, groups=channels)
 
 
-def face_context(images: torch.Tensor, blur_fraction: float = CONTEXT_BLUR_FRACTION) -> torch.Tensor:
-    """The generator's input: ``images`` (N×3×S×S, aligned) with the face interior blurred."""
+def face_context(images: torch.Tensor, blur_fraction: float = CONTEXT_BLUR_FRACTION,
+                 forehead: float = 0.0) -> torch.Tensor:
+    """The generator's input: ``images`` (N×3×S×S, aligned) with the face interior (the
+    region it paints, ``forehead`` included) blurred."""
     size = images.shape[-1]
-    mask = template_mask(size).to(images)
+    mask = template_mask(size, forehead).to(images)
     return images * (1 - mask) + gaussian_blur(images, blur_fraction * size) * mask
 
 
-def paste_face(generated: torch.Tensor, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``images`` with the face interior (``mask``, by default the template's) taken from ``generated``."""
-    mask = template_mask(images.shape[-1]).to(images) if mask is None else mask
+def paste_face(generated: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``images`` with the face interior (``mask``) taken from ``generated``."""
     return images * (1 - mask) + generated * mask
 
 
@@ -158,8 +167,9 @@ def synthesize_face(generator, images: torch.Tensor, targets: torch.Tensor,
     and what the release pastes into the photo. The generator only has to paint the face;
     hair and background, which the release keeps anyway, cost it nothing. ``codes``: the
     identity codes of a v2 generator (v1 has none)."""
-    mask = template_mask(images.shape[-1]).to(images)
-    return paste_face(generator(face_context(images), targets, codes, mask), images, mask)
+    forehead = painted_forehead(generator)
+    mask = template_mask(images.shape[-1], forehead).to(images)
+    return paste_face(generator(face_context(images, forehead=forehead), targets, codes, mask), images, mask)
 
 
 class Synthesizer:
@@ -175,6 +185,7 @@ class Synthesizer:
         if unknown:
             raise ValueError(f"the generator is conditioned on unknown attribute(s) {unknown}")
         self.columns = [ATTRIBUTES.index(name) for name in self.attributes]
+        self.forehead = painted_forehead(generator)   # the release composes this region of each render
 
     @property
     def code_size(self) -> int:
@@ -202,16 +213,17 @@ class Synthesizer:
                     images = F.interpolate(seen, size=(self.generator.size,) * 2, mode="area")
                 condition = torch.as_tensor(targets[start:start + batch_size][:, self.columns], device=self.device)
                 code = None if codes is None else torch.as_tensor(codes[start:start + batch_size], device=self.device)
-                fake = self.generator(face_context(images), condition, code,
-                                      template_mask(images.shape[-1]).to(images))
+                fake = self.generator(face_context(images, forehead=self.forehead), condition, code,
+                                      template_mask(images.shape[-1], self.forehead).to(images))
                 if fake.shape[-1] != size:
                     fake = F.interpolate(fake, size=(size, size), mode="bicubic", align_corners=False)
                 fake = fake.clamp(-1, 1)
+                mask = template_mask(size, self.forehead).to(original)
                 if view.is_identity:
-                    fake = paste_face(fake, original)
+                    fake = paste_face(fake, original, mask)
                 else:
                     # Back onto the crop's geometry: the face and the mask it was drawn in.
-                    mask = view.warp(template_mask(size).to(original), inverse=True)
+                    mask = view.warp(mask, inverse=True)
                     fake = paste_face(view.warp(fake, inverse=True), original, mask)
                 out[start:start + batch_size] = from_gan_output(fake)
         return out
@@ -239,13 +251,14 @@ class FaceRenders(Sequence):
                  seed: int | None = None):
         self.synthesizer, self.crop, self.target = synthesizer, crop, np.asarray(target, dtype=np.float32)
         self.seed, self.code_size, self.folder = seed, synthesizer.code_size, synthesizer.folder
+        self.forehead = synthesizer.forehead
         self._rendered: dict[int, np.ndarray] = {0: first}
 
     def __getstate__(self) -> dict:
         # Sent to a photo worker (stages.common.parallel) without the generator: there, a further
         # draw is rendered by that process's own copy of the same one (shipped, or a run's).
         return {"crop": self.crop, "target": self.target, "seed": self.seed, "code_size": self.code_size,
-                "folder": self.folder, "_rendered": self._rendered}
+                "folder": self.folder, "forehead": self.forehead, "_rendered": self._rendered}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

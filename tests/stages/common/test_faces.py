@@ -90,3 +90,24 @@ def test_cnn_detector_option_finds_the_face(astronaut):
 def test_unknown_detector_is_a_clear_error(astronaut):
     with pytest.raises(ValueError, match="unknown detector"):
         detect_faces(astronaut, detector="retina")
+
+
+def test_forehead_extends_the_mask_above_the_eyebrows_only(astronaut_face):
+    landmarks = astronaut_face.landmarks
+    hull, with_forehead = face_mask(landmarks, (512, 512)), face_mask(landmarks, (512, 512), forehead=0.25)
+    assert np.array_equal(hull, face_mask(landmarks, (512, 512), forehead=0.0))
+    assert with_forehead[hull >= 0.99].min() >= 0.99           # everything the hull covers, and more
+    brows, chin = landmarks[17:27].mean(axis=0), landmarks[8]
+    above = np.round(brows + 0.2 * (brows - chin)).astype(int)  # a point on the forehead
+    assert hull[above[1], above[0]] < 0.01 and with_forehead[above[1], above[0]] >= 0.99
+    below = np.round(chin + 0.2 * (chin - brows)).astype(int)   # under the chin: neither
+    assert hull[below[1], below[0]] < 0.01 and with_forehead[below[1], below[0]] < 0.01
+
+
+def test_compose_with_a_forehead_changes_the_forehead_too(astronaut, astronaut_face):
+    aligned = align_face(astronaut, astronaut_face.landmarks)
+    grey = np.full_like(aligned.crop, 128)
+    brows, chin = astronaut_face.landmarks[17:27].mean(axis=0), astronaut_face.landmarks[8]
+    x, y = np.round(brows + 0.2 * (brows - chin)).astype(int)
+    assert np.array_equal(compose_face(astronaut, aligned, grey)[y, x], astronaut[y, x])
+    assert np.abs(compose_face(astronaut, aligned, grey, forehead=0.25)[y, x].astype(int) - 128).max() <= 1

@@ -62,6 +62,26 @@ def test_the_code_changes_the_face_inside_the_mask_only():
     assert torch.allclose(same, synthesize_face(generator, images, targets))   # None: the mean code
 
 
+def test_a_generator_that_paints_the_forehead_paints_there_and_says_so(tmp_path):
+    torch.manual_seed(0)
+    generator = InpaintingGenerator(len(GAN_ATTRIBUTES), code_size=8, width=4, blocks=1, forehead=0.25)
+    assert generator.config["forehead"] == 0.25 and "forehead" not in _tiny().config   # old configs unchanged
+    rebuilt = load_generator(json.loads(json.dumps(generator.config)))
+    assert rebuilt.forehead == 0.25
+    images = torch.rand(1, 3, 128, 128) * 2 - 1
+    painted = synthesize_face(generator, images, torch.zeros(1, len(GAN_ATTRIBUTES)), torch.randn(1, 8))
+    hull, region = template_mask(128)[0, 0], template_mask(128, 0.25)[0, 0]
+    forehead = (region > 0.99) & (hull < 1e-3)
+    assert forehead.sum() > 200                                   # the region reaches well above the hull
+    assert (painted - images)[..., forehead].abs().mean() > 1e-2  # and is painted there
+    assert torch.allclose(painted[..., region < 1e-3], images[..., region < 1e-3], atol=2e-3)
+    # The release composes what the generator paints: its renders carry the region, also to a worker.
+    synthesizer = Synthesizer(generator, GAN_ATTRIBUTES, device="cpu")
+    crops = np.random.default_rng(0).integers(0, 255, (1, 128, 128, 3), dtype=np.uint8)
+    renders = synthesizer.renders(crops, np.zeros((1, len(ATTRIBUTES))), seeds=[3])
+    assert synthesizer.forehead == 0.25 and pickle.loads(pickle.dumps(renders[0])).forehead == 0.25
+
+
 def test_v1_and_v2_configs_load_their_own_network():
     generator = _tiny()
     rebuilt = load_generator(json.loads(json.dumps(generator.config)))
