@@ -516,6 +516,21 @@ def evaluate_generator_diversity_command(celeba, generators, people, limit, work
     _emit(results, diversity_table(results), output)
 
 
+@main.command("evaluate-painted-region")
+@click.option("--pairs", required=True, type=click.Path(exists=True, dir_okay=False), help="pairs.csv (rel_a, rel_b, same).")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder the pairs' paths are under.")
+@click.option("--limit", default=150, show_default=True, help="Use the first N same-person pairs.")
+@click.option("-o", "--output", default=None, help="Write the results JSON here.")
+def evaluate_painted_region_command(pairs, images, limit, output):
+    """What the verifiers still recognise of a person once another real face is pasted over
+    the landmark hull, or the hull and part of the forehead: the floor under any generator
+    that paints that region."""
+    from flows.evaluation.painted_region import painted_region, region_table
+
+    results = painted_region(Path(pairs), Path(images), limit, progress=True)
+    _emit(results, region_table(results), output)
+
+
 @main.command("benchmark-scaleout")
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of photos (recursive).")
 @click.option("--workers", default="1,2", show_default=True, help="Dask worker counts to compare, comma-separated.")

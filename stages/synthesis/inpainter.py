@@ -112,9 +112,10 @@ class InpainterSettings:
     code_size: int = 32
     # How far above the eyebrows the generator paints, as a fraction of the chin-to-eyebrows
     # distance (``faces.mask_polygon``). 0: the landmark hull only. SFace's crop takes in the
-    # forehead, and with the hull alone another real person's face pasted in still left
-    # 5.7% of 150 LFW DevTrain subjects matched to a second photo of them and 15% to their
-    # own; with 0.25 of the forehead, 1.3% and 0.3% (README, "What SFace recognises").
+    # forehead: with another real person's face pasted over the hull alone, SFace still
+    # matched 5.0% of 150 LFW DevTrain subjects to a second photo of them and 6.7% to their
+    # own; over the hull and 0.25 of the forehead, 1.7% and 0.3%
+    # (``anonymousnet evaluate-painted-region``, results/painted_region_lfw150.json).
     forehead: float = 0.0
     # CPU-sized: 4.7 MB of generator weights, ~0.5 s for a forward and backward of generator
     # and critic at batch 8 on 2 cores.
