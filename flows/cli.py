@@ -211,7 +211,7 @@ def _print_summary(summary: dict) -> None:
     skipped = f" ({summary['n_skipped']} already released under this policy, skipped)" if summary.get("n_skipped") else ""
     click.echo(f"\nreleased {summary['n_released']}, quarantined {summary['n_quarantined']}, "
                f"rejected {summary['n_rejected']} of {summary['n_inputs']} input(s){skipped}; "
-               f"{summary['n_faces']} face(s), identity leaks published: {summary['n_leaks_published']}")
+               f"{summary['n_faces']} face(s), identity leaks published (to dlib or SFace): {summary['n_leaks_published']}")
     click.echo(f"release folder: {summary['release_dir']}  (report: {Path(summary['release_dir']) / 'report.md'})")
 
 

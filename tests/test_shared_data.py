@@ -25,6 +25,7 @@ from stages.common.faces import (
 )
 from stages.common.imageio import load_rgb
 from stages.common.obfuscate import enlarged_box
+from stages.common.sface import SFACE_SAME_PERSON, sface_descriptor
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 
@@ -97,10 +98,22 @@ def _evidence(distance, published, box, landmarks, target):
     face's removal would give too shows nothing of anyone."""
     if distance >= 0.6 or np.linalg.norm(target - _blank()) < 0.6:
         return False
+    return distance < float(np.linalg.norm(face_descriptor(_removed(published, box), landmarks) - target))
+
+
+def _removed(published, box):
     left, top, right, bottom = enlarged_box(box, 0.25, published.shape)
     removed = published.copy()
     removed[top:bottom, left:right] = 128
-    return distance < float(np.linalg.norm(face_descriptor(removed, landmarks) - target))
+    return removed
+
+
+def _sface_evidence(similarity, published, box, landmarks, target):
+    """The same for the second verifier, SFace: at or above its threshold, and above the same
+    measurement with the face's box (enlarged by a quarter) filled grey."""
+    if similarity < SFACE_SAME_PERSON:
+        return False
+    return similarity > float(sface_descriptor(_removed(published, box), landmarks) @ target)
 
 
 def _faces_and_descriptors(rgb):
@@ -128,28 +141,39 @@ def _check_published_photo(original_path, published_path, image_id) -> tuple[lis
     original = _at_most(load_rgb(original_path).rgb, CHECK_MAX_SIDE)
     out = _at_most(load_rgb(published_path).rgb, CHECK_MAX_SIDE)
     original_faces, original_descriptors = _faces_and_descriptors(original)
+    original_sface = [sface_descriptor(original, f.landmarks) for f in original_faces]
     for face in original_faces:   # an independent detector's faces: none published untouched
         if face.box[2] - face.box[0] >= 20 and face.score >= INDEPENDENT_MIN_SCORE:
             if _change(original, out, face.box) < UNTOUCHED_BELOW:
                 failures.append(f"{image_id}: {face.box} untouched")
     shown = []   # (box, landmarks, descriptor) of what the published photo shows of each face
     for face, descriptor in zip(*_faces_and_descriptors(out)):
-        candidates = [d for f, d in zip(original_faces, original_descriptors)
-                      if box_overlap(f.box, face.box) > SAME_FACE_OVERLAP]
+        overlapping = [i for i, f in enumerate(original_faces) if box_overlap(f.box, face.box) > SAME_FACE_OVERLAP]
+        candidates = [original_descriptors[i] for i in overlapping]
         candidates.append(face_descriptor(original, face.landmarks))   # the original at the same place
         for candidate in candidates:
             distance = float(np.linalg.norm(descriptor - candidate))
             if _evidence(distance, out, face.box, face.landmarks, candidate):
                 failures.append(f"{image_id}: published face verifies as its original ({distance:.3f})")
+        # The second verifier, at the same place, against the same originals.
+        seen = sface_descriptor(out, face.landmarks)
+        for target in [original_sface[i] for i in overlapping] + [sface_descriptor(original, face.landmarks)]:
+            similarity = float(seen @ target)
+            if _sface_evidence(similarity, out, face.box, face.landmarks, target):
+                failures.append(f"{image_id}: SFace calls the published face at {face.box} its original "
+                                f"({similarity:.3f})")
         shown.append((face.box, face.landmarks, descriptor))
         checked += 1
-    for face, descriptor in zip(original_faces, original_descriptors):
+    for face, descriptor, sface in zip(original_faces, original_descriptors, original_sface):
         # At its box, where someone who knows where the faces were would look.
         landmarks = landmarks_in_box(out, face.box, "hog")
         at_box = face_descriptor(out, landmarks)
         distance = float(np.linalg.norm(at_box - descriptor))
         if _evidence(distance, out, face.box, landmarks, descriptor):
             failures.append(f"{image_id}: {face.box} verifies at its box ({distance:.3f})")
+        similarity = float(sface_descriptor(out, landmarks) @ sface)
+        if face.box[2] - face.box[0] >= 20 and _sface_evidence(similarity, out, face.box, landmarks, sface):
+            failures.append(f"{image_id}: SFace calls {face.box} its original at its box ({similarity:.3f})")
         shown.append((face.box, landmarks, at_box))
         at_box_checked += 1
     for box, landmarks, descriptor in shown:   # membership: nothing verifies as another person of the photo
@@ -171,8 +195,10 @@ def test_no_published_face_verifies_as_its_original(wild_release):
     the original is described in the output at its box (landmarks fitted there, as someone
     who knows where the faces were would). And nothing published at one place verifies as
     the original at another (membership). A distance counts only when it is below 0.6 and
-    below the same measurement with the face removed (_evidence). The photos are checked in
-    two processes (CI has two cores)."""
+    below the same measurement with the face removed (_evidence). The second verifier, SFace,
+    judges the same places against the same originals (not membership, which the gate asks
+    dlib alone): at or above its threshold and above the face-removed similarity
+    (_sface_evidence). The photos are checked in two processes (CI has two cores)."""
     from stages.common.parallel import map_in_processes
 
     wild, output, _ = wild_release

@@ -202,13 +202,17 @@ def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, release_distance: fl
     if faces.empty:
         return photo_result
     released_ids = set(photos.loc[released, "image_id"])
-    distances = ["leak_distance", "leak_distance_at_box", "membership_distance", "blank_distance"]
+    distances = ["leak_distance", "leak_distance_at_box", "membership_distance", "blank_distance",
+                 "sface_similarity", "sface_blank_similarity"]
     face_frame = faces[faces["image_id"].isin(released_ids)][["image_id", "face_index", *distances, "method",
                                                                 "verifiable", "protected_over"]]
     if face_frame.empty:
         return photo_result
     face_frame = face_frame.assign(**{column: face_frame[column].astype(float) for column in distances})
     face_frame["verifies"] = [leaks(row, release_distance) for row in face_frame.to_dict("records")]
+    # Fail closed on the second verifier too: every face the verifiers describe has SFace's measurement.
+    face_frame["sface_measured"] = [not row["verifiable"] or np.isfinite(float(row["sface_similarity"]))
+                                    for row in face_frame.to_dict("records")]
     face_result = validate("gate:publish:faces", face_frame, [
         *[gxe.ExpectColumnValuesToNotBeNull(column=column) for column in distances],
         gxe.ExpectColumnValuesToNotBeNull(column="verifiable"),
@@ -217,7 +221,9 @@ def publish_gate(photos: pd.DataFrame, faces: pd.DataFrame, release_distance: fl
         # face of its photo; a distance counts when it is also below the original's distance
         # to a blank chip (stages.common.facetable.leaks).
         # A face the verifier does not describe is protected over its box (leaks() checks it).
+        # SFace's verdict is part of leaks(): at or above its threshold and above the blank one.
         gxe.ExpectColumnValuesToBeInSet(column="verifies", value_set=[False]),
+        gxe.ExpectColumnValuesToBeInSet(column="sface_measured", value_set=[True]),
         gxe.ExpectColumnValuesToNotBeNull(column="method"),
     ])
     return _merge("gate:publish", photo_result, face_result)

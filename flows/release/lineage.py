@@ -23,6 +23,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 
 from stages.common.facetable import FACE_SCHEMA, WORK_ONLY_COLUMNS
 from stages.common.imageio import temporary_beside
+from stages.common.sface import SFACE_SAME_PERSON
 
 LINEAGE_DIR = "_lineage"
 LINEAGE_VERSION = "1"
@@ -291,6 +293,14 @@ def summarize(release_dir: str | Path) -> str:
                      f"to another original face of the photo): {latest_faces.membership_distance.min():.3f}; "
                      f"fallback steps for membership: "
                      f"{sum(list(kinds).count('membership') for kinds in latest_faces.escalated_for.dropna())}")
+        if "sface_similarity" in latest_faces:
+            similarity = latest_faces.sface_similarity.astype(float)
+            measured = similarity[np.isfinite(similarity)]
+            lines.append(f"  SFace (the second verifier): {len(measured)} face(s) measured"
+                         + (f", highest similarity to their original {measured.max():.3f} (threshold "
+                            f"{SFACE_SAME_PERSON})" if len(measured) else "")
+                         + f"; fallback steps for SFace: "
+                         f"{sum(list(kinds).count('sface') for kinds in latest_faces.escalated_for.dropna())}")
         views = latest_faces.render_view.dropna()
         if len(views):
             lines.append(f"  synthesized faces published, by the view they were rendered from: "

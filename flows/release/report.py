@@ -7,6 +7,7 @@ from collections import Counter
 from policy.schema import Policy
 from policy.tools import unrendered_notes
 from stages.common.facetable import measured_at_box
+from stages.common.sface import SFACE_SAME_PERSON
 
 MAX_ROWS = 200
 
@@ -28,7 +29,8 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
         f"- Policy: **{policy.name}** (`{run['policy_path']}`, sha256 `{run['policy_sha256'][:16]}`)",
         f"- Method: {policy.obfuscation.method}; on leak: {check.on_leak}"
         + (f" → {', '.join(check.fallback)}" if check.on_leak == "fallback" else "")
-        + f"; verifier threshold {check.threshold} (faces released at ≥ {check.release_distance:.2f}); "
+        + f"; verifier threshold {check.threshold} (faces released at ≥ {check.release_distance:.2f}), and "
+        f"SFace's similarity threshold {SFACE_SAME_PERSON} (released below it); "
         f"photos without faces: {check.on_no_face}",
         f"- Code: `{run['code_version']}`; started {run['started_at']:%Y-%m-%d %H:%M:%S} UTC",
         "- Data-quality checks (great-expectations Data Docs): [`_data_docs/index.html`](_data_docs/index.html)",
@@ -37,7 +39,7 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
         "## Outcome",
         "",
         "| released | quarantined | rejected | faces | faces needing a fallback | faces protected over their box "
-        "| identity leaks published |",
+        "| identity leaks published (dlib or SFace) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
         f"| {run['n_released']} | {run['n_quarantined']} | {run['n_rejected']} | {run['n_faces']} "
         f"| {run['n_faces_fallback']} | {run.get('n_faces_box') or 0} | **{run['n_leaks_published']}** |",

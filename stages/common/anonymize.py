@@ -67,6 +67,7 @@ from stages.common.obfuscate import (
     obfuscate_boxes,
 )
 from stages.common.obfuscate import mask as flat_fill
+from stages.common.sface import SFACE_SAME_PERSON, sface_descriptor
 from stages.perturbation.apply import (
     ReleasePerturbation,
     apply_perturbation,
@@ -103,6 +104,7 @@ class AnonymizeSettings:
     jpeg_quality: int = 95
     synthesis_batch: int = 64
     rerender_views: int = 4                 # further draws for a rendered face the check lost or that verifies
+    sface_release: float = SFACE_SAME_PERSON   # SFace similarity at or above which a face still verifies
     perturbation: ReleasePerturbation | None = None   # Stage IV on synthesized faces (None: off)
     # stages.common.faces.detect_faces's keyword arguments at ingest: a multi-frame file's further
     # frames are searched with them (stages.common.pipeline)
@@ -136,6 +138,9 @@ class FaceOutcome:
     distance_at_box: float = float("inf")   # described at its original box
     membership_distance: float = float("inf")   # to the photo's other originals
     blank_distance: float = float("inf")    # the same measurement, face removed
+    sface_original: np.ndarray | None = None          # SFace's descriptor of its original (None: not described)
+    sface_similarity: float = float("-inf")           # SFace: highest similarity to its original
+    sface_blank_similarity: float = float("-inf")     # the same measurement, face removed
     status: str = "detected"                # "anonymized" | "leaking" after a check
     perturbed: bool = False                 # carries Stage IV in the last composition
     # Stage IV's effect, measured on a released photo for a face that kept it.
@@ -221,12 +226,13 @@ def box_reason(face: DetectedFace, settings: AnonymizeSettings) -> str | None:
 
 
 def leak_kind(report: LeakReport, index: int, release_distance: float) -> str:
-    """Why leaking face ``index`` verifies: "found again" or "at box" (close to its own
-    original), or "membership" (close to another original face of the photo)."""
+    """Why leaking face ``index`` verifies: to dlib "found again" or "at box" (close to its
+    own original), or "membership" (close to another original face of the photo); else
+    "sface" (the second verifier calls it its own original)."""
     own = min(report.distances[index], report.at_box[index])
     if own < min(release_distance, report.blank[index]):
         return "found again" if own == report.distances[index] else "at box"
-    return "membership"
+    return "membership" if report.membership[index] < release_distance else "sface"
 
 
 def verified_as(report: LeakReport, index: int, release_distance: float) -> str:
@@ -234,6 +240,9 @@ def verified_as(report: LeakReport, index: int, release_distance: float) -> str:
     kind = leak_kind(report, index, release_distance)
     if kind == "membership":
         return f"distance {report.membership[index]:.3f} to another original face of the photo"
+    if kind == "sface":
+        return (f"SFace similarity {report.sface[index]:.3f} to its original (SFace's own threshold "
+                f"{report.sface_release:.3f}; {report.sface_blank[index]:.3f} with the face removed)")
     where = "where the check found it again" if kind == "found again" else "at its box"
     return f"distance {min(report.distances[index], report.at_box[index]):.3f} to its original {where}"
 
@@ -284,7 +293,8 @@ class PhotoEscalation:
         reason = box_reason(face, self.settings)
         outcome = FaceOutcome(face, align, list(self.box_chain) if reason else self.chain, reason,
                               None if reason else face_descriptor(self.rgb, face.landmarks), renders,
-                              found_by_check=found_by_check)
+                              found_by_check=found_by_check,
+                              sface_original=None if reason else sface_descriptor(self.rgb, face.landmarks))
         outcome.edit(self.settings)
         self.faces.append(outcome)
 
@@ -322,11 +332,13 @@ class PhotoEscalation:
         report = check_identity_leaks(published, self.rgb, [o.face for o in faces], [o.original for o in faces],
                                       settings.upsample, settings.max_side, settings.threshold, settings.tile_side,
                                       settings.check_detectors, self.descriptor_cache, settings.release_distance,
-                                      functools.partial(self._removed, output), self.verifier_faces)
+                                      functools.partial(self._removed, output), self.verifier_faces,
+                                      [o.sface_original for o in faces], settings.sface_release)
         leaking = set(report.leaking(settings.release_distance))
         for i, outcome in enumerate(faces):
             outcome.distance, outcome.distance_at_box = report.distances[i], report.at_box[i]
             outcome.membership_distance, outcome.blank_distance = report.membership[i], report.blank[i]
+            outcome.sface_similarity, outcome.sface_blank_similarity = report.sface[i], report.sface_blank[i]
             outcome.status = "leaking" if i in leaking else "anonymized"
         return Composition(clean, output, encoded, published, report)
 

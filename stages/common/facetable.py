@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages.attributes.names import ATTRIBUTES
+from stages.common.sface import SFACE_SAME_PERSON
 
 # Stage I: P(attribute) per face from the forests, one column per CelebA attribute.
 ATTRIBUTE_COLUMNS = tuple(f"attr_{name}" for name in ATTRIBUTES)
@@ -55,11 +56,17 @@ FACE_SCHEMA = pa.schema([
     # (inf: not needed, nothing was close): a distance is evidence of identity only when it
     # is smaller (stages.common.identity.LeakReport.blank).
     pa.field("blank_distance", pa.float64()),
+    # The second verifier, SFace: the highest cosine similarity of what the output shows of
+    # the face to its original, and the same with its enlarged box filled flat (-inf: not
+    # measured / not needed). It verifies at or above SFace's threshold when above the blank
+    # one (stages.common.identity.LeakReport.sface).
+    pa.field("sface_similarity", pa.float64()),
+    pa.field("sface_blank_similarity", pa.float64()),
     # Whether the verifier describes the face: false for one protected over its box from the
     # start (too small or turned for dlib's descriptor to mean anything); its box is its
     # protection, and it has no distances.
     pa.field("verifiable", pa.bool_()),
-    # Why each fallback step was taken: "found again", "at box" or "membership".
+    # Why each fallback step was taken: "found again", "at box", "membership" or "sface".
     pa.field("escalated_for", pa.list_(pa.string())),
     # Stage III: the view of the crop the published rendering was drawn from (RENDER_VIEWS:
     # "aligned" unless the verifier lost the first drawings); null when not rendered.
@@ -69,7 +76,7 @@ FACE_SCHEMA = pa.schema([
     # rendered or the generator has no codes.
     pa.field("identity_code_seed", pa.int64()),
     # Why each further draw was made: "lost" (the verifier's detector did not find the face)
-    # or what still verified ("found again", "at box", "membership").
+    # or what still verified ("found again", "at box", "membership", "sface").
     pa.field("redrawn_for", pa.list_(pa.string())),
     # Stage IV: whether the universal perturbation was added (synthesized faces, when the
     # policy enables it); for released ones, the face region's PSNR against the photo without
@@ -106,18 +113,30 @@ def measured_at_box(row: dict) -> bool:
     return _distance(row, "leak_distance_at_box") < float("inf")
 
 
-def leaks(row: dict, threshold: float) -> bool:
+def sface_verifies(row: dict, sface_release: float = SFACE_SAME_PERSON) -> bool:
+    """Whether SFace calls a face row its own original: at or above ``sface_release`` and
+    above the same measurement with the face removed (missing: not measured, False; the
+    publish gate requires the measurement of every described face)."""
+    similarity, blank = (row.get(column) for column in ("sface_similarity", "sface_blank_similarity"))
+    if similarity is None or similarity != similarity:
+        return False
+    return similarity >= sface_release and (blank is None or blank != blank or similarity > blank)
+
+
+def leaks(row: dict, threshold: float, sface_release: float = SFACE_SAME_PERSON) -> bool:
     """A published face row that verifies, or that the verifier should have measured and did
     not: closer than ``threshold`` to its original (found again or at its box) and closer to
     it than with the face removed, or closer than ``threshold`` to another original face of
-    its photo (``membership_distance`` holds only such evidence). A face that is not
-    ``verifiable`` must be protected over its box instead."""
+    its photo (``membership_distance`` holds only such evidence), or SFace's verdict
+    (:func:`sface_verifies`). A face that is not ``verifiable`` must be protected over its
+    box instead."""
     if row.get("verifiable") is False or row.get("verifiable") == 0:
         return row.get("protected_over") != "box"
     if not measured_at_box(row):
         return True
     own = min(_distance(row, "leak_distance"), _distance(row, "leak_distance_at_box"))
-    return own < min(threshold, _distance(row, "blank_distance")) or _distance(row, "membership_distance") < threshold
+    return (own < min(threshold, _distance(row, "blank_distance")) or _distance(row, "membership_distance") < threshold
+            or sface_verifies(row, sface_release))
 
 
 def load_crops(face_rows: list[dict]) -> list[np.ndarray]:

@@ -39,6 +39,7 @@ from stages.common.faces import (
     landmarks_in_box,
 )
 from stages.common.obfuscate import enlarged_box
+from stages.common.sface import SFACE_SAME_PERSON, sface_descriptor
 
 # The detectors whose findings in a published photo the release's check judges: CenterFace
 # (made for crowds: it sees small, turned and covered faces that dlib misses, so a face that
@@ -72,14 +73,27 @@ class LeakReport:
     unprocessed_faces: list[DetectedFace] = field(default_factory=list)
     output_faces_found: int = 0
     detectors: tuple[str, ...] = CHECK_DETECTORS
+    # The second verifier, SFace (stages.common.sface), per original face: the highest cosine
+    # similarity of what the output shows of it (every place dlib described it) to its
+    # original (-inf: not measured), and the same with the face's box filled flat (-inf: not
+    # needed). As with dlib's blank, a similarity is evidence only above the blank one: SFace
+    # called 3 of 100 LFW faces filled grey over their enlarged box their own person (up to
+    # 0.41), from what is around the box.
+    sface: list[float] = field(default_factory=list)
+    sface_blank: list[float] = field(default_factory=list)
+    sface_release: float = SFACE_SAME_PERSON   # similarity at or above which a face verifies to SFace
+
+    def sface_verifies(self, index: int) -> bool:
+        return bool(self.sface) and self.sface[index] >= self.sface_release and self.sface[index] > self.sface_blank[index]
 
     def leaking(self, release_distance: float) -> list[int]:
-        """Faces that verify as their original (found again or at their box: closer than
-        ``release_distance`` and than a blank chip), or as another original face of the
-        photo (``membership``, judged the same way when measured)."""
+        """Faces that verify as their original to dlib (found again or at their box: closer
+        than ``release_distance`` and than a blank chip) or to SFace (``sface_verifies``),
+        or as another original face of the photo to dlib (``membership``, judged the same
+        way when measured)."""
         return [i for i in range(len(self.distances))
                 if min(self.distances[i], self.at_box[i]) < min(release_distance, self.blank[i])
-                or self.membership[i] < release_distance]
+                or self.membership[i] < release_distance or self.sface_verifies(i)]
 
 
 BLANK_GREY = 128   # the default mask colour, which fills a removed face by default
@@ -108,7 +122,9 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
                          detectors: tuple[str, ...] = CHECK_DETECTORS,
                          descriptor_cache: dict | None = None, release_distance: float = 0.65,
                          removed: Callable[[tuple], np.ndarray] | None = None,
-                         verifier_faces: list[DetectedFace] | None = None) -> LeakReport:
+                         verifier_faces: list[DetectedFace] | None = None,
+                         sface_originals: list[np.ndarray | None] | None = None,
+                         sface_release: float = SFACE_SAME_PERSON) -> LeakReport:
     """Find faces in ``output_rgb`` with every detector in ``detectors`` and measure each one
     that overlaps an original face against that original's descriptor (None: the original
     is not described, so not measured) and against ``original_rgb`` described at the output
@@ -129,7 +145,15 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
     original is also described at its landmarks, and that face is also measured at its box
     and landmarks: a verifier that looks with its own detector describes the faces a little
     differently (seen: 0.58 to another person of the photo through HOG's landmarks, above
-    0.65 through CenterFace's box), and every description an attacker can make is judged."""
+    0.65 through CenterFace's box), and every description an attacker can make is judged.
+
+    ``sface_originals``: each original face's SFace descriptor (None: not measured). SFace
+    then describes the output at every place dlib did, against that original and against
+    the original photo described at the same place; ``LeakReport.sface`` holds the highest
+    similarity and ``sface_blank`` the same measurement with the face removed, when it
+    reaches ``sface_release``. SFace reads more of the face's surroundings than dlib (its
+    crop takes in the forehead): another person's face pasted over the landmark hull still
+    left 6.7% of 150 LFW faces their own person to it (results/painted_region_lfw150.json)."""
     if removed is None:
         removed = functools.partial(_filled_grey, output_rgb)
     found = _output_faces(output_rgb, detectors, upsample, max_side, threshold, tile_side)
@@ -145,9 +169,36 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
             landmarks, target = measured.closest[index]
             blank[index] = float(np.linalg.norm(without.descriptor(index, landmarks) - target))
     membership = _membership(measured.shown, targets, without, release_distance)
+    sface, sface_blank = _sface_measurements(measured.shown, output_rgb, original_rgb, sface_originals or [],
+                                             without, sface_release)
     return LeakReport(distances=measured.distances, at_box=measured.at_box, membership=membership, blank=blank,
                       unprocessed_faces=measured.unprocessed, output_faces_found=len(found),
-                      detectors=tuple(detectors))
+                      detectors=tuple(detectors), sface=sface, sface_blank=sface_blank, sface_release=sface_release)
+
+
+def _sface_measurements(shown: list[list[tuple[np.ndarray, np.ndarray]]], output_rgb: np.ndarray,
+                        original_rgb: np.ndarray, originals: list[np.ndarray | None], without: _WithFaceRemoved,
+                        sface_release: float) -> tuple[list[float], list[float]]:
+    """Per original face: SFace's highest similarity of the output, at every place dlib
+    described it, to its original (ingest's description, and the original photo described
+    at the same place); and where that reaches ``sface_release``, the same with the face
+    removed. Faces without an original (not described) get -inf for both."""
+    count = len(shown)
+    similarity, blank = [float("-inf")] * count, [float("-inf")] * count
+    for index, original in enumerate(originals[:count]):
+        if original is None:
+            continue
+        closest = None
+        for landmarks in {landmarks.tobytes(): landmarks for landmarks, _ in shown[index]}.values():
+            described = sface_descriptor(output_rgb, landmarks)
+            for target in (original, sface_descriptor(original_rgb, landmarks)):
+                value = float(described @ target)
+                if value > similarity[index]:
+                    similarity[index], closest = value, (landmarks, target)
+        if closest is not None and similarity[index] >= sface_release:
+            landmarks, target = closest
+            blank[index] = float(sface_descriptor(without.photo(index), landmarks) @ target)
+    return similarity, blank
 
 
 def _filled_grey(output_rgb: np.ndarray, box: tuple) -> np.ndarray:
@@ -264,11 +315,15 @@ class _WithFaceRemoved:
     def __init__(self, removed: Callable[[tuple], np.ndarray], original_faces: list[DetectedFace]):
         self.removed, self.original_faces, self.photos = removed, original_faces, {}
 
-    def descriptor(self, index: int, landmarks: np.ndarray) -> np.ndarray:
-        """The descriptor at ``landmarks`` of the output with face ``index`` removed."""
+    def photo(self, index: int) -> np.ndarray:
+        """The output with face ``index`` removed."""
         if index not in self.photos:
             self.photos[index] = self.removed(self.original_faces[index].box)
-        return chip_descriptor(face_chip(self.photos[index], landmarks))
+        return self.photos[index]
+
+    def descriptor(self, index: int, landmarks: np.ndarray) -> np.ndarray:
+        """dlib's descriptor at ``landmarks`` of the output with face ``index`` removed."""
+        return chip_descriptor(face_chip(self.photo(index), landmarks))
 
 
 def _membership(shown: list[list[tuple[np.ndarray, np.ndarray]]], targets: list[list[np.ndarray]],

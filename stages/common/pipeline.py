@@ -254,6 +254,7 @@ def _record_faces(row: dict, faces: list[dict], result, frame: int | None, first
                     protected_over="box" if outcome.boxed else "mask", box_reason=outcome.box_reason,
                     status=outcome.status if result.status == "released" else "quarantined",
                     escalated_for=list(outcome.escalated_for), blank_distance=outcome.blank_distance,
+                    sface_similarity=outcome.sface_similarity, sface_blank_similarity=outcome.sface_blank_similarity,
                     verifiable=outcome.verifiable)
     return faces
 

@@ -12,11 +12,13 @@ def _photos(**overrides):
     return pd.DataFrame(base | overrides)
 
 
-def _faces(distances, at_box=(0.9, 0.9), membership=(math.inf, math.inf), blank=(0.8, 0.8)):
+def _faces(distances, at_box=(0.9, 0.9), membership=(math.inf, math.inf), blank=(0.8, 0.8),
+           sface=(0.1, 0.1), sface_blank=(-math.inf, -math.inf)):
     return pd.DataFrame({"image_id": ["a.jpg", "b.jpg"], "face_index": [0, 0], "leak_distance": distances,
                          "leak_distance_at_box": list(at_box), "membership_distance": list(membership),
-                         "blank_distance": list(blank), "method": ["blur", "blur"], "verifiable": [True, True],
-                         "protected_over": ["mask", "mask"]})
+                         "blank_distance": list(blank), "sface_similarity": list(sface),
+                         "sface_blank_similarity": list(sface_blank), "method": ["blur", "blur"],
+                         "verifiable": [True, True], "protected_over": ["mask", "mask"]})
 
 
 def test_publish_gate_passes_clean_batch():
@@ -48,6 +50,17 @@ def test_a_distance_no_closer_than_a_blank_chip_is_not_evidence():
     result = gates.publish_gate(_photos(), _faces([math.inf, 0.9], at_box=(0.52, 0.9), blank=(0.5, 0.8)), 0.65)
     assert result.passed
     result = gates.publish_gate(_photos(), _faces([math.inf, 0.9], at_box=(0.45, 0.9), blank=(0.5, 0.8)), 0.65)
+    assert result.failed_image_ids == {"a.jpg"}
+
+
+def test_a_face_sface_calls_its_own_or_that_sface_did_not_measure_fails_the_publish_gate():
+    # dlib finds nothing, but the second verifier calls face b its original (0.41 >= 0.363) ...
+    result = gates.publish_gate(_photos(), _faces([0.9, 0.9], sface=(0.1, 0.41)), 0.65)
+    assert result.failed_image_ids == {"b.jpg"}
+    # ... unless the face removed altogether scores as high: then it is no evidence.
+    assert gates.publish_gate(_photos(), _faces([0.9, 0.9], sface=(0.1, 0.41), sface_blank=(0.0, 0.45)), 0.65).passed
+    # A described face without SFace's measurement fails closed.
+    result = gates.publish_gate(_photos(), _faces([0.9, 0.9], sface=(-math.inf, 0.1)), 0.65)
     assert result.failed_image_ids == {"a.jpg"}
 
 
