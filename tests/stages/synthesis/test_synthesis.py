@@ -20,6 +20,7 @@ from stages.synthesis.render import (
     RenderView,
     Synthesizer,
     face_context,
+    identity_codes,
     load_synthesizer,
     template_mask,
 )
@@ -122,10 +123,11 @@ def test_face_renders_render_later_views_only_when_asked():
 
 
 class RecordingViews:
-    """A face's renders that record which views the release asked for."""
+    """A face's renders that record which views the release asked for; ``forehead``: how far
+    above the eyebrows they were painted (``FaceRenders.forehead``), which the release composes."""
 
-    def __init__(self, views):
-        self.views, self.asked = views, []
+    def __init__(self, views, forehead=0.0):
+        self.views, self.asked, self.forehead = views, [], forehead
 
     def __len__(self):
         return len(self.views)
@@ -155,8 +157,12 @@ def test_a_rendered_face_lost_or_still_verifying_is_drawn_again_before_any_fallb
     # is published, no fallback.
     from stages.synthesis.render import cached_synthesizer
 
-    new_face = cached_synthesizer().render(aligned[real].crop[None], np.zeros((1, len(ATTRIBUTES))))[0]
-    views = RecordingViews([aligned[real].crop, new_face])
+    shipped = cached_synthesizer()
+    # With an identity code, as a release draws (v2's mean identity, without one, measured
+    # 0.64 from her at her box: a draw that verifies, which is what drawing again is for).
+    codes = identity_codes([1], shipped.code_size) if shipped.code_size else None
+    new_face = shipped.render(aligned[real].crop[None], np.zeros((1, len(ATTRIBUTES))), codes=codes)[0]
+    views = RecordingViews([aligned[real].crop, new_face], shipped.forehead)
     renders = others[:real] + [views] + others[real + 1:]
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), renders)
     assert result.status == "released" and result.faces[real].redrawn_for == ["found again"]
