@@ -170,7 +170,7 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
             blank[index] = float(np.linalg.norm(without.descriptor(index, landmarks) - target))
     membership = _membership(measured.shown, targets, without, release_distance)
     sface, sface_blank = _sface_measurements(measured.shown, output_rgb, original_rgb, sface_originals or [],
-                                             without, sface_release)
+                                             without, sface_release, descriptor_cache)
     return LeakReport(distances=measured.distances, at_box=measured.at_box, membership=membership, blank=blank,
                       unprocessed_faces=measured.unprocessed, output_faces_found=len(found),
                       detectors=tuple(detectors), sface=sface, sface_blank=sface_blank, sface_release=sface_release)
@@ -178,11 +178,12 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
 
 def _sface_measurements(shown: list[list[tuple[np.ndarray, np.ndarray]]], output_rgb: np.ndarray,
                         original_rgb: np.ndarray, originals: list[np.ndarray | None], without: _WithFaceRemoved,
-                        sface_release: float) -> tuple[list[float], list[float]]:
+                        sface_release: float, cache: dict | None = None) -> tuple[list[float], list[float]]:
     """Per original face: SFace's highest similarity of the output, at every place dlib
     described it, to its original (ingest's description, and the original photo described
     at the same place); and where that reaches ``sface_release``, the same with the face
-    removed. Faces without an original (not described) get -inf for both."""
+    removed. Faces without an original (not described) get -inf for both. ``cache``: as
+    dlib's descriptor cache (unchanged pixels at the same landmarks are not described again)."""
     count = len(shown)
     similarity, blank = [float("-inf")] * count, [float("-inf")] * count
     for index, original in enumerate(originals[:count]):
@@ -190,8 +191,8 @@ def _sface_measurements(shown: list[list[tuple[np.ndarray, np.ndarray]]], output
             continue
         closest = None
         for landmarks in {landmarks.tobytes(): landmarks for landmarks, _ in shown[index]}.values():
-            described = sface_descriptor(output_rgb, landmarks)
-            for target in (original, sface_descriptor(original_rgb, landmarks)):
+            described = sface_descriptor(output_rgb, landmarks, cache)
+            for target in (original, sface_descriptor(original_rgb, landmarks, cache)):
                 value = float(described @ target)
                 if value > similarity[index]:
                     similarity[index], closest = value, (landmarks, target)
