@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from stages.common.facetable import FACE_SCHEMA, WORK_ONLY_COLUMNS
 from stages.common.imageio import temporary_beside
-from stages.common.sface import SFACE_SAME_PERSON
+from stages.common.sface import SFACE_RELEASE, SFACE_SAME_PERSON
 
 LINEAGE_DIR = "_lineage"
 LINEAGE_VERSION = "1"
@@ -298,7 +298,7 @@ def summarize(release_dir: str | Path) -> str:
             measured = similarity[np.isfinite(similarity)]
             lines.append(f"  SFace (the second verifier): {len(measured)} face(s) measured"
                          + (f", highest similarity to their original {measured.max():.3f} (threshold "
-                            f"{SFACE_SAME_PERSON})" if len(measured) else "")
+                            f"{SFACE_SAME_PERSON}, released below {SFACE_RELEASE:.3f})" if len(measured) else "")
                          + f"; fallback steps for SFace: "
                          f"{sum(list(kinds).count('sface') for kinds in latest_faces.escalated_for.dropna())}")
         views = latest_faces.render_view.dropna()

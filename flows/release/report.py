@@ -7,7 +7,7 @@ from collections import Counter
 from policy.schema import Policy
 from policy.tools import unrendered_notes
 from stages.common.facetable import measured_at_box
-from stages.common.sface import SFACE_SAME_PERSON
+from stages.common.sface import SFACE_RELEASE, SFACE_SAME_PERSON
 
 MAX_ROWS = 200
 
@@ -30,7 +30,7 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
         f"- Method: {policy.obfuscation.method}; on leak: {check.on_leak}"
         + (f" → {', '.join(check.fallback)}" if check.on_leak == "fallback" else "")
         + f"; verifier threshold {check.threshold} (faces released at ≥ {check.release_distance:.2f}), and "
-        f"SFace's similarity threshold {SFACE_SAME_PERSON} (released below it); "
+        f"SFace's similarity threshold {SFACE_SAME_PERSON} (faces released below {SFACE_RELEASE:.3f}); "
         f"photos without faces: {check.on_no_face}",
         f"- Code: `{run['code_version']}`; started {run['started_at']:%Y-%m-%d %H:%M:%S} UTC",
         "- Data-quality checks (great-expectations Data Docs): [`_data_docs/index.html`](_data_docs/index.html)",

@@ -67,7 +67,7 @@ from stages.common.obfuscate import (
     obfuscate_boxes,
 )
 from stages.common.obfuscate import mask as flat_fill
-from stages.common.sface import SFACE_SAME_PERSON, sface_descriptor
+from stages.common.sface import SFACE_RELEASE, sface_descriptor
 from stages.perturbation.apply import (
     ReleasePerturbation,
     apply_perturbation,
@@ -104,7 +104,7 @@ class AnonymizeSettings:
     jpeg_quality: int = 95
     synthesis_batch: int = 64
     rerender_views: int = 4                 # further draws for a rendered face the check lost or that verifies
-    sface_release: float = SFACE_SAME_PERSON   # SFace similarity at or above which a face still verifies
+    sface_release: float = SFACE_RELEASE   # SFace similarity at or above which a face may not be released
     perturbation: ReleasePerturbation | None = None   # Stage IV on synthesized faces (None: off)
     # stages.common.faces.detect_faces's keyword arguments at ingest: a multi-frame file's further
     # frames are searched with them (stages.common.pipeline)
@@ -241,7 +241,7 @@ def verified_as(report: LeakReport, index: int, release_distance: float) -> str:
     if kind == "membership":
         return f"distance {report.membership[index]:.3f} to another original face of the photo"
     if kind == "sface":
-        return (f"SFace similarity {report.sface[index]:.3f} to its original (SFace's own threshold "
+        return (f"SFace similarity {report.sface[index]:.3f} to its original (released below "
                 f"{report.sface_release:.3f}; {report.sface_blank[index]:.3f} with the face removed)")
     where = "where the check found it again" if kind == "found again" else "at its box"
     return f"distance {min(report.distances[index], report.at_box[index]):.3f} to its original {where}"

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages.attributes.names import ATTRIBUTES
-from stages.common.sface import SFACE_SAME_PERSON
+from stages.common.sface import SFACE_RELEASE
 
 # Stage I: P(attribute) per face from the forests, one column per CelebA attribute.
 ATTRIBUTE_COLUMNS = tuple(f"attr_{name}" for name in ATTRIBUTES)
@@ -113,7 +113,7 @@ def measured_at_box(row: dict) -> bool:
     return _distance(row, "leak_distance_at_box") < float("inf")
 
 
-def sface_verifies(row: dict, sface_release: float = SFACE_SAME_PERSON) -> bool:
+def sface_verifies(row: dict, sface_release: float = SFACE_RELEASE) -> bool:
     """Whether SFace calls a face row its own original: at or above ``sface_release`` and
     above the same measurement with the face removed (missing: not measured, False; the
     publish gate requires the measurement of every described face)."""
@@ -123,7 +123,7 @@ def sface_verifies(row: dict, sface_release: float = SFACE_SAME_PERSON) -> bool:
     return similarity >= sface_release and (blank is None or blank != blank or similarity > blank)
 
 
-def leaks(row: dict, threshold: float, sface_release: float = SFACE_SAME_PERSON) -> bool:
+def leaks(row: dict, threshold: float, sface_release: float = SFACE_RELEASE) -> bool:
     """A published face row that verifies, or that the verifier should have measured and did
     not: closer than ``threshold`` to its original (found again or at its box) and closer to
     it than with the face removed, or closer than ``threshold`` to another original face of

@@ -39,7 +39,7 @@ from stages.common.faces import (
     landmarks_in_box,
 )
 from stages.common.obfuscate import enlarged_box
-from stages.common.sface import SFACE_SAME_PERSON, sface_descriptor
+from stages.common.sface import SFACE_RELEASE, sface_descriptor
 
 # The detectors whose findings in a published photo the release's check judges: CenterFace
 # (made for crowds: it sees small, turned and covered faces that dlib misses, so a face that
@@ -81,7 +81,7 @@ class LeakReport:
     # 0.41), from what is around the box.
     sface: list[float] = field(default_factory=list)
     sface_blank: list[float] = field(default_factory=list)
-    sface_release: float = SFACE_SAME_PERSON   # similarity at or above which a face verifies to SFace
+    sface_release: float = SFACE_RELEASE   # similarity at or above which a face may not be released
 
     def sface_verifies(self, index: int) -> bool:
         return bool(self.sface) and self.sface[index] >= self.sface_release and self.sface[index] > self.sface_blank[index]
@@ -124,7 +124,7 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
                          removed: Callable[[tuple], np.ndarray] | None = None,
                          verifier_faces: list[DetectedFace] | None = None,
                          sface_originals: list[np.ndarray | None] | None = None,
-                         sface_release: float = SFACE_SAME_PERSON) -> LeakReport:
+                         sface_release: float = SFACE_RELEASE) -> LeakReport:
     """Find faces in ``output_rgb`` with every detector in ``detectors`` and measure each one
     that overlaps an original face against that original's descriptor (None: the original
     is not described, so not measured) and against ``original_rgb`` described at the output

@@ -59,6 +59,11 @@ def test_a_face_sface_calls_its_own_or_that_sface_did_not_measure_fails_the_publ
     assert result.failed_image_ids == {"b.jpg"}
     # ... unless the face removed altogether scores as high: then it is no evidence.
     assert gates.publish_gate(_photos(), _faces([0.9, 0.9], sface=(0.1, 0.41), sface_blank=(0.0, 0.45)), 0.65).passed
+    # Below SFace's own threshold but within the gate's margin (another description of the
+    # same face, from other landmarks, read 0.381 where the gate read under 0.363): not released.
+    result = gates.publish_gate(_photos(), _faces([0.9, 0.9], sface=(0.1, 0.34), sface_blank=(0.0, 0.05)), 0.65)
+    assert result.failed_image_ids == {"b.jpg"}
+    assert gates.publish_gate(_photos(), _faces([0.9, 0.9], sface=(0.1, 0.30)), 0.65).passed
     # A described face without SFace's measurement fails closed.
     result = gates.publish_gate(_photos(), _faces([0.9, 0.9], sface=(-math.inf, 0.1)), 0.65)
     assert result.failed_image_ids == {"a.jpg"}
