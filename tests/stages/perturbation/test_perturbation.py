@@ -175,13 +175,17 @@ def test_stage_four_is_withdrawn_from_a_face_it_would_cost_identity_protection(a
     # finds this face under the pattern below and measures it, so nothing would be withdrawn.
     settings = AnonymizeSettings(method="gan", method_params={}, fallback=["blur", "mask"], on_leak="fallback",
                                  on_no_face="release", release_distance=0.65, feather_fraction=0.06,
-                                 check_detectors=("hog",))
-    # Stage III's shipped generator with fixed targets (deterministic): a face dlib finds again
-    # (from a later view) at a publishable distance from the astronaut.
+                                 check_detectors=("hog",), sface_release=1.01)
+    # (SFace, which never judges past a similarity of 1, is left out as CenterFace is: what is
+    # tested is what the pattern does to dlib's check; the gate's SFace is tested elsewhere.)
+    # Stage III's shipped generator with fixed targets and fixed identity-code seeds
+    # (deterministic; fresh seeds drew, now and then, five faces the gate would not release):
+    # a face dlib finds again at a publishable distance from the astronaut.
     from stages.synthesis.render import cached_synthesizer
 
     crops = np.stack([a.crop for a in aligned])
-    renders = cached_synthesizer().renders(crops, np.ones((len(crops), 40), np.float32))
+    renders = cached_synthesizer().renders(crops, np.ones((len(crops), 40), np.float32),
+                                           seeds=list(range(len(crops))))
     plain = anonymize_photo(astronaut, "PNG", faces, aligned, settings, renders)
     assert plain.faces[real].method == "gan" and 0.65 <= plain.faces[real].distance < math.inf
     # A 'perturbation' of ±40 grey levels: enough to hide the face from dlib.
