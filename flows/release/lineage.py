@@ -296,8 +296,13 @@ def summarize(release_dir: str | Path) -> str:
         if "sface_similarity" in latest_faces:
             similarity = latest_faces.sface_similarity.astype(float)
             measured = similarity[np.isfinite(similarity)]
+            # As for dlib above: a similarity no higher than with the face removed is no evidence.
+            blank = latest_faces.sface_blank_similarity.astype(float).reindex(measured.index)
+            evidence = measured[~(measured <= blank)]
             lines.append(f"  SFace (the second verifier): {len(measured)} face(s) measured"
-                         + (f", highest similarity to their original {measured.max():.3f} (threshold "
+                         + (f", highest similarity to their original {measured.max():.3f}, highest that "
+                            f"counts as evidence (above the same measurement with the face removed) "
+                            f"{evidence.max() if len(evidence) else float('-inf'):.3f} (threshold "
                             f"{SFACE_SAME_PERSON}, released below {SFACE_RELEASE:.3f})" if len(measured) else "")
                          + f"; fallback steps for SFace: "
                          f"{sum(list(kinds).count('sface') for kinds in latest_faces.escalated_for.dropna())}")
