@@ -273,58 +273,65 @@ def summarize(release_dir: str | Path) -> str:
             lines.append(f"  {row.status:<11} {row.image_id}: {row.reason}")
     latest_faces = faces[faces.run_id == latest]
     if len(latest_faces):
-        methods = latest_faces.method.value_counts().to_dict()
-        finite = latest_faces.leak_distance[latest_faces.leak_distance < float("inf")]
-        at_box = latest_faces.leak_distance_at_box
-        lines.append(f"Faces in run {latest}: methods {methods}; "
-                     + (f"closest verifier distance {finite.min():.3f}" if len(finite) else
-                        "no face was found again in any output"))
-        not_found = latest_faces[~(latest_faces.leak_distance < float("inf"))]
-        lines.append(f"  verifier found {len(finite)} face(s) again"
-                     + (f" (median distance {finite.median():.3f})" if len(finite) else "")
-                     + f"; {len(not_found)} not found again (methods {not_found.method.value_counts().to_dict()}, "
-                     f"detectors {not_found.detector.value_counts().to_dict()})")
-        # A distance no smaller than the face-removed one shows nothing of anyone (README).
-        evidence = at_box[~(at_box >= latest_faces.blank_distance)]
-        lines.append(f"  at their original box: {int((at_box < float('inf')).sum())} face(s) measured, closest "
-                     f"{at_box.min():.3f}, closest that counts as evidence (below the same measurement with the "
-                     f"face removed) {evidence.min():.3f}; "
-                     f"{int((~(at_box < float('inf'))).sum())} not measured. Membership (closest "
-                     f"to another original face of the photo): {latest_faces.membership_distance.min():.3f}; "
-                     f"fallback steps for membership: "
-                     f"{sum(list(kinds).count('membership') for kinds in latest_faces.escalated_for.dropna())}")
-        if "sface_similarity" in latest_faces:
-            similarity = latest_faces.sface_similarity.astype(float)
-            measured = similarity[np.isfinite(similarity)]
-            # As for dlib above: a similarity no higher than with the face removed is no evidence.
-            blank = latest_faces.sface_blank_similarity.astype(float).reindex(measured.index)
-            evidence = measured[~(measured <= blank)]
-            lines.append(f"  SFace (the second verifier): {len(measured)} face(s) measured"
-                         + (f", highest similarity to their original {measured.max():.3f}, highest that "
-                            f"counts as evidence (above the same measurement with the face removed) "
-                            f"{evidence.max() if len(evidence) else float('-inf'):.3f} (threshold "
-                            f"{SFACE_SAME_PERSON}, released below {SFACE_RELEASE:.3f})" if len(measured) else "")
-                         + f"; fallback steps for SFace: "
-                         f"{sum(list(kinds).count('sface') for kinds in latest_faces.escalated_for.dropna())}")
-        views = latest_faces.render_view.dropna()
-        if len(views):
-            lines.append(f"  synthesized faces published, by the view they were rendered from: "
-                         f"{views.value_counts().to_dict()}")
-        if "redrawn_for" in latest_faces:
-            reasons = [kind for kinds in latest_faces.redrawn_for.dropna() for kind in kinds]
-            if reasons:
-                lines.append(f"  further draws before any fallback (a new identity code or view): "
-                             f"{dict(Counter(reasons))}")
-        perturbed = latest_faces[latest_faces.perturbed.fillna(False).astype(bool)
-                                 & latest_faces.profiler_fooled.notna()]
-        if len(perturbed):
-            changed = sum(len(names) > 0 for names in perturbed.preserved_changed if names is not None)
-            lines.append(f"  Stage IV perturbation on {len(perturbed)} face(s): white-box profiler fooled on "
-                         f"{int(perturbed.profiler_fooled.astype(bool).sum())}; PSNR cost median "
-                         f"{perturbed.perturbation_psnr_db.median():.1f} dB, lowest "
-                         f"{perturbed.perturbation_psnr_db.min():.1f} dB; a preserved attribute changed on {changed}; "
-                         f"withdrawn from {latest_faces.perturbation_withdrawn.notna().sum()} face(s)")
+        lines.extend(face_summary_lines(latest, latest_faces))
     return "\n".join(lines)
+
+
+def face_summary_lines(run_id: str, faces: pd.DataFrame) -> list[str]:
+    """The face lines of ``summarize`` for one run's faces."""
+    lines = []
+    methods = faces.method.value_counts().to_dict()
+    finite = faces.leak_distance[faces.leak_distance < float("inf")]
+    at_box = faces.leak_distance_at_box
+    lines.append(f"Faces in run {run_id}: methods {methods}; "
+                 + (f"closest verifier distance {finite.min():.3f}" if len(finite) else
+                    "no face was found again in any output"))
+    not_found = faces[~(faces.leak_distance < float("inf"))]
+    lines.append(f"  verifier found {len(finite)} face(s) again"
+                 + (f" (median distance {finite.median():.3f})" if len(finite) else "")
+                 + f"; {len(not_found)} not found again (methods {not_found.method.value_counts().to_dict()}, "
+                 f"detectors {not_found.detector.value_counts().to_dict()})")
+    # A distance no smaller than the face-removed one shows nothing of anyone (README).
+    evidence = at_box[~(at_box >= faces.blank_distance)]
+    lines.append(f"  at their original box: {int((at_box < float('inf')).sum())} face(s) measured, closest "
+                 f"{at_box.min():.3f}, closest that counts as evidence (below the same measurement with the "
+                 f"face removed) {evidence.min():.3f}; "
+                 f"{int((~(at_box < float('inf'))).sum())} not measured. Membership (closest "
+                 f"to another original face of the photo): {faces.membership_distance.min():.3f}; "
+                 f"fallback steps for membership: "
+                 f"{sum(list(kinds).count('membership') for kinds in faces.escalated_for.dropna())}")
+    if "sface_similarity" in faces:
+        similarity = faces.sface_similarity.astype(float)
+        measured = similarity[np.isfinite(similarity)]
+        # As for dlib above: a similarity no higher than with the face removed is no evidence.
+        blank = faces.sface_blank_similarity.astype(float).reindex(measured.index)
+        evidence = measured[~(measured <= blank)]
+        lines.append(f"  SFace (the second verifier): {len(measured)} face(s) measured"
+                     + (f", highest similarity to their original {measured.max():.3f}, highest that "
+                        f"counts as evidence (above the same measurement with the face removed) "
+                        f"{evidence.max() if len(evidence) else float('-inf'):.3f} (threshold "
+                        f"{SFACE_SAME_PERSON}, released below {SFACE_RELEASE:.3f})" if len(measured) else "")
+                     + f"; fallback steps for SFace: "
+                     f"{sum(list(kinds).count('sface') for kinds in faces.escalated_for.dropna())}")
+    views = faces.render_view.dropna()
+    if len(views):
+        lines.append(f"  synthesized faces published, by the view they were rendered from: "
+                     f"{views.value_counts().to_dict()}")
+    if "redrawn_for" in faces:
+        reasons = [kind for kinds in faces.redrawn_for.dropna() for kind in kinds]
+        if reasons:
+            lines.append(f"  further draws before any fallback (a new identity code or view): "
+                         f"{dict(Counter(reasons))}")
+    perturbed = faces[faces.perturbed.fillna(False).astype(bool)
+                             & faces.profiler_fooled.notna()]
+    if len(perturbed):
+        changed = sum(len(names) > 0 for names in perturbed.preserved_changed if names is not None)
+        lines.append(f"  Stage IV perturbation on {len(perturbed)} face(s): white-box profiler fooled on "
+                     f"{int(perturbed.profiler_fooled.astype(bool).sum())}; PSNR cost median "
+                     f"{perturbed.perturbation_psnr_db.median():.1f} dB, lowest "
+                     f"{perturbed.perturbation_psnr_db.min():.1f} dB; a preserved attribute changed on {changed}; "
+                     f"withdrawn from {faces.perturbation_withdrawn.notna().sum()} face(s)")
+    return lines
 
 
 def project(name: str, rows: list[dict], run_id: str) -> list[dict]:
