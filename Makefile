@@ -42,9 +42,11 @@ system-deps:
 	    || echo "could not install $(SYSTEM_PACKAGES): the operations test will skip"; \
 	else echo "not root or no apt-get: the operations test skips unless $(SYSTEM_PACKAGES) are installed"; fi
 
-# --durations: the slowest tests in the log, where CI time goes.
+# --durations: the slowest tests in the log, where CI time goes. -n 2: two processes (pytest-xdist),
+# one test file each at a time: much of the suite waits on servers or runs one core, and the
+# longest files start first (tests/conftest.py).
 test: install system-deps
-	$(BIN)/python -m pytest -q --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) releases/demo samples

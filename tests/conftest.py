@@ -12,7 +12,15 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("ANONYMOUSNET_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+# The test files that take longest, first: `make test` runs the suite in two processes
+# (pytest-xdist, one file per process at a time), and a long file started last would leave
+# the other process idle at the end (the shared-data file alone is over 20 minutes in CI).
+LONGEST_FIRST = ("test_shared_data.py", "test_operations.py", "test_resume.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+               else len(LONGEST_FIRST))
     if SHARED_DATA.is_dir():
         return
     skip = pytest.mark.skip(reason=f"{SHARED_DATA} is absent (research data is only on CI and dev machines)")

@@ -322,6 +322,9 @@ def face_summary_lines(run_id: str, faces: pd.DataFrame) -> list[str]:
         if reasons:
             lines.append(f"  further draws before any fallback (a new identity code or view): "
                          f"{dict(Counter(reasons))}")
+    if "screened_out" in faces and faces.screened_out.fillna(0).sum():
+        lines.append(f"  draws and fallback steps the screen took (the edit alone verified at its own landmarks): "
+                     f"{int(faces.screened_out.fillna(0).sum())}")
     perturbed = faces[faces.perturbed.fillna(False).astype(bool)
                              & faces.profiler_fooled.notna()]
     if len(perturbed):

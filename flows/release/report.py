@@ -119,10 +119,16 @@ def _leak_check_lines(photos: list[dict], faces: list[dict], policy: Policy) -> 
                  "every other original face of its photo.")
     steps = [kind for f in faces for kind in (f.get("escalated_for") or [])]
     if steps:
-        counts = {kind: steps.count(kind) for kind in ("found again", "at box", "membership")}
+        counts = {kind: steps.count(kind) for kind in ("found again", "at box", "membership", "sface")}
         lines.append(f"Fallback steps taken: {len(steps)}; {counts['found again']} for a face found again close to "
                      f"its original, {counts['at box']} for one close to it at its box, {counts['membership']} for "
-                     "one close to another original face of its photo (membership).")
+                     f"one close to another original face of its photo (membership), {counts['sface']} for one "
+                     "SFace still called its original.")
+    screened = sum(int(f.get("screened_out") or 0) for f in faces)
+    if screened:
+        lines.append(f"{screened} of the further draws and fallback steps were taken by the screen: the face's edit, "
+                     "tried alone in the original photo, still verified at its own landmarks, so it was passed over "
+                     "before a check of the whole photo. Every face published passed that check.")
     return lines + ([""] if lines else [])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,9 @@ def build_aligned_dataset(images_dir: Path, rows: list[LabelledImage], cache_dir
                                 f"(first: {missing[0]}); point --images at CelebA's image folder")
     crops, found_by = align_images([images_dir / i for i in image_ids], workers=workers, progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial.npz")
+    # Atomic: an interrupted run leaves no half-written cache, and two processes building the
+    # same one (the test suite runs in two) each write their own file before the rename.
+    partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.npz")
     np.savez(partial, crops=crops, image_ids=np.array(image_ids), found_by=np.array(found_by))
-    partial.replace(target)   # atomic: an interrupted run leaves no half-written cache
+    partial.replace(target)
     return target

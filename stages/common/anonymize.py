@@ -34,9 +34,10 @@ box that passed. The check searches the output with CenterFace and HOG
 (``check_detectors``); what either finds where no face was processed is taken in.
 
 The loop is a small state machine over one ``FaceOutcome`` per face (``PhotoEscalation``),
-whose named steps are, in order of precedence after each compose and check: take in newly
-found faces, withdraw the perturbation, draw a lost or verifying face again, release,
-escalate. The
+whose named steps are: screen each face's edit alone (``PhotoEscalation.screen``: an edit
+that verifies at its own landmarks is passed over before any round of the whole photo), then,
+in order of precedence after each compose and check, take in newly found faces, withdraw
+the perturbation, draw a lost or verifying face again, release, escalate. The
 evaluation (``flows/evaluation/evaluate.py``) runs the same steps up to the escalation
 (``compose_detectable``).
 """
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.common.compose import compose_faces
+from stages.common.compose import compose_face_into, compose_faces
 from stages.common.faces import (
     ALIGNED_SIZE,
     AlignedFace,
@@ -132,6 +133,8 @@ class FaceOutcome:
     redrawn_for: list[str] = field(default_factory=list)     # why each further draw was made
     withdrawn: str | None = None            # why Stage IV was taken off it: "lost" | "verifies"
     escalated_for: list[str] = field(default_factory=list)   # what each step past the first answered
+    screened_out: int = 0                   # draws and methods passed over by the screen (PhotoEscalation.screen)
+    screened: tuple[int, int] | None = None   # the (step, draw) the screen last let through
     edited: np.ndarray | None = None        # its aligned crop as the current method leaves it
     # What the last check measured (stages.common.identity.LeakReport, this face's entries).
     distance: float = float("inf")          # found again (inf: not found)
@@ -277,6 +280,8 @@ class PhotoEscalation:
         self.discovery_rounds = 0
         self.stage_four_seconds = 0.0
         self.descriptor_cache: dict = {}    # faces whose pixels a round did not change are not described again
+        self.canvas: np.ndarray | None = None   # the screen's scratch copy of the photo
+        self.screen_blank: dict[int, tuple[float, float]] = {}   # per face: the screen's measurements, face removed
         # The verifier's own detector's faces in the original, found once: the check also
         # describes each face through them (stages.common.identity.check_identity_leaks).
         self.verifier_faces = (detect_faces(rgb, detector="hog", upsample=settings.upsample,
@@ -308,6 +313,84 @@ class PhotoEscalation:
     def unrenderable(self) -> int | None:
         """The first face with nothing to protect it with (no renders and no other method)."""
         return next((i for i, outcome in enumerate(self.faces) if outcome.edited is None and not outcome.boxed), None)
+
+    def screen(self) -> None:
+        """Step, before each compose and check: each described face's current edit is tried
+        alone in the original photo and measured by both verifiers at the face's own
+        landmarks, as the check measures it at its box (unencoded, the other faces as they
+        were). An edit that verifies there (closer than the release distance, or at or above
+        SFace's release similarity, and more so than with the face removed) is passed over at
+        once, for its next draw or else the chain's next method, without composing, encoding
+        and searching the whole photo for it: that round would have found it verifying too.
+        Only the check releases a face; the screen can cost a face a draw or a method that
+        the check might have let through, never let through one the check would not. A face
+        on its chain's last method goes to the check as it is (the check covers its box).
+        Seen on 27 wild photos: 45 of 85 rounds were further draws and fallback steps, each a
+        whole round (HOG at 1600 px, CenterFace, both verifiers at every place they look)."""
+        for index, outcome in enumerate(self.faces):
+            while (outcome.verifiable and not outcome.boxed and outcome.edited is not None
+                   and outcome.screened != (outcome.step, outcome.draw)):
+                kind = self._screen_leak(index)
+                if kind is None or not self._pass_over(outcome, kind):
+                    outcome.screened = (outcome.step, outcome.draw)
+                    break
+                outcome.screened_out += 1
+
+    def _pass_over(self, outcome: FaceOutcome, kind: str) -> bool:
+        """The face's next draw, else its chain's next method, for ``kind``; False when it has neither."""
+        if outcome.method == "gan" and outcome.draw < min(self.settings.rerender_views, len(outcome.renders) - 1):
+            outcome.redrawn_for.append(kind)
+            outcome.draw += 1
+        elif outcome.step + 1 < len(outcome.chain):
+            outcome.escalated_for.append(kind)
+            outcome.step += 1
+        else:
+            return False
+        outcome.edit(self.settings)
+        return True
+
+    def _screen_leak(self, index: int) -> str | None:
+        """What face ``index``'s current edit, alone in the photo, verifies as to dlib ("at
+        box") or SFace ("sface") at its own landmarks; None when neither."""
+        outcome, settings = self.faces[index], self.settings
+        if self.canvas is None:
+            self.canvas = self.rgb.copy()
+        region = compose_face_into(self.canvas, outcome.aligned, outcome.edited, settings.feather_fraction,
+                                   outcome.synthesized, outcome.forehead)
+        try:
+            distance, similarity = self._screen_measure(outcome)
+        finally:
+            if region is not None:
+                self._restore((region.left, region.top, region.right, region.bottom))
+        if distance >= settings.release_distance and similarity < settings.sface_release:
+            return None
+        blank_distance, blank_similarity = self._screen_blank_measure(index)
+        if distance < min(settings.release_distance, blank_distance):
+            return "at box"
+        return "sface" if similarity >= max(settings.sface_release, blank_similarity) else None
+
+    def _screen_measure(self, outcome: FaceOutcome) -> tuple[float, float]:
+        """dlib's distance and SFace's similarity of the canvas at the face's own landmarks to its original."""
+        landmarks = outcome.face.landmarks
+        return (float(np.linalg.norm(face_descriptor(self.canvas, landmarks) - outcome.original)),
+                float(sface_descriptor(self.canvas, landmarks) @ outcome.sface_original))
+
+    def _screen_blank_measure(self, index: int) -> tuple[float, float]:
+        """The screen's measurements of face ``index`` with its enlarged box filled flat."""
+        if index not in self.screen_blank:
+            box = enlarged_box(self.faces[index].face.box, self.settings.box_margin, self.rgb.shape)
+            left, top, right, bottom = box
+            self.canvas[top:bottom, left:right] = flat_fill(self.canvas[top:bottom, left:right],
+                                                            self.settings.method_params.get("mask") or {})
+            try:
+                self.screen_blank[index] = self._screen_measure(self.faces[index])
+            finally:
+                self._restore(box)
+        return self.screen_blank[index]
+
+    def _restore(self, box: tuple[int, int, int, int]) -> None:
+        left, top, right, bottom = box
+        self.canvas[top:bottom, left:right] = self.rgb[top:bottom, left:right]
 
     def compose_and_check(self) -> Composition:
         """Step: compose every face with its current method (Stage IV on synthesized faces
@@ -441,6 +524,7 @@ def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFac
         return AnonymizeResult("quarantined", "no face found and the policy quarantines such photos", None, fmt, suffix)
     photo = PhotoEscalation(rgb, source_format, faces, aligned, settings, rendered)
     while True:
+        photo.screen()
         missing = photo.unrenderable()
         if missing is not None:
             return photo.result("quarantined", f"face {missing} has no Stage II target attributes for the "

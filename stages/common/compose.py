@@ -77,33 +77,44 @@ def face_region(photo_shape: tuple[int, ...], aligned: AlignedFace, crop_size: i
     return FaceRegion(int(left), int(top), int(right), int(bottom), to_roi, alpha.astype(np.float32))
 
 
-def compose_face(photo: np.ndarray, aligned: AlignedFace, edited_crop: np.ndarray,
-                 feather_fraction: float = 0.06, colour_match: bool = False, forehead: float = 0.0) -> np.ndarray:
-    """``photo`` with the masked region of ``edited_crop`` warped back into place, with
-    ``colour_match`` first colour-matched to the face it replaces (:func:`match_colour`).
-    ``forehead``: how far above the eyebrows the edit reaches (``faces.mask_polygon``; a
-    generator's own painted region, ``Synthesizer.forehead``)."""
-    region = face_region(photo.shape, aligned, edited_crop.shape[0], feather_fraction, forehead)
+def compose_face_into(canvas: np.ndarray, aligned: AlignedFace, edited_crop: np.ndarray,
+                      feather_fraction: float = 0.06, colour_match: bool = False,
+                      forehead: float = 0.0) -> FaceRegion | None:
+    """Write the masked region of ``edited_crop`` into ``canvas`` in place, warped back into
+    place, with ``colour_match`` first colour-matched to what ``canvas`` shows there
+    (:func:`match_colour`). ``forehead``: how far above the eyebrows the edit reaches
+    (``faces.mask_polygon``; a generator's own painted region, ``Synthesizer.forehead``).
+    Returns the rectangle written (None: the face lies outside ``canvas``)."""
+    region = face_region(canvas.shape, aligned, edited_crop.shape[0], feather_fraction, forehead)
     if region is None:
-        return photo.copy()
+        return None
     warped = region.warp(edited_crop)
     if colour_match:
-        warped = match_colour(warped, region.of(photo), region.alpha[:, :, 0] > 0.98)
+        warped = match_colour(warped, region.of(canvas), region.alpha[:, :, 0] > 0.98)
+    blended = region.of(canvas).astype(np.float32) * (1.0 - region.alpha) + warped.astype(np.float32) * region.alpha
+    canvas[region.top:region.bottom, region.left:region.right] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return region
+
+
+def compose_face(photo: np.ndarray, aligned: AlignedFace, edited_crop: np.ndarray,
+                 feather_fraction: float = 0.06, colour_match: bool = False, forehead: float = 0.0) -> np.ndarray:
+    """A copy of ``photo`` with one face composed in (:func:`compose_face_into`)."""
     result = photo.copy()
-    blended = region.of(result).astype(np.float32) * (1.0 - region.alpha) + warped.astype(np.float32) * region.alpha
-    result[region.top:region.bottom, region.left:region.right] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    compose_face_into(result, aligned, edited_crop, feather_fraction, colour_match, forehead)
     return result
 
 
 def compose_faces(photo: np.ndarray, aligned: list[AlignedFace], edited_crops: list[np.ndarray],
                   feather_fraction: float = 0.06, colour_match: list[bool] | None = None,
                   foreheads: list[float] | None = None) -> np.ndarray:
-    """``photo`` with every face replaced by its edited crop (see :func:`compose_face`);
-    ``colour_match`` says per face whether to colour-match it (synthesized faces), and
-    ``foreheads`` how far above the eyebrows each edit reaches (default: not at all)."""
-    output = photo
+    """A copy of ``photo`` with every face replaced by its edited crop, in order (each face
+    colour-matched to what the ones before left); ``colour_match`` says per face whether to
+    colour-match it (synthesized faces), and ``foreheads`` how far above the eyebrows each
+    edit reaches (default: not at all). One copy for all faces: a copy per face costs 0.34 s
+    a round for 32 faces in a 12 MP photo (10 ms a copy, measured here)."""
+    output = photo.copy()
     matching = colour_match or [False] * len(aligned)
     reaches = foreheads or [0.0] * len(aligned)
     for align, crop, match, forehead in zip(aligned, edited_crops, matching, reaches):
-        output = compose_face(output, align, crop, feather_fraction, match, forehead)
+        compose_face_into(output, align, crop, feather_fraction, match, forehead)
     return output

@@ -78,6 +78,10 @@ FACE_SCHEMA = pa.schema([
     # Why each further draw was made: "lost" (the verifier's detector did not find the face)
     # or what still verified ("found again", "at box", "membership", "sface").
     pa.field("redrawn_for", pa.list_(pa.string())),
+    # How many of those draws and fallback steps the screen took (the edit tried alone in the
+    # original photo verified at the face's own landmarks; stages.common.anonymize's
+    # PhotoEscalation.screen) rather than a check of the whole published photo.
+    pa.field("screened_out", pa.int64()),
     # Stage IV: whether the universal perturbation was added (synthesized faces, when the
     # policy enables it); for released ones, the face region's PSNR against the photo without
     # it, whether the white-box profiler's verdict on the published face changed, and which

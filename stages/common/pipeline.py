@@ -247,7 +247,7 @@ def _record_faces(row: dict, faces: list[dict], result, frame: int | None, first
                     render_view=None if outcome.render_draw is None else outcome.renders.view_name(outcome.render_draw),
                     identity_code_seed=None if outcome.render_draw is None else outcome.renders.code_seed(
                         outcome.render_draw),
-                    redrawn_for=list(outcome.redrawn_for),
+                    redrawn_for=list(outcome.redrawn_for), screened_out=outcome.screened_out,
                     perturbed=outcome.perturbed, perturbation_psnr_db=outcome.perturbation_psnr,
                     profiler_fooled=outcome.profiler_fooled, preserved_changed=outcome.preserved_changed,
                     perturbation_withdrawn=outcome.perturbation_withdrawn,

@@ -12,7 +12,7 @@ import torch
 from models.generator import GAN_SIZE, Generator
 from models.registry import ModelFileError
 from stages.attributes.names import ATTRIBUTES
-from stages.common.anonymize import AnonymizeSettings, anonymize_photo
+from stages.common.anonymize import AnonymizeSettings, PhotoEscalation, anonymize_photo
 from stages.common.compose import match_colour
 from stages.common.faces import align_face, detect_faces
 from stages.synthesis.render import (
@@ -137,7 +137,7 @@ class RecordingViews:
         return self.views[index]
 
 
-def test_a_rendered_face_lost_or_still_verifying_is_drawn_again_before_any_fallback(astronaut):
+def test_a_rendered_face_lost_or_still_verifying_is_drawn_again_before_any_fallback(astronaut, monkeypatch):
     faces = detect_faces(astronaut)
     aligned = [align_face(astronaut, f.landmarks) for f in faces]
     real = min(range(len(faces)), key=lambda i: faces[i].box[1])
@@ -145,12 +145,17 @@ def test_a_rendered_face_lost_or_still_verifying_is_drawn_again_before_any_fallb
     others = [[a.crop] for a in aligned]
 
     # Lost in the first draw, found in the second and the third but still the original: each
-    # is drawn again while draws are left, and only then the fallback takes over.
+    # is drawn again while draws are left, and only then the fallback takes over. The first
+    # draw shows dlib no face, so only a check of the whole photo can tell it lost; the second
+    # and third are the original itself, which the screen sees verifying at the face's own
+    # landmarks and passes over without such a round.
     views = RecordingViews([grey, aligned[real].crop, aligned[real].crop])
     renders = others[:real] + [views] + others[real + 1:]
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), renders)
     assert sorted(set(views.asked)) == [0, 1, 2] and result.faces[real].methods_tried[:2] == ["gan", "pixelate"]
-    assert result.faces[real].redrawn_for == ["lost", "found again"]
+    assert result.faces[real].redrawn_for == ["lost", "at box"]
+    # Both draws of the original, and fallback methods that still verified, passed over by the screen.
+    assert result.faces[real].escalated_for[0] == "at box" and result.faces[real].screened_out >= 2
     assert result.faces[real].distance >= 0.65 and result.faces[real].render_draw is None
 
     # Verifying in the first draw, a new face (the shipped generator's) in the second: that one
@@ -165,9 +170,18 @@ def test_a_rendered_face_lost_or_still_verifying_is_drawn_again_before_any_fallb
     views = RecordingViews([aligned[real].crop, new_face], shipped.forehead)
     renders = others[:real] + [views] + others[real + 1:]
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), renders)
-    assert result.status == "released" and result.faces[real].redrawn_for == ["found again"]
+    assert result.status == "released" and result.faces[real].redrawn_for == ["at box"]   # by the screen
     assert result.faces[real].method == "gan" and result.faces[real].render_draw == 1
-    assert result.faces[real].distance >= 0.6
+    assert result.faces[real].distance >= 0.6 and result.faces[real].screened_out == 1
+    # Without the screen, the check of the whole photo finds the first draw verifying, and
+    # the face is drawn again all the same.
+    monkeypatch.setattr(PhotoEscalation, "screen", lambda self: None)
+    views = RecordingViews([aligned[real].crop, new_face], shipped.forehead)
+    renders = others[:real] + [views] + others[real + 1:]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), renders)
+    assert result.status == "released" and result.faces[real].redrawn_for == ["found again"]
+    assert result.faces[real].render_draw == 1 and result.faces[real].screened_out == 0
+    monkeypatch.undo()
 
     # Lost in every view: each allowed view is tried once, the last one is published.
     views = RecordingViews([grey] * len(RENDER_VIEWS))
