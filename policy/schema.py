@@ -90,11 +90,19 @@ class MaskParams(_Strict):
 class GanParams(_Strict):
     batch_size: int = Field(64, ge=1, le=1024, description="Faces the generator renders per pass (larger is faster "
                                                            "on a GPU, costs memory).")
-    rerender_views: int = Field(4, ge=0, le=4, description="When dlib no longer finds a rendered face in the photo, "
-                                "or it still verifies as its original, draw it again up to this many times before "
-                                "any fallback method: a new identity code each time (a v2 generator; then the "
-                                "mirrored and zoomed views), or other views of its crop (v1: mirrored, zoomed, "
-                                "shifted left, shifted right); 0: the first drawing goes to the leak gate as it is.")
+    rerender_views: int = Field(4, ge=0, le=4, description="When the leak gate's check of the whole photo no longer "
+                                "finds a rendered face, or finds it still verifying as its original, draw it again "
+                                "up to this many times before any fallback method: a new identity code each time "
+                                "(a v2 generator; then the mirrored and zoomed views), or other views of its crop "
+                                "(v1: mirrored, zoomed, shifted left, shifted right); 0: the first drawing goes to "
+                                "the leak gate as it is.")
+    # At most stages.synthesis.render.MAX_CODE_DRAWS - 1 - 4 (rerender_views' maximum).
+    screened_draws: int = Field(19, ge=0, le=19, description="Further draws (new identity codes, a v2 generator) "
+                                "beyond rerender_views, which only the leak gate's screen takes: a draw that, tried "
+                                "alone in the photo, still verifies as the original at the face's own landmarks is "
+                                "replaced at once, before the whole photo is checked (a fraction of a second, where "
+                                "a check costs seconds); the screen may take rerender_views' draws too. 0: "
+                                "rerender_views' draws only.")
 
 
 class ObfuscationPolicy(_Strict):

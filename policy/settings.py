@@ -39,7 +39,8 @@ def anonymize_settings(policy: Policy, workers: int = 1) -> AnonymizeSettings:
         box_margin=policy.detection.box_margin, output_format=policy.output.format,
         jpeg_quality=policy.output.jpeg_quality, synthesis_batch=obfuscation.gan.batch_size,
         frame_detection=ingest_settings(policy).detection(),
-        rerender_views=obfuscation.gan.rerender_views, workers=workers,
+        rerender_views=obfuscation.gan.rerender_views, screened_draws=obfuscation.gan.screened_draws,
+        workers=workers,
         perturbation=(installed_perturbation(policy.perturbation.xi, policy.perturbation.min_psnr_db,
                                              tuple(policy.attributes.preserve))
                       if policy.perturbation.enabled else None))

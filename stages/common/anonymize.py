@@ -10,8 +10,9 @@ taken in and obfuscated like the others; if faces keep appearing after
 ``MAX_DISCOVERY_ROUNDS``, the photo is quarantined. A synthesized face the check does not
 find again at all, or finds still verifying as its original, is drawn again (Stage III's
 ``render_draws``: a new identity code, or another view of its crop; at most
-``rerender_views`` more) before any fallback method, so that what is published is a new
-face dlib still sees, and whose distance to the original the gate has therefore measured.
+``rerender_views`` more after such checks, and ``screened_draws`` more that only the
+screen takes) before any fallback method, so that what is published is a new face dlib
+still sees, and whose distance to the original the gate has therefore measured.
 
 With Stage IV on (``settings.perturbation``), every synthesized face gets the universal
 perturbation inside its mask (``stages.perturbation.apply``), added after the compose and before
@@ -105,6 +106,7 @@ class AnonymizeSettings:
     jpeg_quality: int = 95
     synthesis_batch: int = 64
     rerender_views: int = 4                 # further draws for a rendered face the check lost or that verifies
+    screened_draws: int = 19                # and further draws only the screen may take (PhotoEscalation.screen)
     sface_release: float = SFACE_RELEASE   # SFace similarity at or above which a face may not be released
     perturbation: ReleasePerturbation | None = None   # Stage IV on synthesized faces (None: off)
     # stages.common.faces.detect_faces's keyword arguments at ingest: a multi-frame file's further
@@ -131,6 +133,7 @@ class FaceOutcome:
     step: int = 0                           # index into ``chain`` of the method used now
     draw: int = 0                           # index into ``renders`` of the drawing used now
     redrawn_for: list[str] = field(default_factory=list)     # why each further draw was made
+    checked_redraws: int = 0                # of those, made after a check of the whole photo
     withdrawn: str | None = None            # why Stage IV was taken off it: "lost" | "verifies"
     escalated_for: list[str] = field(default_factory=list)   # what each step past the first answered
     screened_out: int = 0                   # draws and methods passed over by the screen (PhotoEscalation.screen)
@@ -338,7 +341,7 @@ class PhotoEscalation:
 
     def _pass_over(self, outcome: FaceOutcome, kind: str) -> bool:
         """The face's next draw, else its chain's next method, for ``kind``; False when it has neither."""
-        if outcome.method == "gan" and outcome.draw < min(self.settings.rerender_views, len(outcome.renders) - 1):
+        if outcome.method == "gan" and outcome.draw < self._last_draw(outcome):
             outcome.redrawn_for.append(kind)
             outcome.draw += 1
         elif outcome.step + 1 < len(outcome.chain):
@@ -464,12 +467,20 @@ class PhotoEscalation:
         for i, outcome in enumerate(self.faces):
             lost = outcome.distance == float("inf")
             if (outcome.method == "gan" and (lost or i in leaking)
-                    and outcome.draw < min(self.settings.rerender_views, len(outcome.renders) - 1)):
+                    and outcome.checked_redraws < self.settings.rerender_views
+                    and outcome.draw < self._last_draw(outcome)):
                 outcome.redrawn_for.append("lost" if lost else leak_kind(report, i, distance))
                 outcome.draw += 1
+                outcome.checked_redraws += 1
                 outcome.edit(self.settings)
                 again = True
         return again
+
+    def _last_draw(self, outcome: FaceOutcome) -> int:
+        """The last of a rendered face's draws it may be published with: ``rerender_views`` more
+        after checks of the whole photo, and ``screened_draws`` more the screen passes over
+        (the screen may take any of them; the check only ``rerender_views``)."""
+        return min(self.settings.rerender_views + self.settings.screened_draws, len(outcome.renders) - 1)
 
     def measure_perturbation(self, composition: Composition) -> None:
         """What Stage IV did to each face that kept it, on the settled photo."""

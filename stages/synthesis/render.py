@@ -141,13 +141,21 @@ class RenderDraw:
     view: RenderView
 
 
+# How many times a face can be drawn with identity codes: the first draw, up to 4 more after
+# checks of the whole photo (GanParams.rerender_views), and up to MAX_SCREENED_DRAWS the leak
+# gate's screen passes over (GanParams.screened_draws).
+MAX_CODE_DRAWS = 24
+
+
 def render_draws(code_size: int) -> tuple[RenderDraw, ...]:
     """The order in which a face is drawn. With identity codes: a new code at every draw, the
     first three from the crop as aligned, then mirrored and zoomed (a face the verifier lost
-    may need another geometry as well as another person). Without: the views in turn."""
+    may need another geometry as well as another person), then the crop as aligned again.
+    Without: the views in turn."""
     if code_size == 0:
         return tuple(RenderDraw(0, view) for view in RENDER_VIEWS)
     views = (RENDER_VIEWS[0],) * 3 + RENDER_VIEWS[1:3]
+    views += (RENDER_VIEWS[0],) * (MAX_CODE_DRAWS - len(views))
     return tuple(RenderDraw(index, view) for index, view in enumerate(views))
 
 

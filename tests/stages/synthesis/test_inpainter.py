@@ -27,6 +27,7 @@ from stages.synthesis.inpainter import (
     verifier_same_shares,
 )
 from stages.synthesis.render import (
+    MAX_CODE_DRAWS,
     RENDER_VIEWS,
     Synthesizer,
     identity_codes,
@@ -342,7 +343,8 @@ def test_each_draw_is_a_new_code_reproducible_from_its_seed():
     targets = np.zeros((2, len(ATTRIBUTES)))
     renders = synthesizer.renders(crops, targets, seeds=[11, 2 ** 63 - 1])
     draws = render_draws(8)
-    assert [d.code for d in draws] == [0, 1, 2, 3, 4] and draws[0].view is draws[2].view is RENDER_VIEWS[0]
+    assert [d.code for d in draws] == list(range(MAX_CODE_DRAWS)) and draws[0].view is draws[2].view is RENDER_VIEWS[0]
+    assert [d.view for d in draws[3:5]] == list(RENDER_VIEWS[1:3]) and draws[5].view is RENDER_VIEWS[0]
     assert renders[1].code_seed(1) == 0 and renders[0].code_seed(3) == 14      # wraps within int64
     first, second = renders[0][0], renders[0][1]
     assert np.abs(first.astype(int) - second).mean() > 0.1                      # another person

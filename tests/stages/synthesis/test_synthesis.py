@@ -16,12 +16,14 @@ from stages.common.anonymize import AnonymizeSettings, PhotoEscalation, anonymiz
 from stages.common.compose import match_colour
 from stages.common.faces import align_face, detect_faces
 from stages.synthesis.render import (
+    MAX_CODE_DRAWS,
     RENDER_VIEWS,
     RenderView,
     Synthesizer,
     face_context,
     identity_codes,
     load_synthesizer,
+    render_draws,
     template_mask,
 )
 from stages.synthesis.training import GAN_ATTRIBUTES
@@ -103,6 +105,12 @@ def test_the_policy_allows_as_many_rerenders_as_there_are_other_views():
     assert GanParams().rerender_views == len(RENDER_VIEWS) - 1
     with pytest.raises(ValidationError):
         GanParams(rerender_views=len(RENDER_VIEWS))
+    # The screen's further draws: as many as a v2 generator's codes leave after rerender_views'.
+    most = MAX_CODE_DRAWS - 1 - (len(RENDER_VIEWS) - 1)
+    assert GanParams(screened_draws=most).screened_draws == most
+    with pytest.raises(ValidationError):
+        GanParams(screened_draws=most + 1)
+    assert len(render_draws(code_size=8)) == MAX_CODE_DRAWS
 
 
 def test_face_renders_render_later_views_only_when_asked():
@@ -196,6 +204,23 @@ def test_a_rendered_face_lost_or_still_verifying_is_drawn_again_before_any_fallb
     renders = others[:real] + [views] + others[real + 1:]
     result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan", rerender_views=0), renders)
     assert set(views.asked) == {0} and result.faces[real].render_draw == 0
+
+    # Seven draws that verify, then a new face: the screen passes over all seven (rerender_views'
+    # 4 and 3 of screened_draws' 19) without checking the whole photo for any of them.
+    checked_draws = []        # the face's draw at each check of the whole photo
+    check = PhotoEscalation.compose_and_check
+    monkeypatch.setattr(PhotoEscalation, "compose_and_check",
+                        lambda self: checked_draws.append(self.faces[real].draw) or check(self))
+    views = RecordingViews([aligned[real].crop] * 7 + [new_face], shipped.forehead)
+    renders = others[:real] + [views] + others[real + 1:]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan"), renders)
+    assert result.status == "released" and result.faces[real].render_draw == 7
+    assert result.faces[real].screened_out == 7 and set(checked_draws) == {7}
+    # With screened_draws 2, draw 6 is the last: then the fallback.
+    views = RecordingViews([aligned[real].crop] * 7 + [new_face], shipped.forehead)
+    renders = others[:real] + [views] + others[real + 1:]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings("gan", screened_draws=2), renders)
+    assert max(views.asked) == 6 and result.faces[real].methods_tried[:2] == ["gan", "pixelate"]
 
 
 def test_evaluation_re_renders_like_the_release(astronaut):
