@@ -198,8 +198,24 @@ def _sface_measurements(shown: list[list[tuple[np.ndarray, np.ndarray]]], output
                     similarity[index], closest = value, (landmarks, target)
         if closest is not None and similarity[index] >= sface_release:
             landmarks, target = closest
-            blank[index] = float(sface_descriptor(without.photo(index), landmarks) @ target)
+            # The lower of two removals: filled with the mask colour, and with the box's own
+            # median colour. SFace reads the surroundings, and which flat colour replaces the
+            # face moves its reading: seen in CI, a released face at 0.369 read 0.387 with its
+            # box grey (so no evidence to the gate) and below 0.359 in its own colour (the
+            # independent check's removal), which made it evidence there.
+            blank[index] = min(float(sface_descriptor(photo, landmarks) @ target)
+                               for photo in (without.photo(index),
+                                             _filled_own_colour(output_rgb, without.original_faces[index].box)))
     return similarity, blank
+
+
+def _filled_own_colour(output_rgb: np.ndarray, box: tuple) -> np.ndarray:
+    """``output_rgb`` with ``box``, enlarged by a quarter, filled with its own median colour."""
+    left, top, right, bottom = enlarged_box(box, 0.25, output_rgb.shape)
+    copy = output_rgb.copy()
+    region = copy[top:bottom, left:right]
+    copy[top:bottom, left:right] = np.median(region.reshape(-1, 3), axis=0).astype(np.uint8)
+    return copy
 
 
 def _filled_grey(output_rgb: np.ndarray, box: tuple) -> np.ndarray:
