@@ -156,7 +156,7 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
     crop takes in the forehead): another person's face pasted over the landmark hull still
     left 6.7% of 150 LFW faces their own person to it (results/painted_region_lfw150.json)."""
     if removed is None:
-        removed = functools.partial(_filled_grey, output_rgb)
+        removed = functools.partial(_filled, output_rgb)
     found = _output_faces(output_rgb, detectors, upsample, max_side, threshold, tile_side)
     targets, places = _originals(original_rgb, original_faces, original_descriptors, verifier_faces or [],
                                  descriptor_cache)
@@ -208,26 +208,21 @@ def _sface_measurements(shown: list[list[tuple[np.ndarray, np.ndarray]]], output
             # astronaut's face filled grey read 0.465, refilled 0.463), hence OWN_COLOUR_NOISE,
             # as the independent check allows.
             grey = float(sface_descriptor(without.photo(index), landmarks) @ target)
-            own = float(sface_descriptor(_filled_own_colour(output_rgb, without.original_faces[index].box),
+            own = float(sface_descriptor(_filled(output_rgb, without.original_faces[index].box, None),
                                          landmarks) @ target)
             blank[index] = min(grey, own + OWN_COLOUR_NOISE)
     return similarity, blank
 
 
-def _filled_own_colour(output_rgb: np.ndarray, box: tuple) -> np.ndarray:
-    """``output_rgb`` with ``box``, enlarged by a quarter, filled with its own median colour."""
+
+def _filled(output_rgb: np.ndarray, box: tuple, colour=BLANK_GREY) -> np.ndarray:
+    """``output_rgb`` with ``box``, enlarged by a quarter, filled flat with ``colour`` (None:
+    the enlarged box's own median colour)."""
     left, top, right, bottom = enlarged_box(box, 0.25, output_rgb.shape)
     copy = output_rgb.copy()
     region = copy[top:bottom, left:right]
-    copy[top:bottom, left:right] = np.median(region.reshape(-1, 3), axis=0).astype(np.uint8)
-    return copy
-
-
-def _filled_grey(output_rgb: np.ndarray, box: tuple) -> np.ndarray:
-    """``output_rgb`` with ``box``, enlarged by a quarter, filled grey."""
-    left, top, right, bottom = enlarged_box(box, 0.25, output_rgb.shape)
-    copy = output_rgb.copy()
-    copy[top:bottom, left:right] = BLANK_GREY
+    copy[top:bottom, left:right] = (np.median(region.reshape(-1, 3), axis=0).astype(np.uint8)
+                                    if colour is None else colour)
     return copy
 
 
