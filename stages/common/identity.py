@@ -125,7 +125,8 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
                          removed: Callable[[tuple], np.ndarray] | None = None,
                          verifier_faces: list[DetectedFace] | None = None,
                          sface_originals: list[np.ndarray | None] | None = None,
-                         sface_release: float = SFACE_RELEASE) -> LeakReport:
+                         sface_release: float = SFACE_RELEASE,
+                         cover_boxes: list[tuple] | None = None) -> LeakReport:
     """Find faces in ``output_rgb`` with every detector in ``detectors`` and measure each one
     that overlaps an original face against that original's descriptor (None: the original
     is not described, so not measured) and against ``original_rgb`` described at the output
@@ -154,7 +155,10 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
     similarity and ``sface_blank`` the same measurement with the face removed, when it
     reaches ``sface_release``. SFace reads more of the face's surroundings than dlib (its
     crop takes in the forehead): another person's face pasted over the landmark hull still
-    left 6.7% of 150 LFW faces their own person to it (results/painted_region_lfw150.json)."""
+    left 6.7% of 150 LFW faces their own person to it (results/painted_region_lfw150.json).
+
+    ``cover_boxes``: per original face, the box its removal fills (default: its own box); a
+    caller that protects a face over more than its box (``cover_box``) passes that."""
     if removed is None:
         removed = functools.partial(_filled, output_rgb)
     found = _output_faces(output_rgb, detectors, upsample, max_side, threshold, tile_side)
@@ -163,7 +167,7 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
     measured = _Measurements.empty(len(original_faces))
     _measure_found_again(measured, found, output_rgb, original_rgb, original_faces, targets, descriptor_cache)
     _measure_at_box(measured, output_rgb, original_faces, targets, places, descriptor_cache)
-    without = _WithFaceRemoved(removed, original_faces)
+    without = _WithFaceRemoved(removed, cover_boxes or [face.box for face in original_faces], output_rgb)
     blank = [float("inf")] * len(original_faces)
     for index in range(len(original_faces)):
         if min(measured.distances[index], measured.at_box[index]) < release_distance:
@@ -180,39 +184,41 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
 def _sface_measurements(shown: list[list[tuple[np.ndarray, np.ndarray]]], output_rgb: np.ndarray,
                         original_rgb: np.ndarray, originals: list[np.ndarray | None], without: _WithFaceRemoved,
                         sface_release: float, cache: dict | None = None) -> tuple[list[float], list[float]]:
-    """Per original face: SFace's highest similarity of the output, at every place dlib
-    described it, to its original (ingest's description, and the original photo described
-    at the same place); and where that reaches ``sface_release``, the same with the face
-    removed. Faces without an original (not described) get -inf for both. ``cache``: as
-    dlib's descriptor cache (unchanged pixels at the same landmarks are not described again)."""
+    """Per original face: SFace's similarity of the output, at every place dlib described it,
+    to its original (ingest's description, and the original photo described at the same
+    place), and the same with the face removed. Every place that reaches ``sface_release``
+    is judged on its own removal; the face's entry is the highest that is evidence (above its
+    removal), else the highest with its removal. Faces without an original (not described)
+    get -inf for both. ``cache``: as dlib's descriptor cache (unchanged pixels at the same
+    landmarks are not described again)."""
     count = len(shown)
     similarity, blank = [float("-inf")] * count, [float("-inf")] * count
     for index, original in enumerate(originals[:count]):
         if original is None:
             continue
-        closest = None
+        readings = []   # (similarity, landmarks, target)
         for landmarks in {landmarks.tobytes(): landmarks for landmarks, _ in shown[index]}.values():
             described = sface_descriptor(output_rgb, landmarks, cache)
             for target in (original, sface_descriptor(original_rgb, landmarks, cache)):
-                value = float(described @ target)
-                if value > similarity[index]:
-                    similarity[index], closest = value, (landmarks, target)
-        if closest is not None and similarity[index] >= sface_release:
-            landmarks, target = closest
-            # The lower of two removals: filled with the mask colour, and with the box's own
-            # median colour. SFace reads the surroundings, and which flat colour replaces the
-            # face moves its reading: seen in CI, a released face at 0.369 read 0.387 with its
-            # box grey (so no evidence to the gate) and below 0.359 in its own colour (the
-            # independent check's removal), which made it evidence there. The second is
-            # exactly flat where a box the release already filled carries JPEG's noise (the
-            # astronaut's face filled grey read 0.465, refilled 0.463), hence OWN_COLOUR_NOISE,
-            # as the independent check allows.
-            grey = float(sface_descriptor(without.photo(index), landmarks) @ target)
-            own = float(sface_descriptor(_filled(output_rgb, without.original_faces[index].box, None),
-                                         landmarks) @ target)
-            blank[index] = min(grey, own + OWN_COLOUR_NOISE)
+                readings.append((float(described @ target), landmarks, target))
+        readings.sort(key=lambda reading: -reading[0])
+        if readings:
+            similarity[index] = readings[0][0]
+        for value, landmarks, target in readings:
+            if value < sface_release:
+                break
+            removed = without.sface_similarity(index, landmarks, target)
+            if blank[index] == float("-inf"):   # the highest reading's removal
+                blank[index] = removed
+            if value > removed:
+                similarity[index], blank[index] = value, removed
+                break
     return similarity, blank
 
+
+def union_box(*boxes: tuple) -> tuple[float, float, float, float]:
+    """The smallest box that holds every one of ``boxes``."""
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 def _filled(output_rgb: np.ndarray, box: tuple, colour=BLANK_GREY) -> np.ndarray:
@@ -326,21 +332,37 @@ def _measure_at_box(measured: _Measurements, output_rgb: np.ndarray, original_fa
 
 
 class _WithFaceRemoved:
-    """Descriptors of the output with one face removed (``removed(box)``), each removal made
-    when first needed."""
+    """The output with one face removed (``removed(box)`` over the face's cover box), each
+    removal made when first needed, and what the verifiers make of it."""
 
-    def __init__(self, removed: Callable[[tuple], np.ndarray], original_faces: list[DetectedFace]):
-        self.removed, self.original_faces, self.photos = removed, original_faces, {}
+    def __init__(self, removed: Callable[[tuple], np.ndarray], cover_boxes: list[tuple], output_rgb: np.ndarray):
+        self.removed, self.cover_boxes, self.output_rgb, self.photos = removed, cover_boxes, output_rgb, {}
 
     def photo(self, index: int) -> np.ndarray:
         """The output with face ``index`` removed."""
         if index not in self.photos:
-            self.photos[index] = self.removed(self.original_faces[index].box)
+            self.photos[index] = self.removed(self.cover_boxes[index])
         return self.photos[index]
 
     def descriptor(self, index: int, landmarks: np.ndarray) -> np.ndarray:
         """dlib's descriptor at ``landmarks`` of the output with face ``index`` removed."""
         return chip_descriptor(face_chip(self.photo(index), landmarks))
+
+    def sface_similarity(self, index: int, landmarks: np.ndarray, target: np.ndarray) -> float:
+        """SFace's similarity to ``target`` at ``landmarks`` of the output with face ``index``
+        removed over its cover box, the lower of two removals: filled with the mask colour,
+        and with the region's own median colour. SFace reads the surroundings, so both where
+        the face is taken out and which flat colour replaces it move its reading. Seen in CI:
+        a released face at 0.369 read 0.387 with its box grey (so no evidence to the gate)
+        and below 0.359 in its own colour; a face masked over CenterFace's box read 0.474 with
+        that box removed again, and 0.363 to the independent check, which removed HOG's box,
+        further left, with the hair beside it (hence cover boxes that hold HOG's box too).
+        The own colour is exactly flat where a box the release already filled carries JPEG's
+        noise (the astronaut's face filled grey read 0.465, refilled 0.463), hence
+        OWN_COLOUR_NOISE, as the independent check allows."""
+        grey = float(sface_descriptor(self.photo(index), landmarks) @ target)
+        own = float(sface_descriptor(_filled(self.output_rgb, self.cover_boxes[index], None), landmarks) @ target)
+        return min(grey, own + OWN_COLOUR_NOISE)
 
 
 def _membership(shown: list[list[tuple[np.ndarray, np.ndarray]]], targets: list[list[np.ndarray]],

@@ -1,4 +1,6 @@
 """The identity-leak gate: a method that leaves the face unchanged is caught and never published."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -157,3 +159,20 @@ def test_a_blank_that_measures_close_to_a_non_face_is_not_a_leak(astronaut, astr
     report = check_identity_leaks(covered, astronaut, faces, originals, detectors=())
     assert report.at_box[patch] < 0.65 and report.at_box[patch] >= report.blank[patch]
     assert patch not in report.leaking(0.65) and real in report.leaking(0.65)
+
+
+def test_protection_over_the_box_covers_the_verifiers_own_box_of_the_face_too(astronaut, astronaut_faces):
+    """A face ingest's detector boxed more tightly than the verifier's (HOG) is covered over
+    both boxes (enlarged), and its removal takes out both: SFace still read hair left beside a
+    face masked over CenterFace's box alone as the person's."""
+    faces, aligned = astronaut_faces
+    real = max(range(len(faces)), key=lambda i: -faces[i].box[1])
+    left, top, right, bottom = faces[real].box
+    tight = replace(faces[real], box=(left + 30, top, right, bottom))   # HOG's box reaches 30 px further left
+    settings = _settings("mask", fallback=[], min_synthesis_px=10_000, box_method="mask")   # all over their box
+    result = anonymize_photo(astronaut, "PNG", [tight], [aligned[real]], settings)
+    assert result.status == "released" and result.faces[0].boxed
+    published = decode_bytes(result.encoded)
+    hog_left, _, _, _ = enlarged_box(faces[real].box, settings.box_margin, astronaut.shape)
+    strip = published[int(top):int(bottom), hog_left:int(left + 30)]
+    assert strip.size and (strip == strip[0, 0]).all(), "the part of HOG's box beyond the ingest box is filled too"
