@@ -23,6 +23,7 @@ from stages.common.faces import (
     face_chip,
     landmarks_in_box,
 )
+from stages.common.identity import already_flat
 from stages.common.imageio import load_rgb
 from stages.common.obfuscate import enlarged_box
 from stages.common.sface import SFACE_SAME_PERSON, sface_descriptor
@@ -117,7 +118,7 @@ def _sface_evidence(similarity, published, box, landmarks, target):
     stays as published, so what is measured is what the face itself still shows. The fill
     is exactly flat where the published one carries JPEG's noise (a filled shoulder patch:
     0.49469 published, 0.49467 refilled), hence the margin of 0.01."""
-    if similarity < SFACE_SAME_PERSON:
+    if similarity < SFACE_SAME_PERSON or already_flat(published, box):   # nothing of a face there to remove
         return False
     left, top, right, bottom = enlarged_box(box, 0.25, published.shape)
     own_colour = np.median(published[top:bottom, left:right].reshape(-1, 3), axis=0).astype(np.uint8)
