@@ -167,7 +167,8 @@ def check_identity_leaks(output_rgb: np.ndarray, original_rgb: np.ndarray, origi
     measured = _Measurements.empty(len(original_faces))
     _measure_found_again(measured, found, output_rgb, original_rgb, original_faces, targets, descriptor_cache)
     _measure_at_box(measured, output_rgb, original_faces, targets, places, descriptor_cache)
-    without = _WithFaceRemoved(removed, cover_boxes or [face.box for face in original_faces], output_rgb)
+    without = _WithFaceRemoved(removed, cover_boxes or [face.box for face in original_faces], output_rgb,
+                               descriptor_cache)
     blank = [float("inf")] * len(original_faces)
     for index in range(len(original_faces)):
         if min(measured.distances[index], measured.at_box[index]) < release_distance:
@@ -351,14 +352,25 @@ class _WithFaceRemoved:
     """The output with one face removed (``removed(box)`` over the face's cover box), each
     removal made when first needed, and what the verifiers make of it."""
 
-    def __init__(self, removed: Callable[[tuple], np.ndarray], cover_boxes: list[tuple], output_rgb: np.ndarray):
-        self.removed, self.cover_boxes, self.output_rgb, self.photos = removed, cover_boxes, output_rgb, {}
+    def __init__(self, removed: Callable[[tuple], np.ndarray], cover_boxes: list[tuple], output_rgb: np.ndarray,
+                 cache: dict | None = None):
+        self.removed, self.cover_boxes, self.output_rgb, self.cache = removed, cover_boxes, output_rgb, cache
+        self.photos: dict[int, np.ndarray] = {}
+        self.own_colour: dict[int, np.ndarray | None] = {}
 
     def photo(self, index: int) -> np.ndarray:
         """The output with face ``index`` removed."""
         if index not in self.photos:
             self.photos[index] = self.removed(self.cover_boxes[index])
         return self.photos[index]
+
+    def own_colour_photo(self, index: int) -> np.ndarray | None:
+        """The output with face ``index``'s cover box (enlarged) filled in its own median
+        colour; None where that region is flat already (``already_flat``)."""
+        if index not in self.own_colour:
+            box = self.cover_boxes[index]
+            self.own_colour[index] = None if already_flat(self.output_rgb, box) else _filled(self.output_rgb, box, None)
+        return self.own_colour[index]
 
     def descriptor(self, index: int, landmarks: np.ndarray) -> np.ndarray:
         """dlib's descriptor at ``landmarks`` of the output with face ``index`` removed."""
@@ -376,12 +388,13 @@ class _WithFaceRemoved:
         The own colour is exactly flat where a box the release already filled carries JPEG's
         noise (the astronaut's face filled grey read 0.465, refilled 0.463), hence
         OWN_COLOUR_NOISE, as the independent check allows."""
-        grey = float(sface_descriptor(self.photo(index), landmarks) @ target)
-        if already_flat(self.output_rgb, self.cover_boxes[index]):
+        grey = float(sface_descriptor(self.photo(index), landmarks, self.cache) @ target)
+        own_colour = self.own_colour_photo(index)
+        if own_colour is None:
             # Nothing of the face is left there to take out: filling it again in its own colour
             # moves only JPEG's noise, which moved one of the astronaut's places by 0.0127.
             return grey
-        own = float(sface_descriptor(_filled(self.output_rgb, self.cover_boxes[index], None), landmarks) @ target)
+        own = float(sface_descriptor(own_colour, landmarks, self.cache) @ target)
         return min(grey, own + OWN_COLOUR_NOISE)
 
 
