@@ -97,7 +97,7 @@ class LeakReport:
 
 
 BLANK_GREY = 128   # the default mask colour, which fills a removed face by default
-OWN_COLOUR_NOISE = 0.01   # SFace's reading of a box filled flat again over JPEG's noise (see _sface_measurements)
+OWN_COLOUR_NOISE = 0.01   # SFace's reading of a box filled flat again over JPEG's noise (see _WithFaceRemoved.sface_similarity)
 
 
 def same_face_as(face: DetectedFace, original_faces: list[DetectedFace]) -> list[int]:
