@@ -123,6 +123,7 @@ class InpainterSettings:
     blocks: int = 2
     critic_width: int = 16
     checkpoint_every: int = 250
+    log_every: int = 25         # steps between losses.jsonl records
 
 
 def to_unit(crops: torch.Tensor) -> torch.Tensor:
@@ -394,7 +395,7 @@ def train_inpainter(crops: torch.Tensor, labels: torch.Tensor, identity, setting
             optimise_g.step()
             step += 1
             bar.update()
-            if step % 25 == 0:
+            if step % settings.log_every == 0:
                 record = {"step": step, "d_loss": d_loss.item(), "g_loss": g_loss.item()}
                 record |= {f"g_{name}": value.item() for name, value in terms.items()}
                 log.write(json.dumps(record | {"seconds": round(time.perf_counter() - started, 1)}) + "\n")

@@ -52,6 +52,7 @@ class GanSettings:
     width: int = 24
     blocks: int = 3
     checkpoint_every: int = 500
+    log_every: int = 50         # steps between losses.jsonl records; a multiple of critic_steps
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -135,7 +136,7 @@ def train_gan(images: torch.Tensor, labels: torch.Tensor, identity, settings: Ga
                 record |= {"g_loss": g_loss.item()} | {f"g_{name}": value.item() for name, value in terms.items()}
             step += 1
             bar.update()
-            if step % 50 == 0:   # a multiple of critic_steps, so the generator's terms are in the record
+            if step % settings.log_every == 0:   # a multiple of critic_steps: the generator's terms are in it
                 log.write(json.dumps(record | {"seconds": round(time.perf_counter() - started, 1)}) + "\n")
                 log.flush()
             if step % settings.checkpoint_every == 0 or step == settings.steps:

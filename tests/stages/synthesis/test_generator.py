@@ -121,17 +121,17 @@ def test_gan_training_runs_logs_and_resumes(tmp_path):
     images = torch.rand(12, 3, GAN_SIZE, GAN_SIZE) * 2 - 1
     labels = (torch.rand(12, len(GAN_ATTRIBUTES)) > 0.5).float()
     identity = IdentityNet(channels=(4, 8, 8, 8), hidden=16)
-    settings = GanSettings(steps=50, batch_size=4, width=8, blocks=1, checkpoint_every=25)
+    settings = GanSettings(steps=10, batch_size=4, width=8, blocks=1, checkpoint_every=5, log_every=2)
     train_gan(images, labels, identity, settings, tmp_path, progress=False, preview=(images[:2], labels[:2]))
     records = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 50 and {"g_ver", "g_ssim", "g_rec", "g_cls", "d_loss"} <= set(records[-1])
+    assert records[-1]["step"] == 10 and {"g_ver", "g_ssim", "g_rec", "g_cls", "d_loss"} <= set(records[-1])
     assert all(np.isfinite(v) for r in records for v in r.values())
     assert (tmp_path / "samples.png").stat().st_size > 0
     state = torch.load(tmp_path / "gan_checkpoint.pt", weights_only=True)
-    assert state["step"] == 50
-    more = GanSettings(steps=60, batch_size=4, width=8, blocks=1, checkpoint_every=25)
+    assert state["step"] == 10
+    more = GanSettings(steps=12, batch_size=4, width=8, blocks=1, checkpoint_every=5)
     train_gan(images, labels, identity, more, tmp_path, progress=False)
-    assert torch.load(tmp_path / "gan_checkpoint.pt", weights_only=True)["step"] == 60
+    assert torch.load(tmp_path / "gan_checkpoint.pt", weights_only=True)["step"] == 12
 
 
 @pytest.mark.shared_data
@@ -153,7 +153,7 @@ def test_identity_and_generator_flows_on_a_tiny_subset(shared_data, tmp_path, pr
     assert sum(summary["split_sizes"].values()) > 50 and "distance_to_teacher_median" in summary["test"]
     identity_dir = tmp_path / "train-identity" / "tiny" / "model"
     assert load_identity_model(str(identity_dir))(torch.zeros(1, 3, GAN_SIZE, GAN_SIZE)).shape == (1, 128)
-    settings = GanSettings(steps=10, batch_size=4, width=8, blocks=1, checkpoint_every=5)
+    settings = GanSettings(steps=10, batch_size=4, width=8, blocks=1, checkpoint_every=5, log_every=2)
     result = train_generator(images=images, labels=labels, run_dir=str(tmp_path / "train-generator" / "tiny"),
                              settings=settings, limit=60, identity=str(identity_dir), progress=False)
     weights = torch.load(tmp_path / "train-generator" / "tiny" / "model" / MODEL_FILE, weights_only=True)

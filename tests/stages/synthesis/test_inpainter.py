@@ -315,25 +315,26 @@ def test_a_snapshot_carries_a_run_to_a_new_run_folder(tmp_path):
     crops = torch.randint(0, 256, (10, 128, 128, 3), dtype=torch.uint8)
     labels = (torch.rand(10, len(GAN_ATTRIBUTES)) > 0.5).float()
     identity = IdentityNet(channels=(4, 8, 8, 8), hidden=16)
-    tiny = {"batch_size": 2, "width": 4, "blocks": 1, "critic_width": 4, "code_size": 8, "checkpoint_every": 25}
+    tiny = {"batch_size": 2, "width": 4, "blocks": 1, "critic_width": 4, "code_size": 8, "checkpoint_every": 5,
+            "log_every": 1}
     first, later = tmp_path / "first", tmp_path / "later"
     first.mkdir(), later.mkdir()
-    trained = train_inpainter(crops, labels, identity, InpainterSettings(steps=25, **tiny), first, progress=False)
+    trained = train_inpainter(crops, labels, identity, InpainterSettings(steps=5, **tiny), first, progress=False)
     snapshot = first / "snapshot.pt"
     assert snapshot.stat().st_size < (first / "gan_checkpoint.pt").stat().st_size / 2   # no Adam state, float16
-    carried = train_inpainter(crops, labels, identity, InpainterSettings(steps=25, **tiny), later, progress=False,
+    carried = train_inpainter(crops, labels, identity, InpainterSettings(steps=5, **tiny), later, progress=False,
                               start_from=snapshot)
-    for name, value in trained.state_dict().items():   # 25 of 25 steps done: the snapshot's weights, as saved
+    for name, value in trained.state_dict().items():   # 5 of 5 steps done: the snapshot's weights, as saved
         assert torch.allclose(carried.state_dict()[name], value, atol=2e-3 * (1 + value.abs().max()))
-    train_inpainter(crops, labels, identity, InpainterSettings(steps=30, **tiny), later, progress=False,
+    train_inpainter(crops, labels, identity, InpainterSettings(steps=6, **tiny), later, progress=False,
                     start_from=snapshot)
-    assert torch.load(later / "gan_checkpoint.pt", weights_only=True)["step"] == 30
+    assert torch.load(later / "gan_checkpoint.pt", weights_only=True)["step"] == 6
     first_curve = (first / "losses.jsonl").read_text()
     assert first_curve and (later / "losses.jsonl").read_text().startswith(first_curve)   # the curve came along
     other = tmp_path / "other"
     other.mkdir()
     with pytest.raises(ValueError, match="other settings"):
-        train_inpainter(crops, labels, identity, InpainterSettings(steps=30, **(tiny | {"width": 8})), other,
+        train_inpainter(crops, labels, identity, InpainterSettings(steps=6, **(tiny | {"width": 8})), other,
                         progress=False, start_from=snapshot)
 
 
