@@ -292,21 +292,21 @@ def test_inpainter_training_runs_logs_and_resumes(tmp_path):
     crops = torch.randint(0, 256, (10, 128, 128, 3), dtype=torch.uint8)
     labels = (torch.rand(10, len(GAN_ATTRIBUTES)) > 0.5).float()
     identity = IdentityNet(channels=(4, 8, 8, 8), hidden=16)
-    settings = InpainterSettings(steps=25, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8,
-                                 checkpoint_every=25)
+    settings = InpainterSettings(steps=5, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8,
+                                 checkpoint_every=5, log_every=5)
     preview = (crops[:2].permute(0, 3, 1, 2).float() / 127.5 - 1, labels[:2])
     train_inpainter(crops, labels, identity, settings, tmp_path, progress=False, preview=preview, people=preview)
     records = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     losses = [r for r in records if "d_loss" in r]
-    assert losses[-1]["step"] == 25 and {"g_div", "g_ms", "g_fm", "g_ver"} <= set(losses[-1])
+    assert losses[-1]["step"] == 5 and {"g_div", "g_ms", "g_fm", "g_ver"} <= set(losses[-1])
     assert {"bars_stripes", "bars_chroma_excess"} <= set(records[-2])   # at the checkpoint
     assert {"same_share_painted", "same_share_real"} <= set(records[-1])
     assert all(np.isfinite(v) for r in records for v in r.values())
     assert (tmp_path / "samples.png").stat().st_size > 0
-    more = InpainterSettings(steps=30, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8,
-                             checkpoint_every=25)
+    more = InpainterSettings(steps=6, batch_size=2, width=4, blocks=1, critic_width=4, code_size=8,
+                             checkpoint_every=5)
     train_inpainter(crops, labels, identity, more, tmp_path, progress=False)
-    assert torch.load(tmp_path / "gan_checkpoint.pt", weights_only=True)["step"] == 30
+    assert torch.load(tmp_path / "gan_checkpoint.pt", weights_only=True)["step"] == 6
 
 
 def test_a_snapshot_carries_a_run_to_a_new_run_folder(tmp_path):
