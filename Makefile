@@ -45,7 +45,7 @@ system-deps:
 # --durations: the slowest tests in the log, where CI time goes. -n 2: two processes (pytest-xdist),
 # one test file each at a time: much of the suite waits on servers or runs one core, and the
 # longest files start first (tests/conftest.py). --no-loadscope-reorder: without it xdist re-sorts
-# the files by their number of tests, and the shared-data file (9 tests, ~30 min) started late.
+# the files by their number of tests, and the shared-data file (4 tests, ~35 min) started late.
 test: install system-deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 $(PYTEST_ARGS)
 
