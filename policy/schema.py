@@ -15,9 +15,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stages.attributes.names import ATTRIBUTES
+from stages.common.obfuscate import SYNTHESIZING_METHODS
 from stages.selection.ppas import EXPONENTIAL_MAX_ATTRIBUTES
 
-ObfuscationName = Literal["gan", "blur", "pixelate", "mask"]
+ObfuscationName = Literal["gan", "gan_surround", "blur", "pixelate", "mask"]
 
 
 class PolicyValueError(ValueError):
@@ -107,7 +108,9 @@ class GanParams(_Strict):
 
 class ObfuscationPolicy(_Strict):
     method: ObfuscationName = Field("blur", description="How every detected face is obfuscated: gan synthesizes a new "
-                                                        "face with the Stage II target attributes (Stage III).")
+                                                        "face with the Stage II target attributes (Stage III); "
+                                                        "gan_surround does too and covers the rest of the face's "
+                                                        "enlarged box (hair, ears, outline) with detection.box_method.")
     feather_fraction: float = Field(0.06, ge=0, le=0.3, description="Width of the mask's soft edge, as a fraction of face width.")
     gan: GanParams = GanParams()
     blur: BlurParams = BlurParams()
@@ -143,7 +146,9 @@ class IdentityCheckPolicy(_Strict):
                     "could verify for another run of the same verifier.")
     on_leak: Literal["fallback", "quarantine"] = Field(
         "fallback", description="A leaking face gets the fallback methods in order (re-checked each time), or its photo is quarantined.")
-    fallback: list[ObfuscationName] = Field(["pixelate", "mask"], description="Stronger methods tried in order on a leaking face.")
+    fallback: list[ObfuscationName] = Field(["pixelate", "mask"], description="Stronger methods tried in order on a "
+                                            "leaking face (gan_surround first keeps a face: the synthesized one, with "
+                                            "what is around it covered).")
     on_no_face: Literal["release", "quarantine"] = Field("release", description="What to do with photos in which no face is found.")
 
     @property
@@ -265,8 +270,8 @@ class Policy(_Strict):
             raise PolicyValueError(f"the only fallback is the main method '{self.obfuscation.method}' itself: "
                                    "a face that leaks with it would leak again; name a stronger method such as mask",
                                    at=("identity_check", "fallback"))
-        synthesizes = self.obfuscation.method == "gan" or (self.identity_check.on_leak == "fallback"
-                                                          and "gan" in self.identity_check.fallback)
+        synthesizes = self.obfuscation.method in SYNTHESIZING_METHODS or (
+            self.identity_check.on_leak == "fallback" and any(m in SYNTHESIZING_METHODS for m in self.identity_check.fallback))
         if self.perturbation.enabled and not synthesizes:
             raise PolicyValueError(f"perturbation is enabled but no face is synthesized (method "
                                    f"'{self.obfuscation.method}'): Stage IV perturbs the faces Stage III renders; "

@@ -8,9 +8,12 @@ from pathlib import Path
 from policy.loader import DEFAULT_POLICY, LoadedPolicy
 from policy.schema import Policy
 from stages.attributes.names import ATTRIBUTES
+from stages.common.obfuscate import SYNTHESIZING_METHODS
 from stages.selection.ppas import Selection
 
 VERBS = {"gan": "replaced by a newly synthesized face that carries the Stage II target attributes",
+         "gan_surround": "replaced by a newly synthesized face, with its hair, ears and outline covered as a face "
+                         "too small to synthesize is",
          "blur": "blurred", "pixelate": "pixelated", "mask": "covered with a solid mask"}
 DETECTORS = {"centerface": "with a neural detector made for crowds: small, turned and partly hidden faces too",
              "centerface+hog": "with a neural detector made for crowds, plus dlib's frontal-face detector",
@@ -42,7 +45,7 @@ def unrendered_notes(policy: Policy, rendered: tuple[str, ...] | None = None) ->
     obfuscated attributes the generator does not render (hair lies outside the face mask the
     release pastes back, so the photo keeps the original's). The guarantee then covers the
     recorded targets, not those pixels; say so rather than let the policy promise it."""
-    if policy.obfuscation.method != "gan":
+    if policy.obfuscation.method not in SYNTHESIZING_METHODS:
         return []
     rendered = rendered if rendered is not None else rendered_attributes()
     if rendered is None:

@@ -201,7 +201,8 @@ def _released(rgb: np.ndarray, faces: list[DetectedFace], aligned: list[AlignedF
     escalated = sum(len(outcome.methods_tried) > 1 for outcome in result.faces)
     return (decode_bytes(result.encoded) if released else None,
             {"released": released, "faces_escalated": escalated if released else None,
-             "faces_synthesized": sum(o.synthesized for o in result.faces) if released else None})
+             "faces_synthesized": sum(o.synthesized for o in result.faces) if released else None,
+             "faces_surround": sum(o.surrounded for o in result.faces) if released else None})
 
 
 def evaluate_pair(job: tuple[Path, Path, list[str], Policy, Synthesis | None, bool]) -> list[dict]:
@@ -316,6 +317,8 @@ def summarize(rows: pd.DataFrame) -> dict[str, dict]:
             summary[method]["released_share"] = float(usable["released"].astype(bool).mean())
             summary[method]["faces_escalated"] = int(usable["faces_escalated"].fillna(0).sum())
             summary[method]["faces_synthesized"] = int(usable["faces_synthesized"].fillna(0).sum())
+            # of those, published with the rest of their enlarged box covered (gan_surround)
+            summary[method]["faces_surround"] = int(usable["faces_surround"].fillna(0).sum())
         if "perturbation_withdrawn" in usable and len(usable) and usable["perturbation_withdrawn"].notna().all():
             # gan+perturbation: faces composed without it because it lost them or brought them back
             summary[method]["faces_perturbation_withdrawn"] = int(usable["perturbation_withdrawn"].sum())
@@ -460,7 +463,8 @@ def markdown_table(results: dict) -> str:
                          f"{fmt(m.get('sface_same_share'), percent=True)}); Fréchet distance "
                          f"to real faces (Stage I features) {fmt(m.get('frechet_distance_stage1'), 2)}"
                          + (f"; {fmt(m['released_share'], percent=True)} of the photos released, "
-                            f"{m['faces_escalated']} face(s) escalated, {m['faces_synthesized']} published synthesized"
+                            f"{m['faces_escalated']} face(s) escalated, {m['faces_synthesized']} published synthesized "
+                            f"({m.get('faces_surround', 0)} of them with their surroundings covered)"
                             if "released_share" in m else ""))
     lines.append("\nThe second verifier (SFace, independent of dlib's): " + "; ".join(
         f"{method} de-ID {fmt(m.get('sface_deid_rate'), percent=True)}, self de-ID "

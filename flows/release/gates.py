@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from stages.common.facetable import leaks
+from stages.common.obfuscate import SYNTHESIZING_METHODS
 
 
 @dataclass
@@ -239,7 +240,7 @@ def perturbation_gate(photos: pd.DataFrame, faces: pd.DataFrame, min_psnr_db: fl
     import great_expectations.expectations as gxe
 
     released_ids = set(photos.loc[photos["status"] == "released", "image_id"])
-    frame = faces[faces["image_id"].isin(released_ids) & (faces["method"] == "gan")] if not faces.empty else faces
+    frame = faces[faces["image_id"].isin(released_ids) & faces["method"].isin(SYNTHESIZING_METHODS)] if not faces.empty else faces
     if frame.empty:
         return GateResult(name="gate:perturbation", passed=True, checks=0, observed={"faces_perturbed": 0})
     carried = frame["perturbed"].fillna(False).astype(bool).to_numpy()
@@ -258,7 +259,7 @@ def perturbation_gate(photos: pd.DataFrame, faces: pd.DataFrame, min_psnr_db: fl
         gxe.ExpectColumnValuesToBeBetween(column="perturbation_psnr_db", min_value=min_psnr_db),
         gxe.ExpectColumnValuesToBeInSet(column="profiler_measured", value_set=[True]),
     ])
-    fooled = faces.loc[faces["image_id"].isin(released_ids) & (faces["method"] == "gan"), "profiler_fooled"]
+    fooled = faces.loc[faces["image_id"].isin(released_ids) & faces["method"].isin(SYNTHESIZING_METHODS), "profiler_fooled"]
     measured = fooled.dropna().astype(bool)
     costs = frame["perturbation_psnr_db"][carried]
     reasons = pd.Series(withdrawn).dropna()

@@ -7,6 +7,7 @@ from collections import Counter
 from policy.schema import Policy
 from policy.tools import unrendered_notes
 from stages.common.facetable import measured_at_box
+from stages.common.obfuscate import SYNTHESIZING_METHODS
 from stages.common.sface import SFACE_RELEASE, SFACE_SAME_PERSON
 
 MAX_ROWS = 200
@@ -164,17 +165,19 @@ def _drift_section(run: dict) -> list[str]:
 def _synthesis_section(faces: list[dict], policy: Policy) -> list[str]:
     """Stage III: how many faces the generator rendered and how many of those the leak gate
     sent on to a fallback."""
-    if policy.obfuscation.method != "gan" or not faces:
+    if policy.obfuscation.method not in SYNTHESIZING_METHODS or not faces:
         return []
-    rendered = [f for f in faces if (f.get("methods_tried") or [None])[0] == "gan"]
+    rendered = [f for f in faces if (f.get("methods_tried") or [None])[0] in SYNTHESIZING_METHODS]
     kept = sum(f.get("method") == "gan" for f in rendered)
-    fallback = [f for f in rendered if f.get("method") != "gan"]
+    surround = sum(f.get("method") == "gan_surround" for f in rendered)
+    fallback = [f for f in rendered if f.get("method") not in SYNTHESIZING_METHODS]
     methods = Counter(f.get("method") for f in fallback)
     redraws = Counter(kind for f in rendered for kind in (f.get("redrawn_for") or []))
     return ["## Face synthesis (Stage III)", "",
             f"- {len(rendered)} of {len(faces)} face(s) rendered by the generator with their Stage II targets; "
-            f"{kept} published as rendered, {len(fallback)} were not yet far enough from their original for the "
-            "leak gate (or could not be rendered) and went to the fallback"
+            f"{kept} published as rendered, {surround} as rendered with the hair, ears and outline around them "
+            f"covered (gan_surround), {len(fallback)} were not yet far enough from their original for the "
+            "leak gate (or could not be rendered) and went to a fallback that does not keep a face"
             + (" (" + ", ".join(f"{m}: {n}" for m, n in sorted(methods.items())) + ")" if methods else ""),
             f"- {sum(1 for f in rendered if f.get('redrawn_for'))} face(s) drawn again (a new identity code, or "
             f"another view of the crop) before any fallback: {redraws.get('lost', 0)} time(s) because the verifier "

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from stages.common.faces import AlignedFace, apply_affine, face_mask
+from stages.common.obfuscate import enlarged_box, obfuscate_region
 
 
 def match_colour(source: np.ndarray, reference: np.ndarray, region: np.ndarray,
@@ -94,6 +95,31 @@ def compose_face_into(canvas: np.ndarray, aligned: AlignedFace, edited_crop: np.
     blended = region.of(canvas).astype(np.float32) * (1.0 - region.alpha) + warped.astype(np.float32) * region.alpha
     canvas[region.top:region.bottom, region.left:region.right] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return region
+
+
+def cover_around(canvas: np.ndarray, region: FaceRegion, box: tuple, method: str, params: dict | None = None,
+                 margin: float = 0.25) -> tuple[int, int, int, int]:
+    """In place: ``box`` of ``canvas``, enlarged by ``margin``, obfuscated with ``method``
+    everywhere except under ``region``'s mask, which keeps the face composed there (its soft
+    edge blends the two). For a synthesized face whose surroundings (hair, ears, outline)
+    still let a verifier recognise the person: the new face stays a face, and what is
+    around it is covered as a face protected over its box is. Returns the rectangle
+    written (left, top, right, bottom)."""
+    left, top, right, bottom = enlarged_box(box, margin, canvas.shape)
+    if right <= left or bottom <= top:
+        return left, top, right, bottom
+    area = canvas[top:bottom, left:right]
+    keep = np.zeros((bottom - top, right - left, 1), np.float32)
+    # The face's mask, where it overlaps the enlarged box.
+    x0, y0 = max(region.left, left), max(region.top, top)
+    x1, y1 = min(region.right, right), min(region.bottom, bottom)
+    if x1 > x0 and y1 > y0:
+        keep[y0 - top:y1 - top, x0 - left:x1 - left] = region.alpha[y0 - region.top:y1 - region.top,
+                                                                     x0 - region.left:x1 - region.left]
+    covered = obfuscate_region(area, method, params).astype(np.float32)
+    blended = covered * (1.0 - keep) + area.astype(np.float32) * keep
+    canvas[top:bottom, left:right] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return left, top, right, bottom
 
 
 def compose_face(photo: np.ndarray, aligned: AlignedFace, edited_crop: np.ndarray,

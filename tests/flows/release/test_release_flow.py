@@ -258,7 +258,7 @@ def test_a_synthesized_face_that_still_verifies_goes_to_the_fallback(inputs, tmp
     assert (faces[faces.method == "gan"].render_view == "aligned").all()
     assert (faces.leak_distance >= 0.6).all()
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "## Face synthesis (Stage III)" in report and "went to the fallback" in report
+    assert "## Face synthesis (Stage III)" in report and "went to a fallback" in report
     # Drawn once more before the fallback (it verified at its box), then a fallback method when
     # that verified too: both passed over by the screen, before any check of the whole photo,
     # which then measured what was published.

@@ -319,3 +319,54 @@ train_gan(images, labels, IdentityNet(channels=(4, 8, 8, 8), hidden=16),
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "gan_checkpoint.pt").is_file()
+
+
+def test_gan_surround_keeps_the_synthesized_face_and_covers_what_is_around_it(astronaut):
+    from stages.common.imageio import decode_bytes
+    from stages.common.obfuscate import enlarged_box
+    from stages.synthesis.render import cached_synthesizer
+
+    faces = detect_faces(astronaut)
+    aligned = [align_face(astronaut, f.landmarks) for f in faces]
+    real = min(range(len(faces)), key=lambda i: faces[i].box[1])
+    shipped = cached_synthesizer()
+    codes = identity_codes([1], shipped.code_size) if shipped.code_size else None
+    new_face = shipped.render(aligned[real].crop[None], np.zeros((1, len(ATTRIBUTES))), codes=codes)[0]
+
+    def published(method, **overrides):
+        renders = [[a.crop] for a in aligned]
+        renders[real] = RecordingViews([new_face], shipped.forehead)
+        result = anonymize_photo(astronaut, "PNG", faces, aligned, _settings(method, **overrides), renders)
+        return result, decode_bytes(result.encoded)
+
+    kept, as_gan = published("gan")
+    covered, as_surround = published("gan_surround")
+    assert kept.faces[real].method == "gan" and covered.faces[real].method == "gan_surround"
+    assert covered.status == "released" and covered.faces[real].synthesized and covered.faces[real].render_draw == 0
+    left, top, right, bottom = (int(v) for v in faces[real].box)
+    # The synthesized face itself is the same in both: around its nose, nothing differs.
+    width, height = right - left, bottom - top
+    core = np.s_[top + int(0.45 * height):top + int(0.6 * height), left + int(0.4 * width):left + int(0.6 * width)]
+    assert np.abs(as_gan[core].astype(int) - as_surround[core]).max() <= 1
+    # Inside the enlarged box, where gan left the photo as it was (hair, ears, background):
+    # cells of the box method (pixelate: 8 x 8 over the box) with gan_surround.
+    x0, y0, x1, y1 = enlarged_box(faces[real].box, 0.25, astronaut.shape)
+    area = np.s_[y0:y1, x0:x1]
+    around = np.abs(as_gan[area].astype(int) - astronaut[area]).max(axis=2) <= 2
+    assert around.mean() > 0.3
+    assert np.abs(as_surround[area].astype(int) - astronaut[area])[around].mean() > 8
+    colours = np.unique(as_surround[area][around], axis=0, return_counts=True)[1]
+    assert np.sort(colours)[::-1][:64].sum() > 0.7 * around.sum()   # flat cells, not texture
+    # Outside the enlarged box nothing is touched.
+    outside = np.s_[y0:y0 + 20, max(x0 - 30, 0):max(x0 - 10, 0)]
+    assert np.abs(as_surround[outside].astype(int) - astronaut[outside]).max() <= 3
+
+    # In a chain: a rendering that is the original verifies with its surroundings covered too,
+    # and the chain goes on past gan_surround to the methods that keep no face.
+    renders = [[a.crop] for a in aligned]
+    result = anonymize_photo(astronaut, "PNG", faces, aligned,
+                             _settings("gan", fallback=["gan_surround", "pixelate", "mask"]), renders)
+    assert result.status == "released"
+    assert result.faces[real].methods_tried[:2] == ["gan", "gan_surround"]
+    assert result.faces[real].method not in ("gan", "gan_surround")
+    assert _settings("blur", fallback=["gan_surround", "mask"]).uses_generator
