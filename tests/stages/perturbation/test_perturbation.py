@@ -138,7 +138,7 @@ def test_a_policy_that_perturbs_without_synthesizing_is_refused(tmp_path):
     from policy.loader import PolicyError, load_policy
 
     text = (REPO / "policy" / "default.yaml").read_text().replace("method: gan ", "method: blur ")
-    text = text.replace("fallback: [blur, pixelate, mask]", "fallback: [pixelate, mask]")
+    text = text.replace("fallback: [gan_surround, blur, pixelate, mask]", "fallback: [pixelate, mask]")
     path = tmp_path / "p.yaml"
     path.write_text(text)
     with pytest.raises(PolicyError) as error:
