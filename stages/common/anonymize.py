@@ -13,9 +13,9 @@ find again at all, or finds still verifying as its original, is drawn again (Sta
 ``rerender_views`` more after such checks, and ``screened_draws`` more that only the
 screen takes) before any fallback method, so that what is published is a new face dlib
 still sees, and whose distance to the original the gate has therefore measured. The
-fallback ``gan_surround`` keeps that face and covers the rest of its enlarged box (hair,
+fallback ``gan_surround`` keeps a drawn face and covers the rest of its enlarged box (hair,
 ears, outline: what SFace still reads of a face that leaves the generator) with the box
-method, before the methods that keep no face.
+method, trying the draws again from the first, before the methods that keep no face.
 
 With Stage IV on (``settings.perturbation``), every synthesized face gets the universal
 perturbation inside its mask (``stages.perturbation.apply``), added after the compose and before
@@ -206,6 +206,15 @@ class FaceOutcome:
     def perturbation_withdrawn(self) -> str | None:
         return self.withdrawn if self.synthesized else None
 
+    def next_method(self) -> None:
+        """On to the chain's next method. From ``gan`` to ``gan_surround``, back to the first
+        draw: every draw gets another chance with its surroundings covered (the screen's, at
+        a fraction of a second each; the check's redraws are not given back)."""
+        previous = self.method
+        self.step += 1
+        if previous == "gan" and self.step < len(self.chain) and self.method == "gan_surround":
+            self.draw = 0
+
     def edit(self, settings: AnonymizeSettings) -> None:
         """The aligned crop edited with the chain's current method, skipping ``gan`` where
         nothing was rendered; None when the chain runs out or the face is protected over its box."""
@@ -362,7 +371,7 @@ class PhotoEscalation:
             outcome.draw += 1
         elif outcome.step + 1 < len(outcome.chain):
             outcome.escalated_for.append(kind)
-            outcome.step += 1
+            outcome.next_method()
         else:
             return False
         outcome.edit(self.settings)
@@ -560,7 +569,7 @@ class PhotoEscalation:
         for i in leaking:
             outcome = self.faces[i]
             outcome.escalated_for.append(leak_kind(report, i, distance))
-            outcome.step += 1
+            outcome.next_method()
             outcome.edit(settings)
         return None
 

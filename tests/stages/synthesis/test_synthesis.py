@@ -370,3 +370,18 @@ def test_gan_surround_keeps_the_synthesized_face_and_covers_what_is_around_it(as
     assert result.faces[real].methods_tried[:2] == ["gan", "gan_surround"]
     assert result.faces[real].method not in ("gan", "gan_surround")
     assert _settings("blur", fallback=["gan_surround", "mask"]).uses_generator
+
+
+def test_gan_surround_starts_again_from_the_first_draw():
+    from stages.common.anonymize import FaceOutcome
+
+    outcome = FaceOutcome(None, None, ["gan", "gan_surround", "blur"], None, None, draw=5)
+    outcome.next_method()
+    assert outcome.method == "gan_surround" and outcome.draw == 0 and outcome.synthesized
+    outcome.draw = 3
+    outcome.next_method()
+    assert outcome.method == "blur" and outcome.draw == 3 and not outcome.synthesized
+    # A chain that starts with gan_surround keeps its draws as they are.
+    outcome = FaceOutcome(None, None, ["gan_surround", "blur"], None, None, draw=2)
+    outcome.next_method()
+    assert outcome.method == "blur" and outcome.draw == 2
