@@ -102,6 +102,8 @@ PHOTO_SCHEMA = pa.schema([
     pa.field("source_mode", pa.string()),
     pa.field("exif_rotated", pa.bool_()),
     pa.field("frames", pa.int32()),                      # frames (pages) in the input file
+    pa.field("fps", pa.float64()),                       # a video's frame rate (kept in its release)
+    pa.field("n_tracks", pa.int32()),                    # a video's tracks: people followed through it
     pa.field("n_faces", pa.int32()),
     pa.field("output_path", pa.string()),                # relative to the release folder
     pa.field("output_format", pa.string()),
@@ -271,6 +273,10 @@ def summarize(release_dir: str | Path) -> str:
         lines.append(f"Not released in run {latest}:")
         for row in not_released.itertuples():
             lines.append(f"  {row.status:<11} {row.image_id}: {row.reason}")
+    if "fps" in latest_photos and latest_photos.fps.notna().any():
+        videos = latest_photos[latest_photos.fps.notna()]
+        lines.append(f"Videos in run {latest}: {len(videos)} ({int((videos.status == 'released').sum())} released), "
+                     f"{int(videos.frames.sum())} frames, {int(videos.n_tracks.fillna(0).sum())} track(s)")
     latest_faces = faces[faces.run_id == latest]
     if len(latest_faces):
         lines.extend(face_summary_lines(latest, latest_faces))

@@ -232,6 +232,25 @@ class FaceOutcome:
         self.step = len(self.chain) - 1
 
 
+@dataclass(frozen=True)
+class FaceStart:
+    """Where a face's escalation starts instead of its chain's first method and draw: a
+    video's decision for a track, taken by every frame of it (``stages.common.pipeline``), so
+    a person keeps one method and one identity code through the video."""
+    chain: tuple[str, ...]
+    step: int
+    draw: int
+    box_reason: str | None = None           # covered over its box after its chain verified
+
+    @classmethod
+    def of(cls, outcome: FaceOutcome) -> FaceStart:
+        return cls(tuple(outcome.chain), outcome.step, outcome.draw, outcome.box_reason)
+
+    def order(self) -> tuple[bool, int, int]:
+        """Further along the escalation sorts later."""
+        return self.box_reason is not None, self.step, self.draw
+
+
 @dataclass
 class AnonymizeResult:
     status: str                             # "released" | "quarantined"
@@ -293,7 +312,8 @@ class PhotoEscalation:
     """The per-photo anonymize loop's state (one ``FaceOutcome`` per face) and its steps."""
 
     def __init__(self, rgb: np.ndarray, source_format: str, faces: list[DetectedFace], aligned: list[AlignedFace],
-                 settings: AnonymizeSettings, rendered: list[Sequence[np.ndarray] | None] | None = None):
+                 settings: AnonymizeSettings, rendered: list[Sequence[np.ndarray] | None] | None = None,
+                 starts: list[FaceStart | None] | None = None):
         self.rgb, self.settings = rgb, settings
         self.fmt, self.suffix = output_format_for(source_format, settings.output_format)
         self.crop_size = aligned[0].crop.shape[0] if aligned else ALIGNED_SIZE
@@ -301,10 +321,11 @@ class PhotoEscalation:
         # Over the box, a flat fill is the last resort when the policy allows fallbacks.
         self.box_chain = [settings.box_method] + (["mask"] if settings.box_method != "mask"
                                                   and settings.on_leak == "fallback" else [])
-        rendered = list(rendered or [])
+        rendered, starts = list(rendered or []), list(starts or [])
         self.faces: list[FaceOutcome] = []
         for index, (face, align) in enumerate(zip(faces, aligned)):
-            self._add(face, align, rendered[index] if index < len(rendered) else None, found_by_check=False)
+            self._add(face, align, rendered[index] if index < len(rendered) else None, found_by_check=False,
+                      start=starts[index] if index < len(starts) else None)
         self.discovery_rounds = 0
         self.stage_four_seconds = 0.0
         self.descriptor_cache: dict = {}    # faces whose pixels a round did not change are not described again
@@ -317,7 +338,7 @@ class PhotoEscalation:
                                if "hog" in settings.check_detectors else [])
 
     def _add(self, face: DetectedFace, align: AlignedFace, renders: Sequence[np.ndarray] | None,
-             found_by_check: bool) -> None:
+             found_by_check: bool, start: FaceStart | None = None) -> None:
         # A face protected over its box from the start (narrower than min_synthesis_px, or with
         # landmarks that disagree with the detector's) is not described: dlib's descriptor of a
         # 20 px face is not evidence of anyone (a flat-filled one in a crowd measured 0.33 from
@@ -328,6 +349,9 @@ class PhotoEscalation:
                               None if reason else face_descriptor(self.rgb, face.landmarks), renders,
                               found_by_check=found_by_check,
                               sface_original=None if reason else sface_descriptor(self.rgb, face.landmarks))
+        if start is not None and reason is None:   # a face protected over its box by its size keeps that
+            outcome.chain, outcome.step, outcome.draw = list(start.chain), start.step, start.draw
+            outcome.box_reason = start.box_reason
         outcome.edit(self.settings)
         self.faces.append(outcome)
 
@@ -576,15 +600,17 @@ class PhotoEscalation:
 
 def anonymize_photo(rgb: np.ndarray, source_format: str, faces: list[DetectedFace],
                     aligned: list[AlignedFace], settings: AnonymizeSettings,
-                    rendered: list[Sequence[np.ndarray] | None] | None = None) -> AnonymizeResult:
-    """``rendered`` holds Stage III's renders per ingest face, one per view of its crop
+                    rendered: list[Sequence[np.ndarray] | None] | None = None,
+                    starts: list[FaceStart | None] | None = None) -> AnonymizeResult:
+    """``starts``: per face, where its escalation starts (None: its chain's first method).
+    ``rendered`` holds Stage III's renders per ingest face, one per view of its crop
     (``stages.synthesis.render.FaceRenders``; ``None`` where a face has no Stage II targets);
     method ``gan`` uses the first and the next ones when the check loses the face, and a
     face without renders goes straight to the next method of the chain."""
     if not faces and settings.on_no_face == "quarantine":
         fmt, suffix = output_format_for(source_format, settings.output_format)
         return AnonymizeResult("quarantined", "no face found and the policy quarantines such photos", None, fmt, suffix)
-    photo = PhotoEscalation(rgb, source_format, faces, aligned, settings, rendered)
+    photo = PhotoEscalation(rgb, source_format, faces, aligned, settings, rendered, starts)
     while True:
         photo.screen()
         missing = photo.unrenderable()

@@ -25,8 +25,14 @@ FACE_SCHEMA = pa.schema([
     pa.field("box_left", pa.float64()), pa.field("box_top", pa.float64()),
     pa.field("box_right", pa.float64()), pa.field("box_bottom", pa.float64()),
     pa.field("detector_score", pa.float64()),
-    pa.field("found_by", pa.string()),          # "ingest", "identity-check" (a face ingest missed) or "frame" (a further frame)
-    pa.field("frame", pa.int32()),              # frame of a multi-frame file (0: first; null: a single-frame photo)
+    pa.field("found_by", pa.string()),          # "ingest", "identity-check" (a face ingest missed), "frame" (a further frame) or "track" (a video's track covered across a detector's gap)
+    pa.field("frame", pa.int32()),              # frame of a multi-frame file or video (0: first; null: a photo)
+    # A video's faces: which track (one person through the video; its ingest row is its face in
+    # the frame Stage I and II saw), and on that row how many frames it shows in and whether all
+    # of them took the track's one decision (False: some frames kept their own, each checked).
+    pa.field("track", pa.int32()),
+    pa.field("track_frames", pa.int32()),
+    pa.field("track_consistent", pa.bool_()),
     pa.field("detector", pa.string()),          # which detector found it: centerface | hog | cnn
     # Mean distance of dlib's fitted landmarks from the detector's own five points, over the
     # box width (CenterFace faces; null for dlib's detectors, which give no points).

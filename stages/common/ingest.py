@@ -144,6 +144,9 @@ def ingest_photo(photo: InputPhoto, detection: dict, max_pixels: int, aligned_si
     if photo.refusal:
         row.update(status="rejected", reason=photo.refusal)
         return row, [], []
+    from stages.common.video import is_video
+    if is_video(photo.path):
+        return ingest_video(photo, row, detection, max_pixels, aligned_size)
     try:
         image = load_rgb(photo.path, max_pixels=max_pixels)
     except ImageRejected as exc:
@@ -170,6 +173,50 @@ def ingest_photo(photo: InputPhoto, detection: dict, max_pixels: int, aligned_si
                                                 f"{failure_text(exc)}")
         return row, [], []
     row.update(n_faces=len(faces))
+    return row, faces, aligned
+
+
+def ingest_video(photo: InputPhoto, row: dict, detection: dict, max_pixels: int, aligned_size: int):
+    """A video: every frame searched with the ingest detector, the faces linked into tracks
+    (:func:`stages.common.video.track_faces`). Each track is one face of the face table (its
+    largest detected face, aligned), so Stage I and II see each person once and Stage II
+    draws once per person; the row's ``tracks`` carry every frame's landmarks for anonymize."""
+    from tqdm import tqdm
+
+    from stages.common.faces import align_face, detect_faces
+    from stages.common.video import VideoRejected, load_video, track_faces
+
+    try:
+        video = load_video(photo.path, max_pixels)
+    except VideoRejected as exc:
+        row.update(status="rejected", reason=f"video: {exc}")
+        return row, [], []
+    row.update(input_sha256=video.sha256, input_bytes=video.size, height=video.height, width=video.width,
+               source_format=video.source_format, source_mode="RGB", exif_rotated=False,
+               frames=len(video.frames), fps=video.fps)
+    if min(video.height, video.width) < MIN_PHOTO_SIDE:
+        row.update(status="rejected", reason=f"video too small: {video.width}x{video.height} pixels; a frame needs "
+                                             f"at least {MIN_PHOTO_SIDE} pixels a side to be searched for faces")
+        return row, [], []
+    try:
+        frames = tqdm(video.frames, desc=f"{photo.image_id}: faces", unit="frame", leave=False, disable=None)
+        tracks = track_faces([detect_faces(frame, **detection) for frame in frames])
+        faces, aligned = [], []
+        for track in tracks:
+            index = track.representative()
+            faces.append(track.detections[index])
+            aligned.append(align_face(video.frames[track.frames[index]], track.landmarks[index], aligned_size))
+    except Exception as exc:  # noqa: BLE001 - one video's failure is its own outcome, never the batch's
+        row.update(status="quarantined", reason=f"face detection failed, so nothing was published: "
+                                                f"{failure_text(exc)}")
+        return row, [], []
+    row.update(n_faces=len(faces), n_tracks=len(tracks), tracks=[
+        {"frames": track.frames, "landmarks": [points.reshape(-1).tolist() for points in track.landmarks],
+         "boxes": [list(box) for box in track.boxes], "detected": track.detected,
+         "detectors": [face.detector if face is not None else "track" for face in track.detections],
+         "scores": [float(face.score) if face is not None else 0.0 for face in track.detections],
+         "landmark_errors": [face.landmark_error if face is not None else None for face in track.detections],
+         "representative": track.frames[track.representative()]} for track in tracks])
     return row, faces, aligned
 
 

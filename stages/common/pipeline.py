@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
 from stages.common.anonymize import AnonymizeSettings, anonymize_photo
 from stages.common.faces import (
@@ -203,6 +204,8 @@ def _anonymize_one(row: dict, faces: list[dict], source: Path | None, settings: 
     if row["status"] != "ingested":
         return row, faces
     started = time.perf_counter()
+    if "tracks" in row:
+        return _anonymize_video_row(row, faces, source, settings, max_pixels, staging_dir, rendered, started)
     multi_frame = (row.get("frames") or 1) > 1
     try:
         image = load_frames(source, max_pixels) if multi_frame else load_rgb(source, max_pixels=max_pixels)
@@ -232,6 +235,171 @@ def _anonymize_one(row: dict, faces: list[dict], source: Path | None, settings: 
         row["staged_file"] = str(staged)
     row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - started
     return row, faces
+
+
+def _anonymize_video_row(row: dict, faces: list[dict], source: Path | None, settings: AnonymizeSettings,
+                         max_pixels: int, staging_dir: Path, rendered: list[FaceRenders | None],
+                         started: float) -> tuple[dict, list[dict]]:
+    """:func:`_anonymize_one` for a video (:func:`anonymize_video`): the whole video is
+    staged, or nothing of it."""
+    from stages.common.video import VideoRejected, load_video, output_suffix
+
+    try:
+        video = load_video(source, max_pixels)
+    except VideoRejected as exc:  # vanished or damaged since ingest
+        return row | {"status": "rejected", "reason": f"unreadable at anonymize: {exc}"}, faces
+    if video.sha256 != row["input_sha256"]:
+        return row | {"status": "quarantined", "reason": "file changed between ingest and anonymize; run again"}, faces
+    suffix = output_suffix(Path(row["image_id"]).suffix)
+    try:
+        faces, outcome = anonymize_video(row, faces, video.frames, video.fps, suffix, settings, rendered)
+    except Exception as exc:  # noqa: BLE001 - one video's failure is its own outcome, never the batch's
+        why = f"de-identification failed, so nothing was published: {failure_text(exc)}"
+        return (row | {"status": "quarantined", "reason": why, "seconds": row.get("seconds", 0.0)
+                       + time.perf_counter() - started}, [face | {"status": "quarantined"} for face in faces])
+    encoded = outcome.pop("encoded")
+    row.update(outcome, n_faces=len(faces), output_format=suffix.lstrip(".").upper(), output_suffix=suffix)
+    if encoded is not None:
+        staged = staging_dir / (hashlib.sha256(row["image_id"].encode()).hexdigest()[:24] + ".bin")
+        staged.write_bytes(encoded)
+        row["staged_file"] = str(staged)
+    row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - started
+    return row, faces
+
+
+# A video's tracks agree on one protection each within this many passes over the frames
+# whose outcome differs from their track's; past it the video is published with the frames
+# as each was checked (every frame passed the check on its own) and the track is marked.
+MAX_TRACK_ROUNDS = 6
+
+
+def _track_faces_in_frames(tracks: list[dict], n_frames: int) -> list[list[tuple[int, DetectedFace]]]:
+    """Per frame: (track index, the face as the track has it there) for every track present."""
+    present: list[list[tuple[int, DetectedFace]]] = [[] for _ in range(n_frames)]
+    for index, track in enumerate(tracks):
+        for k, frame in enumerate(track["frames"]):
+            error = track["landmark_errors"][k]
+            present[frame].append((index, DetectedFace(
+                box=tuple(track["boxes"][k]), score=track["scores"][k], detector=track["detectors"][k],
+                landmarks=np.asarray(track["landmarks"][k], dtype=np.float64).reshape(68, 2),
+                landmark_error=None if error is None or error != error else float(error))))
+    return present
+
+
+def anonymize_video(row: dict, track_rows: list[dict], frames: list[np.ndarray], fps: float, suffix: str,
+                    settings: AnonymizeSettings, rendered: list[FaceRenders | None]) -> tuple[list[dict], dict]:
+    """Every frame of a video de-identified and checked like a photo (as lossless PNG), with
+    one decision per track: each track's faces are rendered from their own frame with the
+    track's Stage II targets and identity-code seed (one new person through the video), and
+    a track that one frame had to escalate (another draw, the next method, its box covered)
+    takes that step in all its frames, which are checked again. The frames are written
+    losslessly and the file is released only if it decodes to exactly the frames judged.
+    Returns the face rows (each track's face in every frame it shows in, and the faces the
+    check found) and the video's outcome."""
+    from stages.common.anonymize import FaceStart, box_reason
+    from stages.common.video import decode_video, encode_video
+    from stages.synthesis.render import cached_synthesizer
+
+    if not row["tracks"] and settings.on_no_face == "quarantine":
+        return track_rows, {"status": "quarantined", "reason": "no face found in any frame and the policy "
+                            "quarantines such photos", "encoded": None, "perturbation_seconds": 0.0}
+    # A frame without a face is one moment of the video, not a photo without one: the policy's
+    # on_no_face applies to the video as a whole (above).
+    lossless = dataclasses.replace(settings, output_format="png", on_no_face="release")
+    present = _track_faces_in_frames(row["tracks"], len(frames))
+    aligned = [[align_face(frame, face.landmarks) for _, face in faces] for frame, faces in zip(frames, present)]
+    renders: dict[int, list] = {}
+
+    def frame_renders(t: int) -> list:
+        if t not in renders:
+            renders[t] = [None] * len(present[t])
+            wanted = [i for i, (track, _) in enumerate(present[t]) if rendered[track] is not None]
+            if wanted:
+                first = rendered[present[t][wanted[0]][0]]
+                drawn = cached_synthesizer(first.folder).renders(
+                    np.stack([aligned[t][i].crop for i in wanted]),
+                    np.stack([rendered[present[t][i][0]].target for i in wanted]), settings.synthesis_batch,
+                    seeds=[rendered[present[t][i][0]].seed for i in wanted])
+                for i, face_renders in zip(wanted, drawn):
+                    renders[t][i] = face_renders
+        return renders[t]
+
+    decisions: dict[int, FaceStart] = {}
+    results: dict[int, object] = {}
+    pending, rounds = set(range(len(frames))), 0
+    # A bar per video on a terminal (tqdm leaves it off elsewhere): a long video takes minutes.
+    bar = tqdm(total=len(frames), desc=row["image_id"], unit="frame", leave=False, disable=None)
+    while pending and rounds < MAX_TRACK_ROUNDS:
+        rounds += 1
+        if rounds > 1:
+            bar.reset(total=len(pending))
+            bar.set_description(f"{row['image_id']} (round {rounds}: frames whose tracks escalated)")
+        for t in sorted(pending):
+            bar.update()
+            faces_here = [face for _, face in present[t]]
+            result = anonymize_photo(frames[t], "PNG", faces_here, aligned[t], lossless, frame_renders(t),
+                                     [decisions.get(track) for track, _ in present[t]])
+            results[t] = result
+            if result.status != "released":
+                bar.close()
+                return _video_faces(row, track_rows, present, aligned, results, {}), {
+                    "status": "quarantined", "reason": f"frame {t + 1} of {len(frames)}: {result.reason}",
+                    "encoded": None, "perturbation_seconds": sum(r.perturbation_seconds for r in results.values())}
+        taken: dict[tuple[int, int], FaceStart] = {}
+        for t, result in results.items():
+            for (track, face), outcome in zip(present[t], result.faces):
+                if box_reason(face, settings) is None:   # not protected over its box by its size
+                    start = FaceStart.of(outcome)
+                    taken[t, track] = start
+                    if track not in decisions or start.order() > decisions[track].order():
+                        decisions[track] = start
+        pending = {t for (t, track), start in taken.items() if start != decisions[track]}
+    bar.close()
+    off_decision = {track for t in pending for track, _ in present[t]}
+    judged = [decode_bytes(results[t].encoded) for t in range(len(frames))]
+    encoded = encode_video(judged, fps, suffix)
+    written, written_fps = decode_video(encoded, suffix)
+    outcome = {"status": "released", "reason": None, "encoded": encoded,
+               "perturbation_seconds": sum(r.perturbation_seconds for r in results.values()),
+               "check_detectors": "+".join(results[0].detectors)}
+    if (len(written) != len(judged) or abs(written_fps - fps) > 1e-3
+            or not all(np.array_equal(a, b) for a, b in zip(written, judged))):
+        outcome.update(status="quarantined", encoded=None,
+                       reason="the video written does not decode to the frames the check judged")
+    faces = _video_faces(row, track_rows, present, aligned, results, {track: False for track in off_decision})
+    if outcome["status"] != "released":
+        faces = [face | {"status": "quarantined"} for face in faces]
+    return faces, outcome
+
+
+def _video_faces(row: dict, track_rows: list[dict], present: list, aligned: list, results: dict,
+                 consistent: dict[int, bool]) -> list[dict]:
+    """Face rows of a video: per track, its ingest row for the frame it was chosen from and a
+    row for each other frame it shows in (``track``, ``frame``), then the faces each frame's
+    check found; each with what that frame's de-identification did to it."""
+    out: list[dict] = []
+    extra: list[dict] = []
+    for t in sorted(results):
+        result = results[t]
+        frame_rows = []
+        for i, (track, face) in enumerate(present[t]):
+            base = track_rows[track]
+            if t == row["tracks"][track]["representative"]:
+                frame_rows.append(dict(base) | {"frame": t, "track": track,
+                                                "track_frames": len(row["tracks"][track]["frames"]),
+                                                "track_consistent": consistent.get(track, True)})
+            else:
+                frame_rows.append(face_row(row["image_id"], -1, face, aligned[t][i], row["width"], row["height"],
+                                           "track" if face.detector == "track" else "frame")
+                                  | {"frame": t, "track": track, "status": "detected"}
+                                  | {key: base.get(key) for key in ("target_attributes", "changed_attributes")})
+        recorded = _record_faces(row, frame_rows, result, t, 0)
+        for face in recorded:
+            (out if face.get("track") is not None else extra).append(face)
+    ordered = sorted(out, key=lambda face: (face["found_by"] != "ingest", face["track"], face["frame"]))
+    for index, face in enumerate(ordered + extra):
+        face["face_index"] = index
+    return ordered + extra
 
 
 def _record_faces(row: dict, faces: list[dict], result, frame: int | None, first_index: int = 0) -> list[dict]:

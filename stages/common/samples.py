@@ -51,3 +51,47 @@ def write_samples(folder: str | Path) -> list[Path]:
     Image.fromarray(data.coffee()).save(path, quality=92)
     written.append(path)
     return written
+
+
+def panned_clip_frames(count: int = 12, size: tuple[int, int] = (320, 240)) -> list[np.ndarray]:
+    """The astronaut panned right and zoomed in a little each frame (``size``: width, height)."""
+    astronaut = data.astronaut()
+    width, height = size
+    frames = []
+    for index in range(count):
+        zoom = 1.0 + 0.02 * index
+        left = 60 + 4 * index
+        crop = astronaut[40:40 + int(300 / zoom), left:left + int(400 / zoom)]
+        frames.append(np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.BOX)))
+    return frames
+
+
+def two_face_clip_frames(count: int = 8, size: tuple[int, int] = (480, 240)) -> list[np.ndarray]:
+    """Two faces side by side, the astronaut and her mirror image, moving down 2 px a frame."""
+    astronaut = data.astronaut()
+    width, height = size
+    half = width // 2
+    crop_height = int(round(280 * height / half))
+    frames = []
+    for index in range(count):
+        top = 20 + 2 * index
+        face = np.asarray(Image.fromarray(astronaut[top:top + crop_height, 100:380]).resize((half, height),
+                                                                                          Image.Resampling.BOX))
+        frames.append(np.concatenate([face, face[:, ::-1]], axis=1))
+    return frames
+
+
+def write_clip(path: str | Path, frames: list[np.ndarray], fps: float) -> Path:
+    """RGB frames as a lossy MPEG-4 clip, as a camera or phone would deliver one."""
+    import cv2
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    try:
+        for frame in frames:
+            writer.write(frame[:, :, ::-1].copy())
+    finally:
+        writer.release()
+    return path
