@@ -255,16 +255,40 @@ def release_command(input_location, output, policy, batch_size, manifest_root, d
 @click.option("-o", "--output", default="releases/demo", show_default=True, help="Release folder.")
 @click.option("--samples", default="samples/demo", show_default=True, help="Where the sample photos are written.")
 def demo_command(output, samples):
-    """Write public-domain sample photos and release them under the default policy."""
-    from stages.common.samples import write_samples
+    """Write public-domain sample photos and a sample video, and release them under the
+    default policy."""
+    from stages.common.samples import panned_clip_frames, write_clip, write_samples
 
     written = write_samples(samples)
-    click.echo(f"wrote {len(written)} sample photos to {samples}")
+    write_clip(Path(samples) / "video" / "astronaut_pan.mp4", panned_clip_frames(), 12.0)
+    click.echo(f"wrote {len(written)} sample photos and a 12-frame sample video to {samples}")
     # The samples are public-domain and rewritten every time: the demo keeps no privacy ledger
     # between runs, so it can be repeated (a real release keeps its ledger; see --ledger).
     with tempfile.TemporaryDirectory(prefix="anonymousnet-demo-ledger-") as ledger:
         click.echo("demo: the privacy ledger is not kept between demo runs")
         _print_summary(_run_release(samples, output, None, 16, None, dataset="demo samples", ledger=ledger))
+
+
+@main.command("clip")
+@click.argument("frames", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, help="Video file to write (.mp4, .mov, .avi, .mkv).")
+@click.option("--fps", default=25.0, show_default=True, help="Frame rate.")
+def clip_command(frames, output, fps):
+    """Make a video (lossy MPEG-4, as a camera would) from photos FRAMES, in the order given,
+    e.g. to try a video release on frames you have."""
+    from stages.common.imageio import ImageRejected, load_rgb
+    from stages.common.samples import write_clip
+
+    loaded = []
+    for frame in frames:
+        try:
+            loaded.append(load_rgb(frame).rgb)
+        except ImageRejected as exc:
+            raise click.ClickException(f"{frame}: {exc}") from None
+    if len({image.shape for image in loaded}) > 1:
+        raise click.ClickException("the frames differ in size; a video has one size")
+    write_clip(output, loaded, fps)
+    click.echo(f"wrote {len(loaded)} frames at {fps:g} fps to {output}")
 
 
 @main.group("lineage")
@@ -556,15 +580,17 @@ def benchmark_scaleout_command(images, workers, repeats, limit, batch_size, poli
 
 
 @main.command("benchmark")
-@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of photos (recursive).")
 @click.option("--repeats", default=3, show_default=True, help="Timed passes; medians are reported.")
 @click.option("--limit", default=None, type=int, help="Use only the first N photos.")
 @click.option("-p", "--policy", default=None, help="Policy whose detection and method settings are timed.")
-@click.option("--stage", type=click.Choice(["all", "attributes", "synthesis", "release"]), default="all",
+@click.option("--images", "images", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Folder of photos (recursive); not needed for --stage video.")
+@click.option("--stage", type=click.Choice(["all", "attributes", "synthesis", "release", "video"]), default="all",
               show_default=True,
               help="'attributes' times Stage I alone (CNN + forests), 'synthesis' Stage III alone (the "
                    "generator), on the photos' aligned faces; 'release' the whole release command against "
-                   "deface's on the same photos, and their ratio.")
+                   "deface's on the same photos, and their ratio; 'video' a 640x360 two-face clip released as "
+                   "a video against its frames released as photos (no --images: the clip is made here).")
 @click.option("--batch-size", default=None, type=int, help="Batch size of the stage timed alone "
                                                             "[default: 256 for attributes, 64 for synthesis].")
 @click.option("--generator", default=None, help="For --stage synthesis: a train-generator run's model/ folder.")
@@ -578,6 +604,14 @@ def benchmark_command(images, repeats, limit, policy, stage, batch_size, generat
         markdown_table,
     )
 
+    if stage == "video":
+        from flows.evaluation.benchmark import benchmark_video, video_table
+
+        results = benchmark_video(repeats=repeats, policy_path=policy)
+        _emit(results, video_table(results), output)
+        return
+    if images is None:
+        raise click.UsageError(f"--stage {stage} times the photos of a folder: give it with --images")
     if stage == "synthesis":
         batch_size = batch_size or 64
         results = benchmark_synthesis(Path(images), batch_size=batch_size, repeats=repeats, limit=limit,

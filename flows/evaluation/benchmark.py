@@ -326,3 +326,65 @@ def release_table(results: dict) -> str:
         f"| {results['release_flow_faces_per_second']:.2f} | |",
         f"| deface (CenterFace + blur) | {results['deface_seconds_median']:.1f} | | 1.0x |",
         "", f"identity leaks published per release: {results['leaks_published']}"])
+
+
+def benchmark_video(repeats: int = 3, frames: int = 24, size: tuple[int, int] = (640, 360), fps: float = 24.0,
+                    policy_path: str | None = None, progress: bool = True) -> dict:
+    """A public-domain clip with two faces (``stages.common.samples.two_face_clip_frames``,
+    ``size`` at ``fps``) released as a video, and the same decoded frames released as PNG
+    photos through the photo path, interleaved ``repeats`` times; medians of each release's
+    own flow time (the Prefect server's start left out) as frames and faces per second."""
+    from stages.common.samples import two_face_clip_frames, write_clip
+    from stages.common.video import load_video
+
+    video_seconds, photo_seconds, video_runs, photo_runs = [], [], [], []
+    with tempfile.TemporaryDirectory(prefix="anonymousnet-video-benchmark-") as scratch:
+        scratch = Path(scratch)
+        clip = write_clip(scratch / "video" / "two_faces.mp4", two_face_clip_frames(frames, size), fps)
+        from PIL import Image
+
+        for index, frame in enumerate(load_video(clip, max_pixels=size[0] * size[1]).frames):
+            (scratch / "photos").mkdir(exist_ok=True)
+            Image.fromarray(frame).save(scratch / "photos" / f"frame_{index:04d}.png")
+        for index in tqdm(range(repeats), desc="video vs photos", unit="repeat", disable=not progress):
+            _, run = _release_once(scratch / "video", scratch / f"video-release-{index}", 32, policy_path)
+            from flows.release import lineage
+
+            run["rounds"] = int(lineage.read_table(scratch / f"video-release-{index}", "photos").video_rounds.iloc[0])
+            video_runs.append(run)
+            video_seconds.append(run["flow_seconds"])
+            _, run = _release_once(scratch / "photos", scratch / f"photo-release-{index}", 32, policy_path)
+            photo_runs.append(run)
+            photo_seconds.append(run["flow_seconds"])
+    video_median, photo_median = statistics.median(video_seconds), statistics.median(photo_seconds)
+    return {
+        "clip": f"{size[0]}x{size[1]}, {frames} frames at {fps:g} fps, two faces (skimage astronaut and its mirror)",
+        "repeats": repeats, "policy": load_policy(policy_path).policy.name,
+        "machine": f"{_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "video_flow_seconds": [round(s, 2) for s in video_seconds],
+        "photo_flow_seconds": [round(s, 2) for s in photo_seconds],
+        "video_faces": [r["faces"] for r in video_runs], "photo_faces": [r["faces"] for r in photo_runs],
+        # Passes over the video's frames: 1 when no track had to escalate, more when one did
+        # (its frames checked again with the track's new decision).
+        "video_rounds": [r["rounds"] for r in video_runs],
+        "video_released": [r["released"] for r in video_runs], "photos_released": [r["released"] for r in photo_runs],
+        "leaks_published": [r["leaks"] for r in video_runs + photo_runs],
+        "video_frames_per_second": frames / video_median, "photo_frames_per_second": frames / photo_median,
+        "video_faces_per_second": statistics.median(r["faces"] for r in video_runs) / video_median,
+        "photo_faces_per_second": statistics.median(r["faces"] for r in photo_runs) / photo_median,
+        "video_to_photo_time_ratio": video_median / photo_median,
+    }
+
+
+def video_table(results: dict) -> str:
+    return "\n".join([
+        f"{results['clip']}; median of {results['repeats']} interleaved repeats of each release's flow time "
+        f"({results['machine']}; policy {results['policy']})", "",
+        "| path | seconds (median) | frames/s | faces/s |", "|---|---:|---:|---:|",
+        f"| video (tracks, one decision each) | {statistics.median(results['video_flow_seconds']):.1f} "
+        f"| {results['video_frames_per_second']:.2f} | {results['video_faces_per_second']:.2f} |",
+        f"| the same frames as PNG photos | {statistics.median(results['photo_flow_seconds']):.1f} "
+        f"| {results['photo_frames_per_second']:.2f} | {results['photo_faces_per_second']:.2f} |",
+        "", f"video / photos time: {results['video_to_photo_time_ratio']:.2f}x; passes over the video's frames "
+        f"per release: {results['video_rounds']}; "
+        f"identity leaks published per release: {results['leaks_published']}"])

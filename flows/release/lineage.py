@@ -104,6 +104,7 @@ PHOTO_SCHEMA = pa.schema([
     pa.field("frames", pa.int32()),                      # frames (pages) in the input file
     pa.field("fps", pa.float64()),                       # a video's frame rate (kept in its release)
     pa.field("n_tracks", pa.int32()),                    # a video's tracks: people followed through it
+    pa.field("video_rounds", pa.int32()),                # passes over its frames until each track had one decision
     pa.field("n_faces", pa.int32()),
     pa.field("output_path", pa.string()),                # relative to the release folder
     pa.field("output_format", pa.string()),

@@ -174,7 +174,7 @@ def _video_section(photos: list[dict], faces: list[dict]) -> list[str]:
              "no audio or metadata. Each track (one person through the video) gets one Stage II draw, one "
              "identity code and one method in all its frames; every frame is checked like a photo.", "",
              "| video | outcome | frames | fps | tracks | methods of its tracks | faces checked (frames × tracks) "
-             "| seconds | frames/s |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+             "| passes over its frames | seconds | frames/s |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for video in videos[:MAX_ROWS]:
         mine = [f for f in faces if f["image_id"] == video["image_id"]]
         chosen = [f for f in mine if f.get("found_by") == "ingest"]
@@ -184,9 +184,9 @@ def _video_section(photos: list[dict], faces: list[dict]) -> list[str]:
         lines.append(f"| `{_cell(video['image_id'])}` | {video['status']} | {frames} | {video['fps']:.3g} "
                      f"| {video.get('n_tracks') or 0} | {', '.join(f'{m}: {n}' for m, n in sorted(methods.items())) or '–'} "
                      f"| {sum(f.get('track') is not None and f.get('track') == f.get('track') for f in mine)} "
-                     f"| {seconds:.1f} | {frames / seconds if seconds else 0:.2f} |")
+                     f"| {video.get('video_rounds') or '–'} | {seconds:.1f} | {frames / seconds if seconds else 0:.2f} |")
     if len(videos) > MAX_ROWS:
-        lines.append(f"| … {len(videos) - MAX_ROWS} more in lineage | | | | | | | | |")
+        lines.append(f"| … {len(videos) - MAX_ROWS} more in lineage | | | | | | | | | |")
     split = [f for f in faces if f.get("track_consistent") is False]
     if split:
         lines.append(f"\n{len(split)} track(s) kept different methods or draws in some frames after "

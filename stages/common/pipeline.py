@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import multiprocessing
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,7 +327,23 @@ def anonymize_video(row: dict, track_rows: list[dict], frames: list[np.ndarray],
 
     decisions: dict[int, FaceStart] = {}
     results: dict[int, object] = {}
+    taken: dict[tuple[int, int], FaceStart] = {}   # (frame, track): where that frame left the track
+
+    def take(ts: list[int]) -> None:
+        """Record where frames ``ts`` left each track; a track goes as far as its furthest frame.
+        Frames after them start from there (fewer frames to check again)."""
+        for t in ts:
+            for (track, face), outcome in zip(present[t], results[t].faces):
+                if box_reason(face, settings) is None:   # not protected over its box by its size
+                    start = taken[t, track] = FaceStart.of(outcome)
+                    if track not in decisions or start.order() > decisions[track].order():
+                        decisions[track] = start
+
     pending, rounds = set(range(len(frames))), 0
+    # Frames go to the release's photo processes when this video is done in the flow's own
+    # process (a batch of one item); inside a photo process they are done in turn.
+    workers = settings.workers if multiprocessing.parent_process() is None else 1
+    chunk = max(1, 4 * workers)
     # A bar per video on a terminal (tqdm leaves it off elsewhere): a long video takes minutes.
     bar = tqdm(total=len(frames), desc=row["image_id"], unit="frame", leave=False, disable=None)
     while pending and rounds < MAX_TRACK_ROUNDS:
@@ -334,32 +351,29 @@ def anonymize_video(row: dict, track_rows: list[dict], frames: list[np.ndarray],
         if rounds > 1:
             bar.reset(total=len(pending))
             bar.set_description(f"{row['image_id']} (round {rounds}: frames whose tracks escalated)")
-        for t in sorted(pending):
-            bar.update()
-            faces_here = [face for _, face in present[t]]
-            result = anonymize_photo(frames[t], "PNG", faces_here, aligned[t], lossless, frame_renders(t),
-                                     [decisions.get(track) for track, _ in present[t]])
-            results[t] = result
-            if result.status != "released":
+        order = sorted(pending)
+        for first in range(0, len(order), chunk):
+            ts = order[first:first + chunk]
+            arguments = [(frames[t], "PNG", [face for _, face in present[t]], aligned[t], lossless, frame_renders(t),
+                          [decisions.get(track) for track, _ in present[t]]) for t in ts]
+            for t, result in zip(ts, map_in_processes(anonymize_photo, arguments, workers)):
+                results[t] = result
+                bar.update()
+            held = next((t for t in ts if results[t].status != "released"), None)
+            if held is not None:
                 bar.close()
                 return _video_faces(row, track_rows, present, aligned, results, {}), {
-                    "status": "quarantined", "reason": f"frame {t + 1} of {len(frames)}: {result.reason}",
-                    "encoded": None, "perturbation_seconds": sum(r.perturbation_seconds for r in results.values())}
-        taken: dict[tuple[int, int], FaceStart] = {}
-        for t, result in results.items():
-            for (track, face), outcome in zip(present[t], result.faces):
-                if box_reason(face, settings) is None:   # not protected over its box by its size
-                    start = FaceStart.of(outcome)
-                    taken[t, track] = start
-                    if track not in decisions or start.order() > decisions[track].order():
-                        decisions[track] = start
+                    "status": "quarantined", "reason": f"frame {held + 1} of {len(frames)}: {results[held].reason}",
+                    "encoded": None, "video_rounds": rounds,
+                    "perturbation_seconds": sum(r.perturbation_seconds for r in results.values())}
+            take(ts)
         pending = {t for (t, track), start in taken.items() if start != decisions[track]}
     bar.close()
     off_decision = {track for t in pending for track, _ in present[t]}
     judged = [decode_bytes(results[t].encoded) for t in range(len(frames))]
     encoded = encode_video(judged, fps, suffix)
     written, written_fps = decode_video(encoded, suffix)
-    outcome = {"status": "released", "reason": None, "encoded": encoded,
+    outcome = {"status": "released", "reason": None, "encoded": encoded, "video_rounds": rounds,
                "perturbation_seconds": sum(r.perturbation_seconds for r in results.values()),
                "check_detectors": "+".join(results[0].detectors)}
     if (len(written) != len(judged) or abs(written_fps - fps) > 1e-3

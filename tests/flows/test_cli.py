@@ -21,8 +21,9 @@ def test_release_command_prints_summary(tmp_path, prefect_harness, astronaut):
 def test_demo_command_releases_the_samples(tmp_path, prefect_harness):
     result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "demo"), "--samples", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
-    assert "released 5, quarantined 0, rejected 0 of 5" in result.output
+    assert "released 6, quarantined 0, rejected 0 of 6" in result.output
     assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "astronaut.jpg").is_file()
+    assert (tmp_path / "demo" / "video" / "astronaut_pan.mp4").is_file()
 
 
 def test_release_with_a_bad_policy_fails_before_touching_anything(tmp_path):
