@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from stages.common.anonymize import AnonymizeSettings, anonymize_photo
+from stages.common.anonymize import (
+    AnonymizeResult,
+    AnonymizeSettings,
+    FaceStart,
+    anonymize_photo,
+    box_reason,
+)
 from stages.common.faces import (
     ALIGNED_SIZE,
     AlignedFace,
@@ -290,100 +296,130 @@ def _track_faces_in_frames(tracks: list[dict], n_frames: int) -> list[list[tuple
 def anonymize_video(row: dict, track_rows: list[dict], frames: list[np.ndarray], fps: float, suffix: str,
                     settings: AnonymizeSettings, rendered: list[FaceRenders | None]) -> tuple[list[dict], dict]:
     """Every frame of a video de-identified and checked like a photo (as lossless PNG), with
-    one decision per track: each track's faces are rendered from their own frame with the
-    track's Stage II targets and identity-code seed (one new person through the video), and
-    a track that one frame had to escalate (another draw, the next method, its box covered)
-    takes that step in all its frames, which are checked again. The frames are written
-    losslessly and the file is released only if it decodes to exactly the frames judged.
-    Returns the face rows (each track's face in every frame it shows in, and the faces the
-    check found) and the video's outcome."""
-    from stages.common.anonymize import FaceStart, box_reason
+    one decision per track (:class:`_TrackedFrames`). The frames are written losslessly and
+    the file is released only if it decodes to exactly the frames judged. Returns the face
+    rows (each track's face in every frame it shows in, and the faces the check found) and
+    the video's outcome."""
     from stages.common.video import decode_video, encode_video
-    from stages.synthesis.render import cached_synthesizer
 
     if not row["tracks"] and settings.on_no_face == "quarantine":
         return track_rows, {"status": "quarantined", "reason": "no face found in any frame and the policy "
                             "quarantines such photos", "encoded": None, "perturbation_seconds": 0.0}
-    # A frame without a face is one moment of the video, not a photo without one: the policy's
-    # on_no_face applies to the video as a whole (above).
-    lossless = dataclasses.replace(settings, output_format="png", on_no_face="release")
-    present = _track_faces_in_frames(row["tracks"], len(frames))
-    aligned = [[align_face(frame, face.landmarks) for _, face in faces] for frame, faces in zip(frames, present)]
-    renders: dict[int, list] = {}
-
-    def frame_renders(t: int) -> list:
-        if t not in renders:
-            renders[t] = [None] * len(present[t])
-            wanted = [i for i, (track, _) in enumerate(present[t]) if rendered[track] is not None]
-            if wanted:
-                first = rendered[present[t][wanted[0]][0]]
-                drawn = cached_synthesizer(first.folder).renders(
-                    np.stack([aligned[t][i].crop for i in wanted]),
-                    np.stack([rendered[present[t][i][0]].target for i in wanted]), settings.synthesis_batch,
-                    seeds=[rendered[present[t][i][0]].seed for i in wanted])
-                for i, face_renders in zip(wanted, drawn):
-                    renders[t][i] = face_renders
-        return renders[t]
-
-    decisions: dict[int, FaceStart] = {}
-    results: dict[int, object] = {}
-    taken: dict[tuple[int, int], FaceStart] = {}   # (frame, track): where that frame left the track
-
-    def take(ts: list[int]) -> None:
-        """Record where frames ``ts`` left each track; a track goes as far as its furthest frame.
-        Frames after them start from there (fewer frames to check again)."""
-        for t in ts:
-            for (track, face), outcome in zip(present[t], results[t].faces):
-                if box_reason(face, settings) is None:   # not protected over its box by its size
-                    start = taken[t, track] = FaceStart.of(outcome)
-                    if track not in decisions or start.order() > decisions[track].order():
-                        decisions[track] = start
-
-    pending, rounds = set(range(len(frames))), 0
-    # Frames go to the release's photo processes when this video is done in the flow's own
-    # process (a batch of one item); inside a photo process they are done in turn.
-    workers = settings.workers if multiprocessing.parent_process() is None else 1
-    chunk = max(1, 4 * workers)
-    # A bar per video on a terminal (tqdm leaves it off elsewhere): a long video takes minutes.
-    bar = tqdm(total=len(frames), desc=row["image_id"], unit="frame", leave=False, disable=None)
-    while pending and rounds < MAX_TRACK_ROUNDS:
-        rounds += 1
-        if rounds > 1:
-            bar.reset(total=len(pending))
-            bar.set_description(f"{row['image_id']} (round {rounds}: frames whose tracks escalated)")
-        order = sorted(pending)
-        for first in range(0, len(order), chunk):
-            ts = order[first:first + chunk]
-            arguments = [(frames[t], "PNG", [face for _, face in present[t]], aligned[t], lossless, frame_renders(t),
-                          [decisions.get(track) for track, _ in present[t]]) for t in ts]
-            for t, result in zip(ts, map_in_processes(anonymize_photo, arguments, workers)):
-                results[t] = result
-                bar.update()
-            held = next((t for t in ts if results[t].status != "released"), None)
-            if held is not None:
-                bar.close()
-                return _video_faces(row, track_rows, present, aligned, results, {}), {
-                    "status": "quarantined", "reason": f"frame {held + 1} of {len(frames)}: {results[held].reason}",
-                    "encoded": None, "video_rounds": rounds,
-                    "perturbation_seconds": sum(r.perturbation_seconds for r in results.values())}
-            take(ts)
-        pending = {t for (t, track), start in taken.items() if start != decisions[track]}
-    bar.close()
-    off_decision = {track for t in pending for track, _ in present[t]}
-    judged = [decode_bytes(results[t].encoded) for t in range(len(frames))]
+    video = _TrackedFrames(row, frames, settings, rendered)
+    held = video.check_frames()
+    outcome = {"perturbation_seconds": sum(r.perturbation_seconds for r in video.results.values()),
+               "video_rounds": video.rounds}
+    if held is not None:
+        faces = video.face_rows(track_rows, {})
+        return faces, outcome | {"status": "quarantined", "encoded": None,
+                                 "reason": f"frame {held + 1} of {len(frames)}: {video.results[held].reason}"}
+    judged = [decode_bytes(video.results[t].encoded) for t in range(len(frames))]
     encoded = encode_video(judged, fps, suffix)
     written, written_fps = decode_video(encoded, suffix)
-    outcome = {"status": "released", "reason": None, "encoded": encoded, "video_rounds": rounds,
-               "perturbation_seconds": sum(r.perturbation_seconds for r in results.values()),
-               "check_detectors": "+".join(results[0].detectors)}
+    outcome |= {"status": "released", "reason": None, "encoded": encoded,
+                "check_detectors": "+".join(video.results[0].detectors)}
     if (len(written) != len(judged) or abs(written_fps - fps) > 1e-3
             or not all(np.array_equal(a, b) for a, b in zip(written, judged))):
         outcome.update(status="quarantined", encoded=None,
                        reason="the video written does not decode to the frames the check judged")
-    faces = _video_faces(row, track_rows, present, aligned, results, {track: False for track in off_decision})
+    faces = video.face_rows(track_rows, {track: False for track in video.off_decision()})
     if outcome["status"] != "released":
         faces = [face | {"status": "quarantined"} for face in faces]
     return faces, outcome
+
+
+class _TrackedFrames:
+    """A video's frames with its tracks' faces in them, through the photo loop with one
+    decision per track: each track's face is rendered in every frame from that frame's crop
+    with the track's Stage II targets and identity-code seed (one new person through the
+    video), and a track that one frame had to escalate (another draw, the next method, its
+    box covered) takes that step in all its frames: the frames after it start there and the
+    earlier ones are checked again (a pass over them: ``rounds``)."""
+
+    def __init__(self, row: dict, frames: list[np.ndarray], settings: AnonymizeSettings,
+                 rendered: list[FaceRenders | None]):
+        self.row, self.frames, self.settings, self.rendered = row, frames, settings, rendered
+        # A frame without a face is one moment of the video, not a photo without one: the
+        # policy's on_no_face applies to the video as a whole (anonymize_video).
+        self.lossless = dataclasses.replace(settings, output_format="png", on_no_face="release")
+        self.present = _track_faces_in_frames(row["tracks"], len(frames))
+        self.aligned = [[align_face(frame, face.landmarks) for _, face in faces]
+                        for frame, faces in zip(frames, self.present)]
+        self.renders: dict[int, list] = {}
+        self.decisions: dict[int, FaceStart] = {}
+        self.taken: dict[tuple[int, int], FaceStart] = {}   # (frame, track): where that frame left it
+        self.results: dict[int, AnonymizeResult] = {}
+        self.rounds = 0
+        # Frames go to the release's photo processes when this video is done in the flow's own
+        # process (a batch of one item); inside a photo process they are done in turn.
+        self.workers = settings.workers if multiprocessing.parent_process() is None else 1
+
+    def frame_renders(self, t: int) -> list:
+        """Stage III's draws of each track's face in frame ``t`` (None: not rendered)."""
+        if t not in self.renders:
+            from stages.synthesis.render import cached_synthesizer
+
+            tracks = [track for track, _ in self.present[t]]
+            self.renders[t] = [None] * len(tracks)
+            wanted = [i for i, track in enumerate(tracks) if self.rendered[track] is not None]
+            if wanted:
+                sources = [self.rendered[tracks[i]] for i in wanted]
+                drawn = cached_synthesizer(sources[0].folder).renders(
+                    np.stack([self.aligned[t][i].crop for i in wanted]), np.stack([r.target for r in sources]),
+                    self.settings.synthesis_batch, seeds=[r.seed for r in sources])
+                for i, face_renders in zip(wanted, drawn):
+                    self.renders[t][i] = face_renders
+        return self.renders[t]
+
+    def check_frames(self) -> int | None:
+        """Pass over the frames until every track has one decision (at most MAX_TRACK_ROUNDS
+        passes); returns the first frame held back (None: every frame passed)."""
+        pending, chunk = set(range(len(self.frames))), max(1, 4 * self.workers)
+        # A bar per video on a terminal (tqdm leaves it off elsewhere): a long video takes minutes.
+        bar = tqdm(total=len(self.frames), desc=self.row["image_id"], unit="frame", leave=False, disable=None)
+        try:
+            while pending and self.rounds < MAX_TRACK_ROUNDS:
+                self.rounds += 1
+                if self.rounds > 1:
+                    bar.reset(total=len(pending))
+                    bar.set_description(f"{self.row['image_id']} (pass {self.rounds}: tracks that escalated)")
+                order = sorted(pending)
+                for first in range(0, len(order), chunk):
+                    held = self._check(order[first:first + chunk], bar)
+                    if held is not None:
+                        return held
+                pending = {t for (t, track), start in self.taken.items() if start != self.decisions[track]}
+        finally:
+            bar.close()
+        return None
+
+    def _check(self, ts: list[int], bar) -> int | None:
+        arguments = [(self.frames[t], "PNG", [face for _, face in self.present[t]], self.aligned[t], self.lossless,
+                      self.frame_renders(t), [self.decisions.get(track) for track, _ in self.present[t]])
+                     for t in ts]
+        for t, result in zip(ts, map_in_processes(anonymize_photo, arguments, self.workers)):
+            self.results[t] = result
+            bar.update()
+        held = next((t for t in ts if self.results[t].status != "released"), None)
+        if held is None:
+            self._take(ts)
+        return held
+
+    def _take(self, ts: list[int]) -> None:
+        """Where frames ``ts`` left each track; a track goes as far as its furthest frame."""
+        for t in ts:
+            for (track, face), outcome in zip(self.present[t], self.results[t].faces):
+                if box_reason(face, self.settings) is None:   # not protected over its box by its size
+                    start = self.taken[t, track] = FaceStart.of(outcome)
+                    if track not in self.decisions or start.order() > self.decisions[track].order():
+                        self.decisions[track] = start
+
+    def off_decision(self) -> set[int]:
+        """Tracks with frames that kept their own outcome (the passes ran out)."""
+        return {track for (t, track), start in self.taken.items() if start != self.decisions[track]}
+
+    def face_rows(self, track_rows: list[dict], consistent: dict[int, bool]) -> list[dict]:
+        return _video_faces(self.row, track_rows, self.present, self.aligned, self.results, consistent)
 
 
 def _video_faces(row: dict, track_rows: list[dict], present: list, aligned: list, results: dict,

@@ -1,7 +1,9 @@
 """The command line: release and demo under the test harness, clear errors, policy schema."""
 import json
 
+import numpy as np
 from click.testing import CliRunner
+from PIL import Image
 
 from flows.cli import main
 from flows.release.lineage import read_table
@@ -48,3 +50,18 @@ def test_policy_schema_lists_the_keys():
 def test_lineage_show_on_a_non_release_folder(tmp_path):
     result = CliRunner().invoke(main, ["lineage", "show", str(tmp_path)])
     assert result.exit_code != 0 and "no lineage" in result.output
+
+
+def test_clip_makes_a_video_of_photos_and_refuses_frames_of_two_sizes(tmp_path, astronaut):
+    from stages.common.video import load_video
+
+    for index in range(3):
+        Image.fromarray(np.roll(astronaut, 8 * index, axis=1)).save(tmp_path / f"f{index}.png")
+    Image.fromarray(astronaut[:256]).save(tmp_path / "small.png")
+    frames = [str(tmp_path / f"f{index}.png") for index in range(3)]
+    result = CliRunner().invoke(main, ["clip", *frames, "-o", str(tmp_path / "out" / "c.mp4"), "--fps", "10"])
+    assert result.exit_code == 0, result.output
+    video = load_video(tmp_path / "out" / "c.mp4", max_pixels=10 ** 7)
+    assert len(video.frames) == 3 and video.fps == 10.0 and video.frames[0].shape == astronaut.shape
+    result = CliRunner().invoke(main, ["clip", frames[0], str(tmp_path / "small.png"), "-o", str(tmp_path / "d.mp4")])
+    assert result.exit_code != 0 and "differ in size" in result.output
