@@ -1,5 +1,6 @@
 """Video releases: tracks, lossless writing, and whole videos through the release flow,
 built from public-domain frames (skimage's astronaut panned and zoomed; two faces)."""
+import struct
 from pathlib import Path
 
 import cv2
@@ -56,6 +57,16 @@ def test_a_video_is_written_losslessly_with_its_frames_and_nothing_else(suffix):
     assert output_suffix(suffix) == {".webm": ".mkv", ".m4v": ".mp4"}.get(suffix, suffix)
 
 
+def _tag_rotated_90(path: Path) -> None:
+    """Set the MP4 track header's display matrix to a quarter turn (players and OpenCV rotate
+    the stored frames by it)."""
+    data = bytearray(path.read_bytes())
+    header = data.find(b"tkhd") - 4
+    assert data[header + 8] == 0   # version 0: the matrix starts 48 bytes into the box
+    data[header + 48:header + 84] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+
+
 def _read_clip(path: Path) -> tuple[list[np.ndarray], float]:
     capture = cv2.VideoCapture(str(path))
     frames = []
@@ -77,6 +88,9 @@ def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("videos")
     write_clip(root / "astronaut_pan.mp4", panned_clip_frames(12, (320, 240)), 12.0)
     write_clip(root / "people" / "two_faces.mov", two_face_clip_frames(8, (480, 240)), 10.0)
+    # Stored sideways with a rotation in its track header, as phones record portrait video.
+    sideways = [np.ascontiguousarray(np.rot90(frame, 1)) for frame in panned_clip_frames(6, (320, 240))]
+    _tag_rotated_90(write_clip(root / "phone" / "rotated.mp4", sideways, 10.0))
     whole = (root / "astronaut_pan.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(whole[: len(whole) // 3])
     (root / "not_a_video.avi").write_bytes(b"RIFF\x00\x00\x00\x00AVI " + bytes(200))
@@ -108,8 +122,21 @@ def test_a_video_is_released_whole_at_its_path_with_its_frames_rate_and_size(rel
     assert photos.loc["people/two_faces.mov", "n_tracks"] == 2
     report = (output / "report.md").read_text()
     assert "## Videos" in report and "| `people/two_faces.mov` | released | 8 | 10 | 2 |" in report
-    assert "Videos in run" in lineage.summarize(output) and "2 (2 released), 20 frames, 3 track(s)" \
+    assert "Videos in run" in lineage.summarize(output) and "3 (3 released), 26 frames, 4 track(s)" \
         in lineage.summarize(output)
+
+
+def test_a_video_stored_sideways_is_released_upright_without_its_rotation_tag(released_videos):
+    clips, output, _ = released_videos
+    photos = lineage.read_table(output, "photos").set_index("image_id")
+    assert photos.loc["phone/rotated.mp4", "status"] == "released"
+    assert (photos.loc["phone/rotated.mp4", "width"], photos.loc["phone/rotated.mp4", "height"]) == (320, 240)
+    capture = cv2.VideoCapture(str(output / "phone" / "rotated.mp4"))
+    assert capture.get(cv2.CAP_PROP_ORIENTATION_META) == 0   # the frames themselves are upright
+    capture.release()
+    published, _ = _read_clip(output / "phone" / "rotated.mp4")
+    assert len(published) == 6 and published[0].shape[:2] == (240, 320)
+    assert _assert_no_frame_verifies(clips / "phone" / "rotated.mp4", output / "phone" / "rotated.mp4") == 6
 
 
 def test_bad_videos_are_rejected_with_the_reason(released_videos):
