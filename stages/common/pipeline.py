@@ -48,6 +48,13 @@ from stages.common.imageio import (
 from stages.common.ingest import InputPhoto, failure_text, ingest_photo
 from stages.common.obfuscate import box_protection_reason
 from stages.common.parallel import map_in_processes
+from stages.common.video import (
+    VideoRejected,
+    decode_video,
+    encode_video,
+    load_video,
+    output_suffix,
+)
 
 if TYPE_CHECKING:  # the generator (torch) is imported only by releases that use it
     from stages.synthesis.render import FaceRenders
@@ -206,25 +213,32 @@ def _anonymize_one(row: dict, faces: list[dict], source: Path | None, settings: 
                    max_pixels: int, staging_dir: Path, crops: list[np.ndarray],
                    rendered: list[FaceRenders | None]) -> tuple[dict, list[dict]]:
     """Anonymize one photo (``crops`` and ``rendered``: its faces' aligned crops and Stage III
-    renders), every frame of a multi-frame file. Returns the photo row and its face rows,
-    with the faces the identity check found appended."""
+    renders), every frame of a multi-frame file, or a video (staged whole or not at all).
+    Returns the photo row and its face rows, with the faces the identity check found appended."""
     if row["status"] != "ingested":
         return row, faces
     started = time.perf_counter()
-    if "tracks" in row:
-        return _anonymize_video_row(row, faces, source, settings, max_pixels, staging_dir, rendered, started)
+    video = "tracks" in row   # ingest's tracks (stages.common.ingest.ingest_video)
     multi_frame = (row.get("frames") or 1) > 1
     try:
-        image = load_frames(source, max_pixels) if multi_frame else load_rgb(source, max_pixels=max_pixels)
-    except ImageRejected as exc:  # vanished or damaged since ingest
+        if video:
+            image = load_video(source, max_pixels)
+        else:
+            image = load_frames(source, max_pixels) if multi_frame else load_rgb(source, max_pixels=max_pixels)
+    except (ImageRejected, VideoRejected) as exc:  # vanished or damaged since ingest
         return row | {"status": "rejected", "reason": f"unreadable at anonymize: {exc}"}, faces
     if image.sha256 != row["input_sha256"]:
         return row | {"status": "quarantined", "reason": "file changed between ingest and anonymize; run again"}, faces
-    detected, aligned = faces_from_rows(faces, crops)
     try:
-        if multi_frame:
+        if video:
+            suffix = output_suffix(Path(row["image_id"]).suffix)
+            faces, outcome = anonymize_video(row, faces, image.frames, image.fps, suffix, settings, rendered)
+            outcome.update(output_format=suffix.lstrip(".").upper(), output_suffix=suffix)
+        elif multi_frame:
+            detected, aligned = faces_from_rows(faces, crops)
             faces, outcome = _anonymize_frames(row, faces, detected, aligned, image, settings, rendered)
         else:
+            detected, aligned = faces_from_rows(faces, crops)
             result = anonymize_photo(image.rgb, image.source_format, detected, aligned, settings, rendered)
             faces = _record_faces(row, faces, result, None)
             outcome = {"status": result.status, "reason": result.reason, "output_format": result.output_format,
@@ -236,36 +250,6 @@ def _anonymize_one(row: dict, faces: list[dict], source: Path | None, settings: 
                        + time.perf_counter() - started}, [face | {"status": "quarantined"} for face in faces])
     encoded = outcome.pop("encoded")
     row.update(outcome, n_faces=len(faces))
-    if encoded is not None:
-        staged = staging_dir / (hashlib.sha256(row["image_id"].encode()).hexdigest()[:24] + ".bin")
-        staged.write_bytes(encoded)
-        row["staged_file"] = str(staged)
-    row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - started
-    return row, faces
-
-
-def _anonymize_video_row(row: dict, faces: list[dict], source: Path | None, settings: AnonymizeSettings,
-                         max_pixels: int, staging_dir: Path, rendered: list[FaceRenders | None],
-                         started: float) -> tuple[dict, list[dict]]:
-    """:func:`_anonymize_one` for a video (:func:`anonymize_video`): the whole video is
-    staged, or nothing of it."""
-    from stages.common.video import VideoRejected, load_video, output_suffix
-
-    try:
-        video = load_video(source, max_pixels)
-    except VideoRejected as exc:  # vanished or damaged since ingest
-        return row | {"status": "rejected", "reason": f"unreadable at anonymize: {exc}"}, faces
-    if video.sha256 != row["input_sha256"]:
-        return row | {"status": "quarantined", "reason": "file changed between ingest and anonymize; run again"}, faces
-    suffix = output_suffix(Path(row["image_id"]).suffix)
-    try:
-        faces, outcome = anonymize_video(row, faces, video.frames, video.fps, suffix, settings, rendered)
-    except Exception as exc:  # noqa: BLE001 - one video's failure is its own outcome, never the batch's
-        why = f"de-identification failed, so nothing was published: {failure_text(exc)}"
-        return (row | {"status": "quarantined", "reason": why, "seconds": row.get("seconds", 0.0)
-                       + time.perf_counter() - started}, [face | {"status": "quarantined"} for face in faces])
-    encoded = outcome.pop("encoded")
-    row.update(outcome, n_faces=len(faces), output_format=suffix.lstrip(".").upper(), output_suffix=suffix)
     if encoded is not None:
         staged = staging_dir / (hashlib.sha256(row["image_id"].encode()).hexdigest()[:24] + ".bin")
         staged.write_bytes(encoded)
@@ -300,8 +284,6 @@ def anonymize_video(row: dict, track_rows: list[dict], frames: list[np.ndarray],
     the file is released only if it decodes to exactly the frames judged. Returns the face
     rows (each track's face in every frame it shows in, and the faces the check found) and
     the video's outcome."""
-    from stages.common.video import decode_video, encode_video
-
     if not row["tracks"] and settings.on_no_face == "quarantine":
         return track_rows, {"status": "quarantined", "reason": "no face found in any frame and the policy "
                             "quarantines such photos", "encoded": None, "perturbation_seconds": 0.0}
