@@ -334,28 +334,27 @@ def benchmark_video(repeats: int = 3, frames: int = 24, size: tuple[int, int] = 
     ``size`` at ``fps``) released as a video, and the same decoded frames released as PNG
     photos through the photo path, interleaved ``repeats`` times; medians of each release's
     own flow time (the Prefect server's start left out) as frames and faces per second."""
+    from PIL import Image
+
+    from flows.release import lineage
     from stages.common.samples import two_face_clip_frames, write_clip
     from stages.common.video import load_video
 
-    video_seconds, photo_seconds, video_runs, photo_runs = [], [], [], []
+    video_runs, photo_runs = [], []
     with tempfile.TemporaryDirectory(prefix="anonymousnet-video-benchmark-") as scratch:
         scratch = Path(scratch)
         clip = write_clip(scratch / "video" / "two_faces.mp4", two_face_clip_frames(frames, size), fps)
-        from PIL import Image
-
+        (scratch / "photos").mkdir()
         for index, frame in enumerate(load_video(clip, max_pixels=size[0] * size[1]).frames):
-            (scratch / "photos").mkdir(exist_ok=True)
             Image.fromarray(frame).save(scratch / "photos" / f"frame_{index:04d}.png")
         for index in tqdm(range(repeats), desc="video vs photos", unit="repeat", disable=not progress):
             _, run = _release_once(scratch / "video", scratch / f"video-release-{index}", 32, policy_path)
-            from flows.release import lineage
-
             run["rounds"] = int(lineage.read_table(scratch / f"video-release-{index}", "photos").video_rounds.iloc[0])
             video_runs.append(run)
-            video_seconds.append(run["flow_seconds"])
-            _, run = _release_once(scratch / "photos", scratch / f"photo-release-{index}", 32, policy_path)
-            photo_runs.append(run)
-            photo_seconds.append(run["flow_seconds"])
+            photo_runs.append(_release_once(scratch / "photos", scratch / f"photo-release-{index}", 32,
+                                            policy_path)[1])
+    video_seconds = [run["flow_seconds"] for run in video_runs]
+    photo_seconds = [run["flow_seconds"] for run in photo_runs]
     video_median, photo_median = statistics.median(video_seconds), statistics.median(photo_seconds)
     return {
         "clip": f"{size[0]}x{size[1]}, {frames} frames at {fps:g} fps, two faces (skimage astronaut and its mirror)",

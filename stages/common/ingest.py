@@ -212,7 +212,7 @@ def ingest_video(photo: InputPhoto, row: dict, detection: dict, max_pixels: int,
         return row, [], []
     row.update(n_faces=len(faces), n_tracks=len(tracks), tracks=[
         {"frames": track.frames, "landmarks": [points.reshape(-1).tolist() for points in track.landmarks],
-         "boxes": [list(box) for box in track.boxes], "detected": track.detected,
+         "boxes": [list(box) for box in track.boxes],
          "detectors": [face.detector if face is not None else "track" for face in track.detections],
          "scores": [float(face.score) if face is not None else 0.0 for face in track.detections],
          "landmark_errors": [face.landmark_error if face is not None else None for face in track.detections],

@@ -169,14 +169,16 @@ class Track:
     frames: list[int] = field(default_factory=list)
     landmarks: list[np.ndarray] = field(default_factory=list)
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
-    detected: list[bool] = field(default_factory=list)
     detections: list = field(default_factory=list)   # the detector's faces (None where interpolated)
+
+    @property
+    def detected(self) -> list[bool]:
+        return [face is not None for face in self.detections]
 
     def add(self, frame: int, face) -> None:
         self.frames.append(frame)
         self.landmarks.append(np.asarray(face.landmarks, dtype=np.float64))
         self.boxes.append(tuple(float(v) for v in face.box))
-        self.detected.append(True)
         self.detections.append(face)
 
     def representative(self) -> int:
@@ -220,7 +222,7 @@ def track_faces(detections: list[list]) -> list[Track]:
 
 
 def _fill_gaps(track: Track) -> None:
-    frames, landmarks, boxes, detected, detections = [], [], [], [], []
+    frames, landmarks, boxes, detections = [], [], [], []
     for i, frame in enumerate(track.frames):
         if i:
             previous = track.frames[i - 1]
@@ -229,12 +231,9 @@ def _fill_gaps(track: Track) -> None:
                 frames.append(missing)
                 landmarks.append((1 - w) * track.landmarks[i - 1] + w * track.landmarks[i])
                 boxes.append(tuple((1 - w) * a + w * b for a, b in zip(track.boxes[i - 1], track.boxes[i])))
-                detected.append(False)
                 detections.append(None)
         frames.append(frame)
         landmarks.append(track.landmarks[i])
         boxes.append(track.boxes[i])
-        detected.append(track.detected[i])
         detections.append(track.detections[i])
-    track.frames, track.landmarks, track.boxes, track.detected, track.detections = (frames, landmarks, boxes,
-                                                                                    detected, detections)
+    track.frames, track.landmarks, track.boxes, track.detections = frames, landmarks, boxes, detections
