@@ -154,12 +154,14 @@ def test_each_person_keeps_one_new_face_through_the_video(released_videos):
     two = faces[(faces.image_id == "people/two_faces.mov") & faces.track.notna()]
     assert sorted(two.groupby("track").frame.nunique()) == [8, 8]
     for _, track in two.groupby("track"):
-        assert track.identity_code_seed.nunique() == 1 and track.method.nunique() == 1
+        # One seed through the track, or none when the track went to a method that draws none.
+        assert track.identity_code_seed.nunique(dropna=False) == 1 and track.method.nunique() == 1
         assert (track.found_by == "ingest").sum() == 1
         chosen = track[track.found_by == "ingest"].iloc[0]
         assert chosen.track_frames == 8 and chosen.track_consistent
         assert len({tuple(t) for t in track.target_attributes}) == 1
-    assert two.groupby("track").identity_code_seed.first().nunique() == 2   # two people, two codes
+    seeds = two.groupby("track").identity_code_seed.first().dropna()
+    assert seeds.is_unique   # two people, two codes (a track escalated past synthesis has none)
 
 
 def _assert_no_frame_verifies(original_clip: Path, published_clip: Path) -> int:
