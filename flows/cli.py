@@ -4,6 +4,7 @@
     anonymousnet release -i PHOTOS -o OUT  release a folder (or manifest) under a policy
     anonymousnet lineage show OUT          summarise a release's lineage
     anonymousnet policy check FILE         validate a policy (file:line errors)
+    anonymousnet policy approve FILE       approve a policy for deployment runs (shows the diff)
     anonymousnet evaluate ...              privacy and quality protocol (EVALUATION.md)
     anonymousnet benchmark ...             faces per second per stage (--stage attributes: Stage I)
     anonymousnet train attributes          train Stage I (CNN + 40 forests) on CelebA
@@ -389,12 +390,60 @@ def policy_diff(old, new, fail_on_weaker):
     from policy.tools import diff
 
     changes = diff(_load_policy_or_exit(old).policy, _load_policy_or_exit(new).policy)
+    _echo_changes(changes)
+    if fail_on_weaker and any(verdict == "weaker" for verdict, _ in changes):
+        sys.exit(2)
+
+
+def _echo_changes(changes: list[tuple[str, str]]) -> None:
+    """``policy diff``'s lines: weaker first, so a weakening is read before anything else."""
     if not changes:
         click.echo("no change in any setting")
     for verdict, text in sorted(changes, key=lambda c: ("weaker", "stronger", "changed").index(c[0])):
         click.echo(f"{verdict.upper():9} {text}")
-    if fail_on_weaker and any(verdict == "weaker" for verdict, _ in changes):
-        sys.exit(2)
+
+
+@policy_group.command("approve")
+@click.argument("file", type=click.Path())
+@click.option("--approved", "approved_list", default=None, envvar="ANONYMOUSNET_APPROVED_POLICIES",
+              help="The approved list: a folder of approved policies, or a file of sha256 digests "
+                   "(default: $ANONYMOUSNET_APPROVED_POLICIES).")
+@click.option("--by", "approver", default=None, help="Who approves (default: your user name).")
+@click.option("--note", default="", help="Why, for the approvals log (a ticket, a review).")
+@click.option("--yes", is_flag=True, help="Approve without asking (after the diff is printed).")
+def policy_approve(file, approved_list, approver, note, yes):
+    """Add FILE to the approved policies that releases started from a deployment may run.
+    Prints what changed from the last approved version of the same policy (by name), so a
+    weakening is seen before it is approved."""
+    from policy.approvals import ApprovalError, ApprovedPolicies
+    from policy.tools import diff
+
+    if not approved_list:
+        raise click.UsageError("say where the approved list is: --approved FOLDER (or a digests file), or set "
+                               "ANONYMOUSNET_APPROVED_POLICIES as the workers have it")
+    loaded = _load_policy_or_exit(file)
+    store = ApprovedPolicies(Path(approved_list).expanduser().resolve())
+    try:
+        if store.location.exists() and store.is_approved(loaded.sha256):
+            click.echo(f"policy '{loaded.policy.name}' (sha256 {loaded.sha256[:12]}) is already approved in "
+                       f"{store.location}")
+            return
+        previous = store.last_approved(loaded.policy.name)
+    except (ApprovalError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if previous is None:
+        click.echo(f"no earlier approved version of policy '{loaded.policy.name}' in {store.location}; "
+                   f"read it in plain words with `anonymousnet policy explain {file}`")
+    else:
+        click.echo(f"changes from the last approved version ({previous.path}, sha256 {previous.sha256[:12]}):")
+        _echo_changes(diff(previous.policy, loaded.policy))
+    if not yes:
+        click.confirm(f"approve policy '{loaded.policy.name}' (sha256 {loaded.sha256[:12]})?", abort=True)
+    try:
+        written = store.approve(loaded, approver, note)
+    except (ApprovalError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"approved policy '{loaded.policy.name}' (sha256 {loaded.sha256}) in {written}")
 
 
 @policy_group.command("new")

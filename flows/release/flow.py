@@ -31,12 +31,11 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
-from flows.release import gates, lineage, privacy_ledger, resume, ui
-from flows.release.report import release_report
+from flows.release import admission, gates, lineage, privacy_ledger, resume, ui
+from flows.release.report import refusal_report, release_report
 from flows.version import code_version
 from models.registry import model_hashes
 from policy.loader import load_policy
@@ -255,13 +254,20 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
     in parallel, as the Dask runner does). Returns the run's summary row."""
     logger = get_run_logger()
     loaded = load_policy(policy)
+    origin = admission.current_origin()
+    try:   # an unapproved policy or a folder outside the worker's roots stops here, before any photo
+        admission.admit(loaded, input, output, ledger, manifest_root, origin,
+                        admission.Confinement.from_environment())
+    except admission.Refused as refused:
+        _record_refusal(refused, loaded, origin, input, Path(output).resolve(), logger)
+        raise
     privacy = loaded.policy.privacy
     selection = plan_selection(loaded.policy)          # an infeasible policy stops here
     uses_generator = anonymize_settings(loaded.policy).uses_generator
     if uses_generator:
         cached_synthesizer(None)                        # a missing or tampered generator stops here too
     ui.tag_run(loaded.policy.name, loaded.sha256)
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+    run_id = _new_run_id()
     release_dir = Path(output).resolve()
     started_at = dt.datetime.now(dt.timezone.utc)
     t0 = time.time()
@@ -283,7 +289,7 @@ def release(input: str, output: str, policy: str | None = None, batch_size: int 
                     len(inputs), input_root, len(skipped), loaded.policy.name, loaded.sha256[:12], dataset,
                     spend.spent_before, spend.budget, spend.epsilon)
         run_row = _run_row(run_id, started_at, input, input_root, release_dir, loaded, uses_generator,
-                           len(inputs), len(skipped), dataset, ledger_dir, spend)
+                           len(inputs), len(skipped), dataset, ledger_dir, spend) | origin.lineage_fields()
         lineage.write_table(release_dir, "runs", run_id, [run_row])   # "running" until it ends
         journal = _BatchJournal(release_dir, run_id)
         work_dir = resume.work_dir_for(run_id)
@@ -332,8 +338,9 @@ def _run_row(run_id: str, started_at: dt.datetime, input_location: str, input_ro
              loaded, uses_generator: bool, n_inputs: int, n_skipped: int, dataset: str, ledger_dir: Path,
              spend) -> dict:
     """The run's row of the runs table as it starts (``running``): where, under which policy,
-    code and models, and what it spends of the dataset's privacy budget."""
-    return {"run_id": run_id, "flow_run_id": str(flow_run.id) if flow_run.id else None, "status": "running",
+    code and models, and what it spends of the dataset's privacy budget (who started it is
+    added from :class:`admission.RunOrigin`)."""
+    return {"run_id": run_id, "status": "running",
             "started_at": started_at, "input_location": str(Path(input_location).resolve()),
             "input_root": str(input_root), "release_dir": str(release_dir),
             "policy_path": str(loaded.path), "policy_name": loaded.policy.name,
@@ -347,6 +354,39 @@ def _run_row(run_id: str, started_at: dt.datetime, input_location: str, input_ro
             "n_inputs": n_inputs, "n_skipped": n_skipped, "dataset": dataset,
             "ledger_dir": str(ledger_dir), "epsilon_release": spend.epsilon,
             "epsilon_spent_before": spend.spent_before, "epsilon_budget": spend.budget}
+
+
+def _new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+
+
+def _record_refusal(refused: admission.Refused, loaded, origin: admission.RunOrigin, input_location: str,
+                    release_dir: Path, logger) -> None:
+    """A refused run is recorded like a failed one: a sealed runs row (status ``refused``,
+    the reasons) and a report in the release folder, when that folder is one this worker may
+    write to, and the report as the run's Prefect artifact in any case."""
+    now = dt.datetime.now(dt.timezone.utc)
+    run_id = _new_run_id()
+    run_row = {"run_id": run_id, "status": "refused", "error": str(refused), "started_at": now,
+               "finished_at": now, "input_location": str(Path(input_location).expanduser().resolve()),
+               "release_dir": str(release_dir), "policy_path": str(loaded.path), "policy_name": loaded.policy.name,
+               "policy_sha256": loaded.sha256, "policy_text": loaded.text, "code_version": code_version(),
+               "n_inputs": 0, "n_skipped": 0, "n_released": 0, "n_quarantined": 0, "n_rejected": 0, "n_faces": 0,
+               "n_faces_fallback": 0, "n_leaks_published": 0, "n_unmeasured_published": 0, "n_faces_box": 0,
+               } | origin.lineage_fields()
+    report = refusal_report(run_row, refused.reasons)
+    logger.error("run %s refused: %s", run_id, "; ".join(refused.reasons))
+    if refused.release_dir_allowed:
+        try:
+            with resume.release_lock(release_dir):
+                run_report = release_dir / "_reports" / f"{run_id}.md"
+                write_atomic(run_report, report.encode())
+                write_atomic(release_dir / "report.md", report.encode())
+                lineage.seal_run(release_dir, run_row, [run_report])
+        except (OSError, resume.ReleaseBusy) as exc:
+            logger.warning("run %s: the refusal could not be recorded in %s: %s", run_id, release_dir, exc)
+    ui.publish_run_artifacts(report, [], release_dir, run_id, f"Refused release {run_id} of {input_location}",
+                             link_folder=refused.release_dir_allowed)
 
 
 def _record_failure(run_row: dict, exc: BaseException, journal: _BatchJournal, ledger_dir: Path,

@@ -39,7 +39,20 @@ LINEAGE_VERSION = "1"
 RUN_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("flow_run_id", pa.string()),            # Prefect flow-run id (UI link)
-    pa.field("status", pa.string()),                 # running | completed | failed | interrupted
+    # Who started the run and with what (flows/release/admission.py): the flow run's name, its
+    # deployment (none for a command-line run), trigger (schedule | deployment run (UI, API or
+    # CLI) | direct call), the parameters it ran with (JSON, defaults filled in), those that
+    # differ from its deployment's, and the job variables it was given (JSON).
+    pa.field("flow_run_name", pa.string()),
+    pa.field("deployment_id", pa.string()),
+    pa.field("deployment_name", pa.string()),
+    pa.field("trigger", pa.string()),
+    pa.field("parameters", pa.string()),
+    pa.field("parameters_overridden", pa.list_(pa.string())),
+    pa.field("job_variables", pa.string()),
+    # running | completed | failed | interrupted | refused (stopped by admission before
+    # reading any photo: an unapproved policy, a folder outside the roots; ``error`` says why)
+    pa.field("status", pa.string()),
     pa.field("error", pa.string()),
     pa.field("started_at", pa.timestamp("us", tz="UTC")),
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),

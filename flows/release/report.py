@@ -34,6 +34,7 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
         f"SFace's similarity threshold {SFACE_SAME_PERSON} (faces released below {SFACE_RELEASE:.3f}); "
         f"photos without faces: {check.on_no_face}",
         f"- Code: `{run['code_version']}`; started {run['started_at']:%Y-%m-%d %H:%M:%S} UTC",
+        *_origin_lines(run),
         "- Data-quality checks (great-expectations Data Docs): [`_data_docs/index.html`](_data_docs/index.html)",
         *_recovery_lines(events),
         "",
@@ -86,6 +87,36 @@ def release_report(run: dict, photos: list[dict], faces: list[dict], events: lis
               "detector found it again, described at its original box, and to the nearest other original face "
               f"of the photo; below {check.threshold} would be the same person.",
               "Lineage: `_lineage/` in the release folder (`anonymousnet lineage show`)."]
+    return "\n".join(lines) + "\n"
+
+
+def _origin_lines(run: dict) -> list[str]:
+    """Who started the run and with what (lineage: runs.trigger, deployment_name, parameters)."""
+    if not run.get("trigger"):
+        return []
+    started = f"- Started by: {run['trigger']}"
+    if run.get("deployment_name"):
+        started += f" of deployment **{run['deployment_name']}** (`{run.get('deployment_id')}`)"
+    if run.get("flow_run_id"):
+        started += f"; Prefect flow run `{run.get('flow_run_name')}` (`{run['flow_run_id']}`)"
+    lines = [started, f"- Parameters: `{_cell(run.get('parameters') or '{}')}`"]
+    overridden = list(run.get("parameters_overridden") or [])
+    if run.get("deployment_id"):
+        lines.append("- Changed from the deployment's parameters: " + (", ".join(overridden) or "none"))
+    if run.get("job_variables"):
+        lines.append(f"- Job variables: `{_cell(run['job_variables'])}`")
+    return lines
+
+
+def refusal_report(run: dict, reasons: list[str]) -> str:
+    """The report of a run that admission refused before reading any photo."""
+    lines = [f"# Release report: run {run['run_id']}", "",
+             "- Status: **refused**: nothing was read or published, and no privacy budget was spent",
+             f"- Input: `{run['input_location']}`", f"- Release folder: `{run['release_dir']}`",
+             f"- Policy: **{run['policy_name']}** (`{run['policy_path']}`, sha256 `{run['policy_sha256'][:16]}`)",
+             f"- Code: `{run['code_version']}`; at {run['started_at']:%Y-%m-%d %H:%M:%S} UTC",
+             *_origin_lines(run), "", "## Why", ""]
+    lines += [f"- {reason}" for reason in reasons]
     return "\n".join(lines) + "\n"
 
 

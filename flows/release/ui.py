@@ -91,8 +91,10 @@ def gate_rows(events: list[dict]) -> list[dict]:
             for event in events if event.get("gate_passed") is not None]
 
 
-def publish_run_artifacts(report: str, events: list[dict], release_dir: Path, run_id: str, description: str) -> None:
-    """The report (Markdown), the gate outcomes (table) and the release folder (link)."""
+def publish_run_artifacts(report: str, events: list[dict], release_dir: Path, run_id: str, description: str,
+                          link_folder: bool = True) -> None:
+    """The report (Markdown), the gate outcomes (table) and the release folder (link, unless
+    ``link_folder`` is false: a refused run's folder may be one it was not allowed to use)."""
     _quietly("publish the report", create_markdown_artifact, markdown=report,
              key=artifact_key("release-report", release_dir), description=description)
     rows = gate_rows(events)
@@ -100,6 +102,7 @@ def publish_run_artifacts(report: str, events: list[dict], release_dir: Path, ru
         _quietly("publish the gate table", create_table_artifact, rows,
                  key=artifact_key("release-gates", release_dir),
                  description=f"Data-quality gates of run {run_id}: one row per gate and batch")
-    _quietly("link the release folder", create_link_artifact, release_dir.resolve().as_uri(),
-             link_text=f"{release_dir} (report.md, _lineage/, data docs)",
-             key=artifact_key("release-folder", release_dir), description=f"Release folder of run {run_id}")
+    if link_folder:
+        _quietly("link the release folder", create_link_artifact, release_dir.resolve().as_uri(),
+                 link_text=f"{release_dir} (report.md, _lineage/, data docs)",
+                 key=artifact_key("release-folder", release_dir), description=f"Release folder of run {run_id}")

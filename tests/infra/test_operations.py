@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -119,24 +120,52 @@ def _browser():
 @pytest.mark.skipif(not POSTGRES_BIN, reason="PostgreSQL is not installed (apt-get install postgresql)")
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Chromium is not installed "
                                                             "(apt-get install chromium chromium-driver)")
+def _approve(policy: Path, approved: Path, env: dict) -> None:
+    done = subprocess.run([str(BIN / "anonymousnet"), "policy", "approve", str(policy), "--approved", str(approved),
+                           "--yes", "--by", "test-officer"], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_server_on_postgres_deployment_worker_run_artifacts_and_ui(tmp_path):
     pytest.importorskip("selenium")
-    inputs, releases, home = tmp_path / "incoming", tmp_path / "releases" / "nightly-hr", tmp_path / "prefect"
+    incoming = tmp_path / "incoming"
+    inputs, releases, home = incoming / "hr", tmp_path / "releases" / "nightly-hr", tmp_path / "prefect"
     write_samples(inputs)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
+    # Basic authentication, as every team-scale recipe runs it: the server checks the string,
+    # workers and CLIs send it. Generated per run, never a value from the repository.
+    auth_string = f"operator:{secrets.token_urlsafe(24)}"
+    credentials = tuple(auth_string.split(":", 1))
     with _postgres() as (database, sql):
         env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_DATABASE_CONNECTION_URL=database,
                    PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_API_URL=api,
                    PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", OMP_NUM_THREADS="1",
+                   PREFECT_SERVER_API_AUTH_STRING=auth_string, PREFECT_API_AUTH_STRING=auth_string,
                    ANONYMOUSNET_HOME=str(REPO), ANONYMOUSNET_INPUT=str(inputs), ANONYMOUSNET_RELEASES=str(releases),
                    ANONYMOUSNET_POLICY=str(REPO / "policy" / "default.yaml"),
-                   ANONYMOUSNET_CELEBA=str(REPO.parent / "shared" / "data" / "celeba"))
+                   ANONYMOUSNET_CELEBA=str(REPO.parent / "shared" / "data" / "celeba"),
+                   # The worker's confinement (flows/release/admission.py): approved policies, roots.
+                   ANONYMOUSNET_APPROVED_POLICIES=str(tmp_path / "approved"),
+                   ANONYMOUSNET_INPUT_ROOTS=str(incoming), ANONYMOUSNET_RELEASE_ROOTS=str(tmp_path / "releases"))
+        _approve(REPO / "policy" / "default.yaml", tmp_path / "approved", env)
         prefect = str(BIN / "prefect")
         with _background([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
                          tmp_path / "server.log") as server:
             _wait_for(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, "the Prefect server", 180,
                       server, tmp_path / "server.log")
+            # Without credentials the API refuses (only the health probe is open); with them it answers.
+            assert httpx.post(f"{api}/deployments/filter", json={}, timeout=10).status_code == 401
+            assert httpx.post(f"{api}/deployments/filter", json={}, timeout=10,
+                              auth=("operator", "wrong")).status_code == 401
+            httpx_auth = {"auth": credentials, "timeout": 10}
+            assert httpx.post(f"{api}/deployments/filter", json={}, **httpx_auth).status_code == 200
+            without = {k: v for k, v in env.items() if k != "PREFECT_API_AUTH_STRING"}
+            refused_cli = subprocess.run([prefect, "work-pool", "ls"], env=without, cwd=REPO, capture_output=True,
+                                         text=True, timeout=120)
+            assert refused_cli.returncode != 0 and "401" in refused_cli.stdout + refused_cli.stderr
+
             def cli(*args: str) -> str:
                 done = subprocess.run([prefect, *args], env=env, cwd=REPO, capture_output=True, text=True,
                                       timeout=300)
@@ -145,7 +174,7 @@ def test_server_on_postgres_deployment_worker_run_artifacts_and_ui(tmp_path):
 
             cli("work-pool", "create", "anonymousnet", "--type", "process")
             cli("--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml")
-            deployments = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+            deployments = httpx.post(f"{api}/deployments/filter", json={}, **httpx_auth).json()
             by_name = {f"{d['entrypoint'].split(':')[1]}/{d['name']}": d for d in deployments}
             assert {"release/nightly", "train_generator/on-demand", "train_perturbation/on-demand",
                     "train_attributes/on-demand"} <= set(by_name)
@@ -158,29 +187,57 @@ def test_server_on_postgres_deployment_worker_run_artifacts_and_ui(tmp_path):
             assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
             assert nightly["parameters"]["input"] == str(inputs)
             # The scheduler has put the nightly runs on the calendar.
-            _wait_for(lambda: httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
+            _wait_for(lambda: httpx.post(f"{api}/flow_runs/filter", **httpx_auth, json={
                 "deployments": {"id": {"any_": [nightly["id"]]}},
                 "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json(), "scheduled nightly runs", 120)
 
             with _background([prefect, "worker", "start", "--pool", "anonymousnet", "--type", "process"], env,
                              tmp_path / "worker.log"):
-                # Triggered through the API, as an operator's "Run" button or a script does.
-                created = httpx.post(f"{api}/deployments/{nightly['id']}/create_flow_run", timeout=10,
-                                     json={"tags": ["api-triggered"]}).json()
-                run_id = created["id"]
+                def start(parameters: dict | None = None) -> str:
+                    """Trigger the nightly deployment through the API, as the UI's Run button does."""
+                    return httpx.post(f"{api}/deployments/{nightly['id']}/create_flow_run", **httpx_auth,
+                                      json={"tags": ["api-triggered"], "parameters": parameters or {}}).json()["id"]
 
-                def finished():
-                    state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()["state"]
+                def finished(flow_run_id: str):
+                    state = httpx.get(f"{api}/flow_runs/{flow_run_id}", **httpx_auth).json()["state"]
                     return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
-                state = _wait_for(finished, "the API-triggered release run", 480, log=tmp_path / "worker.log")
+                run_id = start()
+                state = _wait_for(lambda: finished(run_id), "the API-triggered release run", 480,
+                                  log=tmp_path / "worker.log")
                 assert state["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-5000:]
+                # The same deployment with a policy nobody approved, and with an output outside the
+                # release roots: both end Failed with the reason, before any photo is read.
+                unapproved = tmp_path / "blur-everything.yaml"
+                unapproved.write_text("version: 1\nname: blur-everything\nobfuscation:\n  method: blur\n")
+                outside = tmp_path / "somewhere-else"
+                refusals = {start({"policy": str(unapproved)}): "is not approved",
+                            start({"output": str(outside)}): "outside the release roots"}
+                for refused_id, reason in refusals.items():
+                    state = _wait_for(lambda: finished(refused_id), "a refused release run", 300,
+                                      log=tmp_path / "worker.log")
+                    assert state["type"] == "FAILED" and reason in state["message"], state
+                assert not outside.exists()
 
-            run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
-            policy_sha = lineage.read_table(releases, "runs").policy_sha256.iloc[0]
+            runs = lineage.read_table(releases, "runs").set_index("flow_run_id")
+            assert runs.loc[run_id, "status"] == "completed" and runs.loc[run_id, "deployment_name"] == "nightly"
+            assert runs.loc[run_id, "trigger"] == "deployment run (UI, API or CLI)"
+            assert json.loads(runs.loc[run_id, "parameters"])["input"] == str(inputs)
+            unapproved_id = next(iter(refusals))
+            assert runs.loc[unapproved_id, "status"] == "refused"
+            assert list(runs.loc[unapproved_id, "parameters_overridden"]) == ["policy"]
+            # Nothing of the refused runs reached the photo tables: no photo was read.
+            photos_by_run = lineage.read_table(releases, "photos").groupby("run_id").size()
+            assert set(photos_by_run.index) == {runs.loc[run_id, "run_id"]}
+            # The output outside the roots is not written to, not even to record the refusal:
+            # Prefect's Failed state and the run's report artifact hold it.
+            assert list(refusals)[1] not in runs.index
+
+            run = httpx.get(f"{api}/flow_runs/{run_id}", **httpx_auth).json()
+            policy_sha = runs.loc[run_id, "policy_sha256"]
             assert {"anonymousnet", "release", "api-triggered", "policy:default",
                     f"policy-sha256:{policy_sha[:12]}"} <= set(run["tags"])
-            artifacts = httpx.post(f"{api}/artifacts/filter", timeout=10,
+            artifacts = httpx.post(f"{api}/artifacts/filter", **httpx_auth,
                                    json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
             by_key = {a["key"]: a for a in artifacts if a["key"]}
             report, gates = by_key["release-report-nightly-hr"], by_key["release-gates-nightly-hr"]
@@ -204,21 +261,29 @@ def test_server_on_postgres_deployment_worker_run_artifacts_and_ui(tmp_path):
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             assert "released 5, quarantined 0, rejected 0 of 5 input(s)" in done.stdout
             dask_run = lineage.read_table(scaled, "runs").flow_run_id.iloc[0]
-            task_runs = httpx.post(f"{api}/task_runs/filter", timeout=10,
+            task_runs = httpx.post(f"{api}/task_runs/filter", **httpx_auth,
                                    json={"flow_runs": {"id": {"any_": [dask_run]}}}).json()
             anonymized = [t for t in task_runs if t["name"].startswith("anonymize")]
             assert len(anonymized) == 3 and all(t["state"]["type"] == "COMPLETED" for t in anonymized)
 
             # The UI: the flow-run page, Artifacts tab, shows the report.
             from selenium.webdriver.common.by import By
+            from selenium.webdriver.common.keys import Keys
             from selenium.webdriver.support import expected_conditions
             from selenium.webdriver.support.ui import WebDriverWait
 
             browser = _browser()
             TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
             try:
-                browser.get(f"http://127.0.0.1:{port}/runs/flow-run/{run_id}")
+                # The UI's login page takes the same credentials as the CLI (its user:password).
+                browser.get(f"http://127.0.0.1:{port}/login")
                 wait = WebDriverWait(browser, 60)
+                password = wait.until(expected_conditions.element_to_be_clickable(
+                    (By.CSS_SELECTOR, "input[type=password]")))
+                browser.save_screenshot(str(TEST_OUTPUT / "ui-login.png"))
+                password.send_keys(auth_string + Keys.ENTER)
+                wait.until(lambda b: "/login" not in b.current_url)
+                browser.get(f"http://127.0.0.1:{port}/runs/flow-run/{run_id}")
                 tab = wait.until(expected_conditions.element_to_be_clickable((By.ID, "artifacts")))
                 browser.execute_script("arguments[0].scrollIntoView(); arguments[0].click();", tab)
                 wait.until(lambda b: "release-report-nightly-hr" in b.find_element(By.TAG_NAME, "body").text)
