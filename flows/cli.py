@@ -5,6 +5,7 @@
     anonymousnet lineage show OUT          summarise a release's lineage
     anonymousnet policy check FILE         validate a policy (file:line errors)
     anonymousnet policy approve FILE       approve a policy for deployment runs (shows the diff)
+    anonymousnet ops secrets infra/.env    random secrets for the authenticated server (compose)
     anonymousnet evaluate ...              privacy and quality protocol (EVALUATION.md)
     anonymousnet benchmark ...             faces per second per stage (--stage attributes: Stage I)
     anonymousnet train attributes          train Stage I (CNN + 40 forests) on CelebA
@@ -477,6 +478,37 @@ def policy_schema(write_to):
 
 
 EVALUATION_METHODS = ("blur", "pixelate", "mask", "gan", "gan+perturbation", "release")
+
+
+@main.group("ops")
+def ops_group():
+    """Set-up for team-scale operation (README: Operations)."""
+
+
+@ops_group.command("secrets")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--user", default="operator", show_default=True, help="The user name in Prefect's user:password.")
+def ops_secrets(file, user):
+    """Write FILE (an .env file: mode 0600, never overwritten) with random secrets: Prefect's
+    basic-authentication string (for the server and for workers and CLIs) and PostgreSQL's
+    password. infra/docker-compose.yml refuses to start without them; Prefect also reads a
+    .env file in the folder it starts in, which the native recipe uses."""
+    import secrets
+
+    path = Path(file)
+    if path.exists():
+        raise click.ClickException(f"{path} exists; nothing was changed (delete it first to make new secrets, "
+                                   "then restart the server, the workers and every CLI with them)")
+    auth = f"{user}:{secrets.token_urlsafe(32)}"   # URL-safe: the password also goes into a database URL
+    lines = ["# AnonymousNet operations secrets, written by `anonymousnet ops secrets`. Never commit this file.",
+             f"PREFECT_API_AUTH_STRING={auth}", f"PREFECT_SERVER_API_AUTH_STRING={auth}",
+             f"POSTGRES_PASSWORD={secrets.token_urlsafe(32)}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    click.echo(f"wrote {path} (mode 0600): PREFECT_API_AUTH_STRING (user {user}), PREFECT_SERVER_API_AUTH_STRING, "
+               "POSTGRES_PASSWORD")
 
 
 @main.command("evaluate")

@@ -280,6 +280,13 @@ def summarize(release_dir: str | Path) -> str:
             + (f", {int(run.n_faces_box)} protected over their box" if pd.notna(getattr(run, "n_faces_box", None))
                else "") + "); "
             f"leaks published: {run.n_leaks_published}")
+        if isinstance(run.trigger, str):
+            lines.append(f"  started by {run.trigger}" + (f" of deployment {run.deployment_name}"
+                                                           if isinstance(run.deployment_name, str) else "")
+                         + (f", parameters changed from the deployment's: {', '.join(run.parameters_overridden)}"
+                            if run.parameters_overridden is not None and len(run.parameters_overridden) else ""))
+        if run.status == "refused":
+            lines.append(f"  {run.error}")
     latest = runs.sort_values("started_at").iloc[-1].run_id
     latest_photos = photos[photos.run_id == latest]
     not_released = latest_photos[latest_photos.status != "released"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -162,7 +163,8 @@ def test_server_on_postgres_deployment_worker_run_artifacts_and_ui(tmp_path):
             httpx_auth = {"auth": credentials, "timeout": 10}
             assert httpx.post(f"{api}/deployments/filter", json={}, **httpx_auth).status_code == 200
             without = {k: v for k, v in env.items() if k != "PREFECT_API_AUTH_STRING"}
-            refused_cli = subprocess.run([prefect, "work-pool", "ls"], env=without, cwd=REPO, capture_output=True,
+            # (from tmp_path: Prefect would read credentials from a developer's REPO/.env)
+            refused_cli = subprocess.run([prefect, "work-pool", "ls"], env=without, cwd=tmp_path, capture_output=True,
                                          text=True, timeout=120)
             assert refused_cli.returncode != 0 and "401" in refused_cli.stdout + refused_cli.stderr
 
@@ -323,8 +325,6 @@ def test_compose_file_runs_the_topology_of_prefect_yaml():
         assert command[command.index("--work-queue") + 1] in queues
     assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     # Every placeholder the deployments read is set for the containers that deploy them.
-    import re
-
     text = "\n".join(line for line in (REPO / "infra" / "prefect.yaml").read_text().splitlines()
                      if not line.lstrip().startswith("#"))
     wanted = set(re.findall(r"\{\{ \$(\w+) \}\}", text))
@@ -338,3 +338,61 @@ def test_compose_file_runs_the_topology_of_prefect_yaml():
     for deployment in deployments["deployments"]:
         module, function = deployment["entrypoint"].split(":")
         assert f"def {function}(" in (REPO / module).read_text()
+
+
+SECRET_NAME = re.compile(r"PASSWORD|AUTH|SECRET|TOKEN")
+
+
+def test_compose_has_no_default_secrets_and_runs_unprivileged():
+    """Every secret the compose file uses is required (``${NAME:?what to set}``: compose
+    refuses to start without it and prints the message); none has a default; the server
+    checks the string the workers send; the image's user is not root."""
+    import yaml
+
+    text = (REPO / "infra" / "docker-compose.yml").read_text()
+    uses = re.findall(r"\$\{(\w+)(:?[-?+]?)([^}]*)\}", text)
+    secrets_used = {(name, operator, message) for name, operator, message in uses if SECRET_NAME.search(name)}
+    assert {name for name, _, _ in secrets_used} == {"POSTGRES_PASSWORD", "PREFECT_API_AUTH_STRING"}
+    for name, operator, message in secrets_used:
+        assert operator == ":?" and "set " + name in message, (name, operator, message)
+    compose = yaml.safe_load(text)
+    services, common = compose["services"], compose["x-anonymousnet"]
+    server_env = services["prefect-server"]["environment"]
+    assert server_env["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_API_AUTH_STRING:?")
+    assert common["environment"]["PREFECT_API_AUTH_STRING"].startswith("${PREFECT_API_AUTH_STRING:?")
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    # No literal credential anywhere: every value naming one is an interpolation.
+    for service in [common, *services.values()]:
+        for key, value in (service.get("environment") or {}).items():
+            if SECRET_NAME.search(key) and not key.endswith("_URL"):
+                assert str(value).startswith("${"), key
+    assert services["prefect-server"]["ports"] == ["${PREFECT_BIND:-127.0.0.1}:4200:4200"]
+    # Confinement and least privilege for every service that runs the project's image.
+    environment = common["environment"]
+    assert environment["ANONYMOUSNET_INPUT_ROOTS"] == "/data/incoming"
+    assert environment["ANONYMOUSNET_RELEASE_ROOTS"] == "/data/releases"
+    mounts = {volume.split(":")[-2]: volume.split(":")[-1] for volume in common["volumes"]}
+    assert mounts["/data/incoming"] == "ro" and mounts[environment["ANONYMOUSNET_APPROVED_POLICIES"]] == "ro"
+    assert common["cap_drop"] == ["ALL"] and "no-new-privileges:true" in common["security_opt"]
+    for name in ("prefect-server", "deploy", "worker", "worker-gpu"):
+        assert compose["services"][name]["cap_drop"] == ["ALL"], name
+    users = re.findall(r"^USER\s+(\S+)", (REPO / "infra" / "Dockerfile").read_text(), flags=re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_ops_secrets_writes_a_private_env_file_once(tmp_path):
+    from click.testing import CliRunner
+
+    from flows.cli import main
+
+    target = tmp_path / "infra" / ".env"
+    done = CliRunner().invoke(main, ["ops", "secrets", str(target)])
+    assert done.exit_code == 0, done.output
+    assert target.stat().st_mode & 0o777 == 0o600
+    values = dict(line.split("=", 1) for line in target.read_text().splitlines() if not line.startswith("#"))
+    assert values["PREFECT_API_AUTH_STRING"] == values["PREFECT_SERVER_API_AUTH_STRING"]
+    user, password = values["PREFECT_API_AUTH_STRING"].split(":")
+    assert user == "operator" and len(password) >= 40 and len(values["POSTGRES_PASSWORD"]) >= 40
+    again = CliRunner().invoke(main, ["ops", "secrets", str(target)])
+    assert again.exit_code == 1 and "nothing was changed" in again.output
+    assert dict(line.split("=", 1) for line in target.read_text().splitlines() if not line.startswith("#")) == values

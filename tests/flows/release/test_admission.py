@@ -164,6 +164,8 @@ def test_a_refused_release_reads_no_photo_and_is_recorded(tmp_path, monkeypatch,
     assert list(runs.status) == ["refused", "completed"]
     assert runs.flow_run_id.notna().all() and runs.flow_run_name.notna().all() and runs.deployment_id.isna().all()
     assert "- Started by: direct call; Prefect flow run" in (output / "report.md").read_text()
+    shown = lineage.summarize(output)
+    assert "[refused]" in shown and "is not approved" in shown and shown.count("started by direct call") == 2
     shutil.rmtree(tmp_path / "approved")
 
 
