@@ -44,6 +44,7 @@ def _run_release(input_location: str, output: str, policy: str | None, batch_siz
 def _release_on(server: _TemporaryServer | None, input_location: str, output: str, policy: str | None,
                 batch_size: int, manifest_root: str | None, dataset: str | None, ledger: str | None,
                 incremental: bool, dask_workers: int, dask_address: str | None) -> dict:
+    from flows.release.admission import Refused
     from flows.release.privacy_ledger import PrivacyBudgetExceeded
     from flows.release.resume import ReleaseBusy
     from models.registry import ModelFileError
@@ -79,7 +80,7 @@ def _release_on(server: _TemporaryServer | None, input_location: str, output: st
                            incremental=incremental,
                            # Dask already runs batches in parallel processes: one per batch there.
                            photo_workers=photo_workers)
-    except (InputError, PrivacyBudgetExceeded, PolicyInfeasible, ModelFileError, ReleaseBusy) as exc:
+    except (InputError, PrivacyBudgetExceeded, PolicyInfeasible, ModelFileError, ReleaseBusy, Refused) as exc:
         raise click.ClickException(str(exc)) from None
 
 
