@@ -231,6 +231,10 @@ def test_server_on_postgres_deployment_worker_run_artifacts_and_ui(tmp_path):
             # Nothing of the refused runs reached the photo tables: no photo was read.
             photos_by_run = lineage.read_table(releases, "photos").groupby("run_id").size()
             assert set(photos_by_run.index) == {runs.loc[run_id, "run_id"]}
+            # ... and no task ran in them: no ingest, so no photo was opened.
+            refused_tasks = httpx.post(f"{api}/task_runs/filter", **httpx_auth,
+                                       json={"flow_runs": {"id": {"any_": list(refusals)}}}).json()
+            assert refused_tasks == []
             # The output outside the roots is not written to, not even to record the refusal:
             # Prefect's Failed state and the run's report artifact hold it.
             assert list(refusals)[1] not in runs.index
