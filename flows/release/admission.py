@@ -37,6 +37,8 @@ RELEASE_ROOTS_ENV = "ANONYMOUSNET_RELEASE_ROOTS"
 # Parameters that decide whose privacy budget a release spends: fixed by the deployment.
 BUDGET_PARAMETERS = ("dataset", "ledger")
 PROTECTED_ENV_PREFIXES = ("ANONYMOUSNET_", "PREFECT_")
+# The release folder's own records (lineage, reports, Data Docs).
+RECORD_FOLDERS = ("_lineage", "_reports", "_data_docs")
 
 
 class Refused(RuntimeError):
@@ -128,14 +130,31 @@ def admit(loaded: LoadedPolicy, input_location: str, output: str, ledger: str | 
                                f"({INPUT_ROOTS_ENV})")
     if confinement.release_roots is not None:
         for name, location in (("output", output), ("ledger", ledger)):
-            if location and not _inside(Path(location).expanduser().resolve(), confinement.release_roots):
+            folder = Path(location).expanduser().resolve() if location else None
+            if folder is None:
+                continue
+            if not _inside(folder, confinement.release_roots):
                 reasons.append(f"{name} {location} is outside the release roots "
                                f"{_roots_text(confinement.release_roots)} ({RELEASE_ROOTS_ENV})")
                 release_dir_allowed = release_dir_allowed and name != "output"
+                continue
+            for record in RECORD_FOLDERS:   # a planted link would carry the records out of the roots
+                if not _inside((folder / record).resolve(), confinement.release_roots):
+                    reasons.append(f"{folder / record} is a link that leads outside the release roots")
+                    release_dir_allowed = release_dir_allowed and name != "output"
     if deployment:
         reasons += _deployment_reasons(origin)
     if reasons:
         raise Refused(reasons, release_dir_allowed)
+
+
+def escapes_release_roots(target: Path, confinement: Confinement) -> bool:
+    """Whether writing ``target`` would land outside the release roots: a folder on its way
+    may be a symbolic link planted in the release folder (a file link itself is replaced,
+    not followed, by an atomic write). False where no roots are configured."""
+    if confinement.release_roots is None:
+        return False
+    return not _inside(target.parent.resolve(), confinement.release_roots)
 
 
 def _policy_reasons(loaded: LoadedPolicy, confinement: Confinement) -> list[str]:

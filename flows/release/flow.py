@@ -145,12 +145,16 @@ def publish_task(photo_rows: list[dict], release_dir: str, run_id: str, part: st
     """Move staged outputs into the release folder atomically, under the input's relative
     path, after recording the intent (what is about to appear) for crash recovery."""
     published, payloads = [], {}
+    confinement = admission.Confinement.from_environment()
     for row in photo_rows:
         row = dict(row)
         staged = row.pop("staged_file", None)
         suffix = row.pop("output_suffix", None)
+        relative = _output_relative_path(row["image_id"], suffix).as_posix() if suffix else None
+        if row["status"] == "released" and admission.escapes_release_roots(Path(release_dir) / relative, confinement):
+            row.update(status="quarantined", reason=f"{relative}: a folder on its way in the release folder is a "
+                                                    "link that leads outside the release roots; not written")
         if row["status"] == "released":
-            relative = _output_relative_path(row["image_id"], suffix).as_posix()
             payloads[relative] = Path(staged).read_bytes()
             row.update(output_path=relative, output_sha256=sha256_bytes(payloads[relative]))
         published.append(row)
@@ -535,6 +539,10 @@ def _anonymize_and_publish(analysed: list[Batch], sources: dict[str, Path], poli
             t = time.time()
             part = f"b{index:05d}"
             photo_rows = publish_task(photo_rows, str(release_dir), run_id, part)
+            held = {row["image_id"] for row in photo_rows if row["status"] == "quarantined"}
+            for face in face_rows:   # a photo publish refused to write holds its faces too
+                if face["image_id"] in held:
+                    face["status"] = "quarantined"
             events.append(_event(run_id, "publish", index, t, sum(r["status"] == "released" for r in photo_rows)))
             journal.publish(part, photo_rows, face_rows, events)
             progress.advance(len(photo_rows))

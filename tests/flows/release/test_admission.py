@@ -95,6 +95,12 @@ def test_admission_refuses_with_every_reason(tmp_path):
     assert "input" in text and "outside the input roots" in text
     assert "output /tmp/anywhere is outside the release roots" in text and "ledger" in text
     assert not refused.value.release_dir_allowed
+    # The release folder's records may not be carried out of the roots by a planted link.
+    (tmp_path / "out" / "linked").mkdir(parents=True)
+    (tmp_path / "out" / "linked" / "_lineage").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(Refused, match="_lineage is a link that leads outside") as refused:
+        admit(loaded, inside_in, str(tmp_path / "out" / "linked"), None, None, DEPLOYED, _confinement(tmp_path))
+    assert not refused.value.release_dir_allowed
     # The budget's parameters are the deployment's; the worker's settings are the worker's.
     changed = RunOrigin(**{**DEPLOYED.__dict__, "parameters": {"input": "x", "dataset": "fresh", "ledger": None},
                            "job_variables": {"env": {"ANONYMOUSNET_APPROVED_POLICIES": "/tmp/mine", "OTHER": "1"}}})
@@ -186,3 +192,25 @@ def test_policy_approve_shows_the_diff_and_asks(tmp_path):
     assert again.exit_code == 0 and "already approved" in again.output
     nowhere = runner.invoke(main, ["policy", "approve", str(FAST)], env={"ANONYMOUSNET_APPROVED_POLICIES": ""})
     assert nowhere.exit_code == 2 and "--approved" in nowhere.output
+
+
+def test_a_link_planted_in_the_release_folder_is_not_followed_out_of_the_roots(tmp_path, monkeypatch, astronaut,
+                                                                               prefect_harness):
+    from flows.release import flow
+
+    inputs = tmp_path / "in" / "photos"
+    _photo_folder(inputs / "hr", astronaut)
+    Image.fromarray(astronaut).save(inputs / "kept.png")
+    output, elsewhere = tmp_path / "out" / "release", tmp_path / "elsewhere"
+    output.mkdir(parents=True)
+    elsewhere.mkdir()
+    (output / "hr").symlink_to(elsewhere, target_is_directory=True)
+    monkeypatch.setenv("ANONYMOUSNET_RELEASE_ROOTS", str(tmp_path / "out"))
+    summary = flow.release(input=str(inputs), output=str(output), policy=str(FAST), photo_workers=1)
+    assert summary["n_released"] == 1 and summary["n_quarantined"] == 1
+    photos = lineage.read_table(output, "photos").set_index("image_id")
+    assert photos.loc["hr/astronaut.png", "status"] == "quarantined"
+    assert "link that leads outside the release roots" in photos.loc["hr/astronaut.png", "reason"]
+    assert list(elsewhere.iterdir()) == [] and (output / "kept.png").is_file()
+    faces = lineage.read_table(output, "faces")
+    assert set(faces[faces.image_id == "hr/astronaut.png"].status) == {"quarantined"}
