@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 from policy.approvals import APPROVED_POLICIES_ENV, ApprovalError, ApprovedPolicies
 from policy.loader import LoadedPolicy
+from stages.common.ingest import is_inside
 
 INPUT_ROOTS_ENV = "ANONYMOUSNET_INPUT_ROOTS"
 RELEASE_ROOTS_ENV = "ANONYMOUSNET_RELEASE_ROOTS"
@@ -101,7 +102,7 @@ class RunOrigin:
 
 
 def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
-    return any(path == root or root in path.parents for root in roots)
+    return any(is_inside(root, path) for root in roots)
 
 
 def _roots_text(roots: tuple[Path, ...]) -> str:

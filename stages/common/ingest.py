@@ -34,7 +34,8 @@ class InputError(ValueError):
     """The input location itself is unusable (not a per-photo problem)."""
 
 
-def _inside(root: Path, candidate: Path) -> bool:
+def is_inside(root: Path, candidate: Path) -> bool:
+    """Whether ``candidate`` is ``root`` or below it (both already resolved)."""
     try:
         candidate.relative_to(root)
         return True
@@ -50,7 +51,7 @@ def _checked(root: Path, relative: str) -> InputPhoto:
     else:
         candidate = root / relative_posix
     resolved = candidate.resolve()
-    if not _inside(root, resolved):
+    if not is_inside(root, resolved):
         return InputPhoto(image_id, None, f"path is outside the input root {root}; refused")
     image_id = resolved.relative_to(root).as_posix()
     if image_id.split("/", 1)[0] in RESERVED_TOP_LEVEL:
